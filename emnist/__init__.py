@@ -1,0 +1,1 @@
+"""Serverless distributed training of neural networks on OpenFaaS."""
