@@ -1,0 +1,233 @@
+"""Per-worker training shards stored as uint8 ``.npy`` files and opened as memmaps.
+
+Each worker memory-maps only its own shard, so N workers on one host share the page cache
+instead of each holding the whole training set. A shard set is prepared once per
+(dataset, workers, seed, source files) and reused: its directory name carries a fingerprint
+of the source files' names, sizes and mtimes, so changed data yields a new directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import DATASETS, dataset_files, load_dataset
+from .idx import DataError
+
+__all__ = [
+    "MANIFEST",
+    "Shard",
+    "load_manifest",
+    "open_shard",
+    "open_test",
+    "prepare_shards",
+    "shard_sizes",
+    "source_fingerprint",
+]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(eq=False)
+class Shard:
+    """One worker's read-only slice of the (permuted) training set."""
+
+    x: np.ndarray  # uint8 (n, 784) memmap
+    y: np.ndarray  # uint8 (n,) memmap
+    num_classes: int
+    worker: int
+    workers: int
+
+
+def shard_sizes(n: int, workers: int) -> list[int]:
+    """Sizes of ``workers`` contiguous parts of ``n`` items, differing by at most one."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    base, extra = divmod(n, workers)
+    return [base + (1 if i < extra else 0) for i in range(workers)]
+
+
+def source_fingerprint(dataset_name: str, root: str | os.PathLike[str] | None = None) -> str:
+    """Short hash of the dataset's source file names, sizes and mtimes (no data is read)."""
+    key = dataset_name.strip().lower()
+    h = hashlib.sha256(f"format={FORMAT_VERSION};dataset={key}".encode())
+    for f in dataset_files(key, root):
+        st = f.stat()
+        h.update(f";{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
+
+
+def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``manifest.json`` of a shard directory; DataError if absent or unreadable."""
+    p = Path(shard_dir) / MANIFEST
+    try:
+        with open(p, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError as e:
+        raise DataError(f"{p}: no shard manifest (run prepare_shards first)") from e
+    except (OSError, ValueError) as e:
+        raise DataError(f"{p}: unreadable shard manifest: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise DataError(f"{p}: not a format-{FORMAT_VERSION} shard manifest")
+    return manifest
+
+
+def _is_complete(shard_dir: Path, expected: dict[str, Any]) -> bool:
+    """True when the directory's manifest matches ``expected`` and every file has its size."""
+    try:
+        manifest = load_manifest(shard_dir)
+    except DataError:
+        return False
+    if any(manifest.get(k) != v for k, v in expected.items()):
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return False
+    try:
+        return all(
+            (shard_dir / name).stat().st_size == meta["bytes"] for name, meta in files.items()
+        )
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _save(path: Path, arr: np.ndarray) -> dict[str, int]:
+    arr = np.ascontiguousarray(arr)
+    np.save(path, arr, allow_pickle=False)
+    return {"bytes": path.stat().st_size, "crc32": zlib.crc32(arr.reshape(-1).view(np.uint8))}
+
+
+def prepare_shards(
+    dataset_name: str,
+    root: str | os.PathLike[str] | None,
+    workers: int,
+    out_dir: str | os.PathLike[str],
+    seed: int,
+) -> Path:
+    """Write (once) and return ``out_dir/<dataset>-w<workers>-s<seed>-<fingerprint>/``.
+
+    The training set is permuted with ``seed`` and cut into ``workers`` contiguous parts whose
+    sizes differ by at most one (``worker-<i>-{x,y}.npy``); the test set is stored whole
+    (``test-{x,y}.npy``); ``manifest.json`` records the parameters, sizes and the crc32 of each
+    array's data. Files are written into a temporary directory that is renamed into place, so
+    concurrent callers (threads or processes) only ever see a complete set; an existing
+    complete set is returned without loading any data.
+    """
+    key = dataset_name.strip().lower()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset_name!r}; known: {', '.join(DATASETS)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out_dir)
+    fingerprint = source_fingerprint(key, root)
+    final = out / f"{key}-w{workers}-s{seed}-{fingerprint}"
+    expected = {
+        "format": FORMAT_VERSION,
+        "dataset": key,
+        "workers": workers,
+        "seed": seed,
+        "source": fingerprint,
+    }
+    if _is_complete(final, expected):
+        return final
+
+    ds = load_dataset(key, root)
+    n = len(ds.train_y)
+    if n < workers:
+        raise ValueError(f"{key} has {n} training samples, fewer than {workers} workers")
+    perm = np.random.default_rng(seed).permutation(n)
+    sizes = shard_sizes(n, workers)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide shards from workers running as other users
+        files: dict[str, dict[str, int]] = {}
+        start = 0
+        for i, size in enumerate(sizes):
+            idx = perm[start : start + size]
+            start += size
+            files[f"worker-{i}-x.npy"] = _save(tmp / f"worker-{i}-x.npy", ds.train_x[idx])
+            files[f"worker-{i}-y.npy"] = _save(tmp / f"worker-{i}-y.npy", ds.train_y[idx])
+        files["test-x.npy"] = _save(tmp / "test-x.npy", ds.test_x)
+        files["test-y.npy"] = _save(tmp / "test-y.npy", ds.test_y)
+        manifest = {
+            **expected,
+            "num_classes": int(ds.num_classes),
+            "features": int(ds.train_x.shape[1]),
+            "sizes": sizes,
+            "test_size": int(len(ds.test_y)),
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        _publish(tmp, final, expected)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _publish(tmp: Path, final: Path, expected: dict[str, Any]) -> None:
+    """Rename ``tmp`` to ``final``; if another caller got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+        return
+    except OSError:
+        if _is_complete(final, expected):
+            return  # a concurrent caller published an identical set
+    # ``final`` exists but is stale or damaged: move it aside, then take its place.
+    aside = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not _is_complete(final, expected):
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: shard file missing") from e
+    except ValueError as e:
+        raise DataError(f"{path}: not a valid .npy file: {e}") from e
+
+
+def open_shard(shard_dir: str | os.PathLike[str], worker: int) -> Shard:
+    """Memory-map worker ``worker``'s shard (read-only), so the process holds only its part."""
+    d = Path(shard_dir)
+    manifest = load_manifest(d)
+    workers = int(manifest["workers"])
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker {worker} out of range 0..{workers - 1} for {d}")
+    x = _load(d / f"worker-{worker}-x.npy")
+    y = _load(d / f"worker-{worker}-y.npy")
+    if len(x) != len(y):
+        raise DataError(f"{d}: worker {worker} has {len(x)} images but {len(y)} labels")
+    return Shard(x=x, y=y, num_classes=int(manifest["num_classes"]), worker=worker,
+                 workers=workers)
+
+
+def open_test(shard_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map the test set (x uint8 (n, 784), y uint8 (n,)) of a shard directory."""
+    d = Path(shard_dir)
+    load_manifest(d)
+    return _load(d / "test-x.npy"), _load(d / "test-y.npy")

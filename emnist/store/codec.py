@@ -1,0 +1,116 @@
+"""Every value in the store carries a header, so a corrupt, truncated or foreign value is refused.
+
+Layout (little-endian): magic ``EMNS`` | version u8 | dtype code u8 | ndim u8 | flags u8 |
+clock u64 | crc32 u32 | ndim x u32 dims | payload. The crc covers the header (crc field
+zeroed) and the payload, so a flipped bit anywhere is caught. No pickle: raw array bytes only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"EMNS"
+VERSION = 1
+_HEAD = struct.Struct("<4sBBBBQI")
+_CRC_AT = 16  # offset of the crc32 field inside _HEAD
+
+DTYPES: dict[int, np.dtype | None] = {
+    0: None,  # raw bytes (JSON documents)
+    1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<f2"),
+    4: np.dtype("i1"), 5: np.dtype("u1"), 6: np.dtype("<i2"), 7: np.dtype("<i4"),
+    8: np.dtype("<i8"), 9: np.dtype("<u2"), 10: np.dtype("<u4"), 11: np.dtype("<u8"),
+    12: np.dtype("?"),
+}
+_CODES = {dt: code for code, dt in DTYPES.items() if dt is not None}
+
+
+class CorruptValue(ValueError):
+    """A stored value failed a header, shape or checksum check; it was not used."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"store value {key!r} refused: {reason}")
+        self.key, self.reason = key, reason
+
+
+@dataclass
+class Decoded:
+    array: np.ndarray | None  # read-only view into the value's bytes (no copy)
+    raw: bytes | None  # payload for dtype code 0
+    clock: int
+
+
+def _pack(code: int, shape: tuple[int, ...], clock: int, payload: bytes | memoryview) -> bytes:
+    dims = struct.pack(f"<{len(shape)}I", *shape)
+    head = bytearray(_HEAD.pack(MAGIC, VERSION, code, len(shape), 0, clock, 0)) + dims
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    struct.pack_into("<I", head, _CRC_AT, crc)
+    return bytes(head) + bytes(payload)
+
+
+def encode(array: np.ndarray, clock: int = 0) -> bytes:
+    """Header + the array's bytes in little-endian C order."""
+    dt = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    code = _CODES.get(np.dtype(dt))
+    if code is None:
+        raise TypeError(f"dtype {array.dtype} cannot be stored")
+    arr = np.ascontiguousarray(array, dtype=DTYPES[code])
+    return _pack(code, arr.shape, clock, memoryview(arr).cast("B"))
+
+
+def encode_doc(obj: Any, clock: int = 0) -> bytes:
+    """A JSON document with the same header (dtype code 0)."""
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    return _pack(0, (len(payload),), clock, payload)
+
+
+def decode(key: str, value: bytes | None, *, dtype: np.dtype | str | None = None,
+           shape: tuple[int, ...] | None = None) -> Decoded:
+    """Check everything, then return a zero-copy view; ``dtype``/``shape`` are expectations."""
+    if value is None:
+        raise CorruptValue(key, "missing")
+    if len(value) < _HEAD.size:
+        raise CorruptValue(key, f"truncated header ({len(value)} bytes)")
+    magic, version, code, ndim, _flags, clock, crc = _HEAD.unpack_from(value)
+    if magic != MAGIC:
+        raise CorruptValue(key, f"foreign value (magic {magic!r})")
+    if version != VERSION:
+        raise CorruptValue(key, f"unsupported version {version}")
+    if code not in DTYPES:
+        raise CorruptValue(key, f"unknown dtype code {code}")
+    start = _HEAD.size + 4 * ndim
+    if len(value) < start:
+        raise CorruptValue(key, "truncated shape")
+    dims = struct.unpack_from(f"<{ndim}I", value, _HEAD.size)
+    dt = DTYPES[code]
+    itemsize = 1 if dt is None else dt.itemsize
+    expected = itemsize * int(np.prod(dims, dtype=np.int64))
+    if len(value) - start != expected:
+        raise CorruptValue(key, f"payload is {len(value) - start} bytes, header says {expected}")
+    view = memoryview(value)
+    head = bytearray(view[:start])
+    head[_CRC_AT:_CRC_AT + 4] = b"\0\0\0\0"
+    if zlib.crc32(view[start:], zlib.crc32(head)) != crc:
+        raise CorruptValue(key, "checksum mismatch")
+    if dtype is not None and (dt is None or dt != np.dtype(dtype).newbyteorder("<")):
+        raise CorruptValue(key, f"dtype {dt} where {np.dtype(dtype)} was expected")
+    if shape is not None and tuple(dims) != tuple(shape):
+        raise CorruptValue(key, f"shape {tuple(dims)} where {tuple(shape)} was expected")
+    if dt is None:
+        return Decoded(None, bytes(view[start:]), clock)
+    return Decoded(np.frombuffer(value, dtype=dt, offset=start).reshape(dims), None, clock)
+
+
+def decode_doc(key: str, value: bytes | None) -> Any:
+    d = decode(key, value)
+    if d.raw is None:
+        raise CorruptValue(key, "an array where a document was expected")
+    try:
+        return json.loads(d.raw)
+    except ValueError as e:
+        raise CorruptValue(key, f"invalid JSON ({e})") from None

@@ -1,0 +1,67 @@
+"""The small key-value contract every backend meets, and the URL that picks a backend.
+
+Backends move opaque bytes (already carrying the codec header); what the bytes mean is the
+parameter store's business. ``update_many`` is the one atomic primitive: a read-modify-write
+per key that never loses a concurrent writer's change (memcached gets/cas, Redis WATCH/MULTI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
+
+Updater = Callable[[str, "bytes | None"], bytes]
+
+
+class StoreError(RuntimeError):
+    """The store could not be reached or refused an operation."""
+
+
+class KV(Protocol):
+    url: str  # with any password removed: safe to log
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
+    def set_many(self, values: Mapping[str, bytes]) -> None: ...
+    def add(self, key: str, value: bytes) -> bool: ...
+    def update_many(self, keys: Iterable[str], fn: Updater) -> int: ...
+    def delete_many(self, keys: Iterable[str]) -> None: ...
+    def close(self) -> None: ...
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def read_secret(name_or_path: str) -> str:
+    """OpenFaaS mounts secrets as files under /var/openfaas/secrets/<name>."""
+    path = name_or_path if "/" in name_or_path else f"/var/openfaas/secrets/{name_or_path}"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise StoreError(f"cannot read store password from {path}: {e.strerror}") from None
+
+
+def options(url: str) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def open_kv(url: str) -> KV:
+    """``memcached://h:p[,h:p...]`` or ``redis://[:password@]h:p/db``; options as a query."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memcached":
+        from emnist.store.memcached import MemcachedKV
+        return MemcachedKV(url)
+    if scheme == "redis":
+        from emnist.store.redis_kv import RedisKV
+        return RedisKV(url)
+    if scheme == "memcached+binary":
+        raise StoreError("memcached+binary:// (pylibmc) is not available yet: use memcached://")
+    raise StoreError(f"unknown store URL scheme {scheme!r} in {redact(url)!r}: "
+                     "use memcached://host:port[,host:port] or redis://[:password@]host:port/db")

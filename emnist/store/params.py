@@ -1,0 +1,133 @@
+"""The run's shared state: a chunked parameter vector plus small JSON documents.
+
+The vector is cut into fixed-size chunks (one key each, far below memcached's 1 MB item
+limit). A fetch reads every chunk in one round trip and copies each straight into the
+caller's buffer: one copy per fetch. A push adds a delta to every chunk atomically through the
+backend's ``update_many``; ``mode="overwrite"`` is the original's racy read-add-write, kept
+only to show what it loses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from emnist.store import codec
+from emnist.store.keys import key_for
+from emnist.store.kv import KV, StoreError
+
+DEFAULT_CHUNK_BYTES = 256 * 1024
+MODES = ("atomic", "overwrite")
+
+
+class MissingState(StoreError):
+    """Keys that must exist are gone (evicted, server restarted, or an unknown run)."""
+
+
+@dataclass
+class PushStats:
+    bytes_sent: int = 0
+    retries: int = 0
+
+
+class ParameterStore:
+    def __init__(self, kv: KV, run_id: str, *, num_params: int | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.kv, self.run_id = kv, run_id
+        self.chunk = max(1, chunk_bytes // 4)
+        self.num_params = num_params
+        if num_params is not None:
+            self._layout(num_params)
+
+    def _layout(self, num_params: int) -> None:
+        self.num_params = num_params
+        starts = range(0, num_params, self.chunk)
+        self.bounds = [(a, min(a + self.chunk, num_params)) for a in starts]
+        self.keys = [key_for(self.run_id, "w", i) for i in range(len(self.bounds))]
+
+    def key(self, *parts: object) -> str:
+        return key_for(self.run_id, *parts)
+
+    # -- documents -------------------------------------------------------------------------
+    def put_doc(self, name: str, obj: Any) -> None:
+        self.kv.set_many({self.key(name): codec.encode_doc(obj)})
+
+    def put_docs(self, docs: dict[str, Any]) -> None:
+        self.kv.set_many({self.key(n): codec.encode_doc(o) for n, o in docs.items()})
+
+    def get_docs(self, names: list[str]) -> dict[str, Any]:
+        """Present documents only; a corrupt one raises ``CorruptValue`` naming its key."""
+        keys = {self.key(n): n for n in names}
+        got = self.kv.get_many(list(keys))
+        return {keys[k]: codec.decode_doc(k, v) for k, v in got.items()}
+
+    def get_doc(self, name: str) -> Any | None:
+        return self.get_docs([name]).get(name)
+
+    # -- parameters ------------------------------------------------------------------------
+    def init(self, params: np.ndarray, meta: dict[str, Any] | None = None) -> None:
+        """Write the vector and its layout; the layout doc lets workers size their buffers."""
+        params = np.ascontiguousarray(params, dtype=np.float32)
+        self._layout(params.size)
+        values = {k: codec.encode(params[a:b]) for k, (a, b) in zip(self.keys, self.bounds)}
+        layout = {"num_params": params.size, "chunk_elems": self.chunk, "dtype": "float32",
+                  "created": time.time(), **(meta or {})}
+        values[self.key("layout")] = codec.encode_doc(layout)
+        self.kv.set_many(values)
+
+    def attach(self) -> dict[str, Any]:
+        """Read the layout written by ``init`` (a worker joining the run)."""
+        layout = self.get_doc("layout")
+        if layout is None:
+            raise MissingState(f"run {self.run_id!r} has no parameters in {self.kv.url}")
+        self.chunk = int(layout["chunk_elems"])
+        self._layout(int(layout["num_params"]))
+        return layout
+
+    def fetch(self, out: np.ndarray, docs: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:
+        """Fill ``out`` with the global vector; also read ``docs`` in the same round trip.
+
+        Returns the smallest chunk clock (how many pushes every chunk has seen at least).
+        """
+        doc_keys = [self.key(n) for n in docs]
+        got = self.kv.get_many(self.keys + doc_keys)
+        missing = [k for k in self.keys if k not in got]
+        if missing:
+            raise MissingState(f"{len(missing)} of {len(self.keys)} parameter chunks missing "
+                               f"from {self.kv.url} (first: {missing[0]})")
+        clock = None
+        for k, (a, b) in zip(self.keys, self.bounds):
+            d = codec.decode(k, got[k], dtype=np.float32, shape=(b - a,))
+            out[a:b] = d.array
+            clock = d.clock if clock is None else min(clock, d.clock)
+        extra = {n: codec.decode_doc(k, got[k]) for n, k in zip(docs, doc_keys) if k in got}
+        return int(clock or 0), extra
+
+    def push(self, delta: np.ndarray, mode: str = "atomic") -> PushStats:
+        """global += delta, chunk by chunk; concurrent pushes are all kept in atomic mode."""
+        if mode not in MODES:
+            raise ValueError(f"update mode must be one of {MODES}, got {mode!r}")
+        stats = PushStats()
+        index = dict(zip(self.keys, self.bounds))
+
+        def add(key: str, old: bytes | None) -> bytes:
+            if old is None:
+                raise MissingState(f"parameter chunk {key} missing from {self.kv.url}")
+            a, b = index[key]
+            d = codec.decode(key, old, dtype=np.float32, shape=(b - a,))
+            new = d.array + delta[a:b]
+            stats.bytes_sent += new.nbytes
+            return codec.encode(new, d.clock + 1)
+
+        if mode == "atomic":
+            stats.retries = self.kv.update_many(self.keys, add)
+        else:
+            got = self.kv.get_many(self.keys)
+            self.kv.set_many({k: add(k, got.get(k)) for k in self.keys})
+        return stats
+
+    def delete(self, doc_names: list[str]) -> None:
+        self.kv.delete_many(self.keys + [self.key(n) for n in doc_names])

@@ -1,0 +1,140 @@
+"""One validated training configuration, fed by the stack file's environment and the request.
+
+The original's environment names stay valid (alpha, iterations, hidden_size, ...). Values from
+the environment are strings and are parsed; values from a JSON request must already have the
+right JSON type. Every failure names the field, so a handler can answer 400 with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+EXECUTION_TYPES = (3,)  # 1 and 2 arrive with the execution-types issue
+ALGORITHMS = ("downpour",)
+UPDATE_MODES = ("atomic", "overwrite")
+
+
+class ConfigError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def default_data_location() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "emnist" / "shards")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    alpha: float = 0.2
+    iterations: int = 20
+    hidden_size: int = 100
+    pixels_per_image: int = 784
+    num_labels: int | None = None  # None: the dataset's class count
+    dropout_percent: float = 0.0  # a fraction in [0, 1), the original's name
+    batch_size: int = 100
+    number_of_workers: int | None = None  # None: emnist-train's replica count
+    store_url: str = "memcached://127.0.0.1:11211"
+    n_fetch: int = 10
+    n_push: int = 10
+    target_accuracy: float = 0.85
+    dataset: str = "fashion-mnist"
+    dataset_dir: str | None = None  # None: the dataset's default location
+    data_location: str = ""  # where shards are written; "" means default_data_location()
+    execution_type: int = 3
+    algorithm: str = "downpour"
+    update: str = "atomic"
+    chunk_bytes: int = 256 * 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("alpha", "iterations", "hidden_size", "pixels_per_image", "batch_size",
+                    "n_fetch", "n_push", "chunk_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("num_labels", "number_of_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, f"must be >= 1, got {value}")
+        if not 0.0 <= self.dropout_percent < 1.0:
+            raise ConfigError("dropout_percent", f"must be in [0, 1), got {self.dropout_percent}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError("target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        if self.chunk_bytes % 4 or self.chunk_bytes > 900 * 1024:
+            raise ConfigError("chunk_bytes", "must be a multiple of 4 and at most 921600 "
+                              "(memcached's item limit is 1 MB)")
+        choices = {"execution_type": EXECUTION_TYPES, "algorithm": ALGORITHMS,
+                   "update": UPDATE_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"must be one of {list(allowed)}, got "
+                                  f"{getattr(self, name)!r}")
+        from emnist.data import DATASETS  # local: keeps config importable without data deps
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; "
+                              f"known: {', '.join(DATASETS)}")
+        if not self.store_url.startswith(("memcached://", "memcached+binary://", "redis://")):
+            raise ConfigError("store_url", "must start with memcached:// or redis://")
+
+    @property
+    def shard_location(self) -> str:
+        return self.data_location or default_data_location()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_sources(cls, env: Mapping[str, str] | None = None,
+                     request: Mapping[str, Any] | None = None,
+                     ignore: tuple[str, ...] = ()) -> TrainConfig:
+        """Defaults < environment (strings) < request (JSON values). Unknown request keys fail."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = (env or {}).get(f.name)
+            if raw is not None and raw != "":
+                values[f.name] = _parse_env(f.name, _kind(f.name), raw)
+        for name, raw in (request or {}).items():
+            if name in ignore:
+                continue
+            if name not in FIELD_KINDS:
+                raise ConfigError(name, f"unknown field; known: {', '.join(sorted(FIELD_KINDS))}")
+            values[name] = _check_json(name, _kind(name), raw)
+        return cls(**values)
+
+
+FIELD_KINDS: dict[str, tuple[type, bool]] = {}  # name -> (type, optional)
+for _f in fields(TrainConfig):
+    _t = str(_f.type)
+    FIELD_KINDS[_f.name] = ({"int": int, "float": float, "str": str}[_t.split(" ")[0]],
+                            "None" in _t)
+
+
+def _kind(name: str) -> tuple[type, bool]:
+    return FIELD_KINDS[name]
+
+
+def _parse_env(name: str, kind: tuple[type, bool], raw: str) -> Any:
+    typ, _ = kind
+    try:
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(name, f"environment value {raw!r} is not a {typ.__name__}") from None
+
+
+def _check_json(name: str, kind: tuple[type, bool], raw: Any) -> Any:
+    typ, optional = kind
+    if raw is None and optional:
+        return None
+    if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, typ) or isinstance(raw, bool):
+        raise ConfigError(name, f"must be a {typ.__name__}, got {type(raw).__name__} {raw!r}")
+    return raw
