@@ -96,8 +96,7 @@ def _mnist_like_files(name: str, root: Path | None) -> list[Path]:
             return paths
     missing = [str(r / f) for r in roots for f in _MNIST_FILES.values() if not (r / f).is_file()]
     hint = (
-        " (on Debian/Ubuntu: apt-get install dataset-fashion-mnist, or set "
-        f"{DATA_DIR_ENV})"
+        f" (on Debian/Ubuntu: apt-get install dataset-fashion-mnist, or set {DATA_DIR_ENV})"
         if name == "fashion-mnist"
         else f" (place the four IDX .gz files there or set {DATA_DIR_ENV})"
     )

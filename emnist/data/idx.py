@@ -38,7 +38,7 @@ class DataError(Exception):
 
 def _open(path: Path) -> BinaryIO:
     """Open plain or gzip by sniffing the magic, so file extensions never matter."""
-    f = open(path, "rb")  # noqa: SIM115 - returned to caller, closed there
+    f = open(path, "rb")  # closed by the caller
     magic = f.read(2)
     f.seek(0)
     if magic == _GZIP_MAGIC:
@@ -93,8 +93,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
                 got += n
             if got != expected:
                 raise DataError(
-                    f"{p}: payload is {got} bytes, dims {dims} x {dtype.itemsize} "
-                    f"need {expected}"
+                    f"{p}: payload is {got} bytes, dims {dims} x {dtype.itemsize} need {expected}"
                 )
             extra = len(_read_exact(f, 1))
             if extra:
@@ -106,9 +105,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
-def write_idx(
-    path: str | os.PathLike[str], array: np.ndarray, gzip: bool = True
-) -> Path:
+def write_idx(path: str | os.PathLike[str], array: np.ndarray, gzip: bool = True) -> Path:
     """Write ``array`` as an IDX file (gzip-compressed by default), e.g. to convert data.
 
     Supported dtypes: uint8, int8, int16, int32, float32, float64 (the format's only types).
@@ -120,8 +117,10 @@ def write_idx(
         raise ValueError(f"IDX needs 1..255 dimensions, got {arr.ndim}")
     key = (arr.dtype.kind, arr.dtype.itemsize)
     if key not in _CODES:
-        raise ValueError(f"dtype {arr.dtype} has no IDX code; use one of uint8, int8, int16, "
-                         "int32, float32, float64")
+        raise ValueError(
+            f"dtype {arr.dtype} has no IDX code; use one of uint8, int8, int16, "
+            "int32, float32, float64"
+        )
     if any(d >= 2**32 for d in arr.shape):
         raise ValueError(f"dimension too large for IDX: {arr.shape}")
     code = _CODES[key]

@@ -222,8 +222,7 @@ def open_shard(shard_dir: str | os.PathLike[str], worker: int) -> Shard:
     y = _load(d / f"worker-{worker}-y.npy")
     if len(x) != len(y):
         raise DataError(f"{d}: worker {worker} has {len(x)} images but {len(y)} labels")
-    return Shard(x=x, y=y, num_classes=int(manifest["num_classes"]), worker=worker,
-                 workers=workers)
+    return Shard(x=x, y=y, num_classes=int(manifest["num_classes"]), worker=worker, workers=workers)
 
 
 def open_test(shard_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,169 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emnist.store import CorruptValue, MissingState, ParameterStore, StoreError, codec, open_kv
+from emnist.store.keys import key_for
+from tests.conftest import MEMCACHED_URL, REDIS_URL
+
+DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "uint16",
+          "uint32", "uint64", "bool"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (5,), (3, 4), (2, 3, 4)])
+def test_codec_round_trip(dtype, shape):
+    a = (np.arange(int(np.prod(shape))) % 7).astype(dtype).reshape(shape)
+    d = codec.decode("k", codec.encode(a, clock=42), dtype=dtype, shape=shape)
+    assert d.clock == 42 and d.array.dtype == np.dtype(dtype) and np.array_equal(d.array, a)
+
+
+def test_codec_big_endian_input_is_stored_little_endian():
+    a = np.arange(5, dtype=">f4")
+    assert np.array_equal(codec.decode("k", codec.encode(a)).array, a)
+
+
+def test_codec_documents():
+    assert codec.decode_doc("k", codec.encode_doc({"a": [1, 2]})) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda b: b"XXXX" + b[4:], "foreign"),
+    (lambda b: b[:10], "truncated header"),
+    (lambda b: b[:-1], "payload"),
+    (lambda b: b[:-4] + bytes([b[-4] ^ 1]) + b[-3:], "checksum"),
+    (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
+    (lambda b: b[:20] + bytes([b[20] ^ 2]) + b[21:], "payload|checksum"),
+    (lambda b: b"", "truncated"),
+])
+def test_codec_refuses_damaged_values(mutate, reason):
+    good = codec.encode(np.ones(10, dtype=np.float32))
+    with pytest.raises(CorruptValue, match=reason) as e:
+        codec.decode("emnist:r:w:0", mutate(good))
+    assert e.value.key == "emnist:r:w:0"
+
+
+def test_codec_refuses_wrong_shape_and_dtype():
+    v = codec.encode(np.ones(10, dtype=np.float32))
+    with pytest.raises(CorruptValue, match="shape"):
+        codec.decode("k", v, shape=(11,))
+    with pytest.raises(CorruptValue, match="dtype"):
+        codec.decode("k", v, dtype=np.float64)
+    with pytest.raises(CorruptValue, match="document"):
+        codec.decode_doc("k", v)
+
+
+def test_keys_are_prefixed_and_validated():
+    assert key_for("abc", "w", 3) == "emnist:abc:w:3"
+    with pytest.raises(ValueError, match="run id"):
+        key_for("bad id with spaces")
+
+
+def test_fetch_round_trip_in_chunks(kv, run_id):
+    params = np.random.default_rng(0).random(100_003).astype(np.float32)
+    ps = ParameterStore(kv, run_id, chunk_bytes=64 * 1024)
+    ps.init(params)
+    assert len(ps.keys) == 7  # 16384 floats per chunk
+    out = np.empty_like(params)
+    reader = ParameterStore(kv, run_id)
+    reader.attach()
+    clock, docs = reader.fetch(out, ("nothing",))
+    assert clock == 0 and docs == {} and np.array_equal(out, params)
+
+
+def test_push_adds_and_advances_clock(kv, run_id):
+    ps = ParameterStore(kv, run_id, chunk_bytes=1024)
+    ps.init(np.zeros(1000, dtype=np.float32))
+    delta = np.arange(1000, dtype=np.float32)
+    ps.push(delta)
+    ps.push(delta)
+    out = np.empty(1000, dtype=np.float32)
+    clock, _ = ps.fetch(out)
+    assert clock == 2 and np.array_equal(out, 2 * delta)
+
+
+def test_corrupt_chunk_is_refused_not_used(kv, run_id):
+    ps = ParameterStore(kv, run_id, chunk_bytes=1024)
+    ps.init(np.zeros(1000, dtype=np.float32))
+    kv.set_many({ps.keys[1]: b"garbage that is long enough to have a header......"})
+    with pytest.raises(CorruptValue) as e:
+        ps.fetch(np.empty(1000, dtype=np.float32))
+    assert e.value.key == ps.keys[1]
+    with pytest.raises(CorruptValue):
+        ps.push(np.ones(1000, dtype=np.float32))
+
+
+def test_missing_chunk_is_reported(kv, run_id):
+    ps = ParameterStore(kv, run_id, chunk_bytes=1024)
+    ps.init(np.zeros(1000, dtype=np.float32))
+    kv.delete_many([ps.keys[2]])
+    with pytest.raises(MissingState, match="1 of 4 parameter chunks missing"):
+        ps.fetch(np.empty(1000, dtype=np.float32))
+    with pytest.raises(MissingState, match="missing"):
+        ps.push(np.ones(1000, dtype=np.float32))
+
+
+def test_attach_unknown_run(kv, run_id):
+    with pytest.raises(MissingState, match="no parameters"):
+        ParameterStore(kv, run_id).attach()
+
+
+PUSHER = """
+import sys, numpy as np
+from emnist.store import ParameterStore, open_kv
+url, run_id, worker, pushes, mode = sys.argv[1:6]
+ps = ParameterStore(open_kv(url), run_id)
+ps.attach()
+delta = np.full(ps.num_params, int(worker) + 1, dtype=np.float32)
+print("ready", flush=True)
+sys.stdin.readline()  # start together: the parent releases every pusher at once
+for _ in range(int(pushes)):
+    ps.push(delta, mode)
+"""
+
+
+def _concurrent_pushes(url, run_id, mode, workers=4, pushes=50):
+    """Separate processes (no shared client, no pickle) pushing known deltas at once."""
+    kv = open_kv(url)
+    ps = ParameterStore(kv, run_id, chunk_bytes=4096)
+    ps.init(np.zeros(3000, dtype=np.float32))
+    procs = [subprocess.Popen([sys.executable, "-c", PUSHER, url, run_id, str(w), str(pushes),
+                               mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for w in range(workers)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        assert p.wait(120) == 0
+    out = np.empty(3000, dtype=np.float32)
+    ps.fetch(out)
+    return out, pushes * sum(range(1, workers + 1))
+
+
+@pytest.mark.parametrize("url", [MEMCACHED_URL, REDIS_URL])
+def test_concurrent_atomic_pushes_lose_nothing(url, run_id, redis_kv):
+    out, expected = _concurrent_pushes(url, run_id, "atomic")
+    assert np.all(out == expected)
+
+
+def test_overwrite_mode_can_lose_updates(run_id):
+    # the original's read-add-write: concurrent pushes overwrite each other
+    out, expected = _concurrent_pushes(MEMCACHED_URL, run_id, "overwrite", workers=4, pushes=200)
+    assert out.min() < expected
+
+
+def test_unknown_scheme_and_binary_protocol_errors():
+    with pytest.raises(StoreError, match="unknown store URL scheme"):
+        open_kv("ftp://x")
+    with pytest.raises(StoreError, match="memcached://"):
+        open_kv("memcached+binary://127.0.0.1:11211")
+
+
+def test_unreachable_memcached_is_a_store_error():
+    kv = open_kv("memcached://127.0.0.1:1?timeout=0.5")
+    with pytest.raises(StoreError, match="unreachable"):
+        kv.get_many(["a"])
