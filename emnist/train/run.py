@@ -53,7 +53,7 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
     store.put_doc("run", state)
     for w in range(workers):
         if start_worker:
-            start_worker({"run_id": run_id, "worker_id": w})
+            start_worker({"run_id": run_id, "worker_id": w, "store_url": cfg.store_url})
     return state
 
 
@@ -86,7 +86,9 @@ def train_worker(kv: KV, run_id: str, worker_id: int,
 
     res = run_worker(cfg, store, shard.x, shard.y, test_x, test_y, shape,
                      worker_id=worker_id, hostname=hostname, report=report)
-    out = {**res.to_dict(), "run_id": run_id, "since_setup": time.time() - state["started"]}
+    finished = time.time()
+    out = {**res.to_dict(), "run_id": run_id, "finished": finished,
+           "since_setup": finished - state["started"]}
     store.put_docs({f"result:{worker_id}": out,
                     f"progress:{worker_id}": {"worker_id": worker_id, "done": True,
                                               "iteration": res.iterations,

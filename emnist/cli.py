@@ -1,0 +1,326 @@
+"""emnist: train neural networks on OpenFaaS functions, locally or on Kubernetes.
+
+Exit codes: 0 success, 1 failure (one line on stderr; --debug for a traceback), 2 usage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from emnist.bench.results import WORKER_COLUMNS, format_table, parse_results
+from emnist.cluster import local
+from emnist.gateway.client import GatewayClient, GatewayError
+from emnist.runner import TRAIN, RunError, start_run, status, wait_replicas, watch
+from emnist.store import StoreError
+
+DEFAULT_GATEWAY = "http://127.0.0.1:8080"
+DEFAULT_STORE = "memcached://127.0.0.1:11211"
+EXPECTED = (GatewayError, RunError, StoreError, local.LocalStackError, OSError, ValueError)
+
+
+class Ctx:
+    def __init__(self, gateway: str, debug: bool) -> None:
+        self.gateway, self.debug = gateway, debug
+
+    def client(self) -> GatewayClient:
+        password = os.environ.get("OPENFAAS_PASSWORD")
+        return GatewayClient(self.gateway, auth=("admin", password) if password else None)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def friendly(fn):
+    """One stderr line per expected failure, exit 1; the traceback only with --debug."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED as e:
+            if click.get_current_context().find_object(Ctx).debug:
+                raise
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--gateway", envvar="OPENFAAS_URL", default=DEFAULT_GATEWAY, show_default=True,
+              help="OpenFaaS gateway URL (env OPENFAAS_URL).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="emnist")
+@click.pass_context
+def main(ctx: click.Context, gateway: str, debug: bool) -> None:
+    """Serverless distributed training (Downpour SGD) on OpenFaaS."""
+    ctx.obj = Ctx(gateway.rstrip("/"), debug)
+
+
+# -- the local stack ---------------------------------------------------------------------------
+def _stack_path(stack: str) -> Path:
+    path = Path(stack).resolve()
+    if not path.exists():
+        raise click.BadParameter(f"{stack} not found", param_hint="--stack")
+    return path
+
+
+def bring_up(c: Ctx, stack: str, store: str, replicas: tuple[str, ...]) -> bool:
+    """Start what is missing; True when this call started the gateway."""
+    msg = local.ensure_memcached(store)
+    if msg:
+        click.echo(msg, err=True)
+    if local.gateway_alive(c.gateway):
+        return False
+    host, _, port = c.gateway.split("://", 1)[-1].partition(":")
+    if host not in ("127.0.0.1", "localhost"):
+        raise local.LocalStackError(f"no gateway answers at {c.gateway} (not a local address)")
+    info = local.start_gateway(_stack_path(stack), int(port or 8080),
+                               {"STORE_URL": store}, list(replicas))
+    click.echo(f"local gateway on {info['url']} (pid {info['pid']}); `emnist down` stops it",
+               err=True)
+    return True
+
+
+STACK_OPT = click.option("--stack", "-f", default="emnist.yml", show_default=True,
+                         help="OpenFaaS stack file.")
+STORE_OPT = click.option("--store", envvar="STORE_URL", default=DEFAULT_STORE, show_default=True,
+                         help="Parameter store URL (env STORE_URL).")
+
+
+@main.command()
+@STACK_OPT
+@STORE_OPT
+@click.option("--replicas", multiple=True, metavar="NAME=N", help="Initial replicas.")
+@pass_ctx
+@friendly
+def up(c: Ctx, stack: str, store: str, replicas: tuple[str, ...]) -> None:
+    """Start a local memcached and the local OpenFaaS gateway."""
+    bring_up(c, stack, store, replicas)
+    for fn in c.client().list_functions():
+        click.echo(f"{fn['name']}: {fn.get('availableReplicas', 0)}/{fn['replicas']} replicas")
+
+
+@main.command()
+@friendly
+def down() -> None:
+    """Stop the local gateway, its replicas and the memcached `up` started."""
+    for line in local.stop_all() or ["nothing was running"]:
+        click.echo(line)
+
+
+# -- functions ---------------------------------------------------------------------------------
+@main.command()
+@click.argument("name")
+@click.option("--data", "-d", default=None, help="Request body: JSON text, @FILE, or - (stdin).")
+@click.option("--method", default="POST", show_default=True)
+@click.option("--async", "is_async", is_flag=True, help="Use /async-function (202).")
+@pass_ctx
+@friendly
+def invoke(c: Ctx, name: str, data: str | None, method: str, is_async: bool) -> None:
+    """Invoke a function through the gateway and print its response."""
+    if data == "-":
+        data = sys.stdin.read()
+    elif data and data.startswith("@"):
+        data = Path(data[1:]).read_text()
+    gw = c.client()
+    if is_async:
+        click.echo(f"accepted, call id {gw.invoke_async(name, data)}")
+        return
+    resp = gw.invoke(name, data, method=method.upper())
+    click.echo(resp.text)
+    if resp.status_code >= 400:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--replicas", "-r", type=click.IntRange(0), required=True)
+@click.option("--wait/--no-wait", default=True, help="Wait until the replicas are available.")
+@pass_ctx
+@friendly
+def scale(c: Ctx, name: str, replicas: int, wait: bool) -> None:
+    """Set a function's replica count through the gateway's scale endpoint."""
+    gw = c.client()
+    gw.scale(name, replicas)
+    if wait:
+        wait_replicas(gw, name, replicas)
+    click.echo(f"{name}: {replicas} replicas")
+
+
+@main.command()
+@click.argument("name", default=TRAIN)
+@click.option("--tail", type=int, default=None, help="Only the last N lines per replica.")
+@click.option("--raw", is_flag=True, help="Print the log lines instead of the results table.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write results here.")
+@pass_ctx
+@friendly
+def logs(c: Ctx, name: str, tail: int | None, raw: bool, json_out: str | None,
+         csv_out: str | None) -> None:
+    """Collect every replica's logs and print the workers' results."""
+    lines = list(c.client().logs(name, tail=tail))
+    if raw:
+        for ln in lines:
+            click.echo(f"{ln.get('timestamp', '')} {ln.get('instance', '')} {ln.get('text', '')}")
+        return
+    rows = parse_results(f"{ln.get('text', '')}" for ln in lines)
+    for r, ln in zip(rows, lines):
+        r.setdefault("instance", ln.get("instance"))
+    click.echo(format_table(rows, WORKER_COLUMNS) if rows else "no worker results in the logs")
+    _write_rows(rows, json_out, csv_out)
+
+
+def _write_rows(rows: list[dict[str, Any]], json_out: str | None, csv_out: str | None) -> None:
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=1))
+    if csv_out:
+        keys = [k for k, _, _ in WORKER_COLUMNS] + ["run_id"]
+        with open(csv_out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+
+# -- training ----------------------------------------------------------------------------------
+TRAIN_OPTIONS = [
+    ("--workers", "number_of_workers", int, "Workers (also the emnist-train replica count)."),
+    ("--dataset", "dataset", str, "fashion-mnist, mnist, emnist-bymerge, ..., synthetic."),
+    ("--target-accuracy", "target_accuracy", float, "Stop when test accuracy reaches this."),
+    ("--batch-size", "batch_size", int, "Minibatch size."),
+    ("--n-fetch", "n_fetch", int, "Fetch parameters every N minibatches."),
+    ("--n-push", "n_push", int, "Push accumulated updates every N minibatches."),
+    ("--iterations", "iterations", int, "Passes over each worker's shard, at most."),
+    ("--alpha", "alpha", float, "Learning rate."),
+    ("--hidden-size", "hidden_size", int, "Hidden units."),
+    ("--dropout", "dropout_percent", float, "Dropout fraction of hidden units."),
+    ("--seed", "seed", int, "Seed for init, shards and dropout."),
+    ("--dataset-dir", "dataset_dir", str, "Where the dataset files are."),
+    ("--update", "update", str, "atomic (default) or overwrite (the original's lossy push)."),
+]
+
+
+def train_options(fn):
+    for flag, dest, typ, help_ in reversed(TRAIN_OPTIONS):
+        fn = click.option(flag, dest, type=typ, default=None, help=help_)(fn)
+    return fn
+
+
+def _config(kwargs: dict[str, Any], store: str) -> dict[str, Any]:
+    return {**{k: v for k, v in kwargs.items() if v is not None}, "store_url": store}
+
+
+def run_training(c: Ctx, config: dict[str, Any], *, stack: str, store: str, timeout: float,
+                 progress: bool = True, down: bool = False):
+    """Up (if local), scale emnist-train to the worker count, start, watch, return the outcome.
+
+    With ``down``, stop the local stack afterwards if this call started it.
+    """
+    started = bring_up(c, stack, store, ())
+    try:
+        return _run(c, config, store=store, timeout=timeout, progress=progress)
+    finally:
+        if down and started:
+            local.stop_all()
+
+
+def _run(c: Ctx, config: dict[str, Any], *, store: str, timeout: float, progress: bool):
+    gw = c.client()
+    workers = config.get("number_of_workers")
+    if workers:
+        gw.scale(TRAIN, workers)
+        wait_replicas(gw, TRAIN, workers)
+    state, invoked = start_run(gw, config)
+    if not progress:
+        return watch(gw, state, invoked, timeout=timeout, store_url=store)
+    total = state["config"]["iterations"]
+    label = f"run {state['run_id']} ({state['workers']} workers)"
+    with click.progressbar(length=total, label=label, show_eta=False,
+                           item_show_func=lambda s: s, file=sys.stderr) as bar:
+        seen = [0]
+
+        def on_status(st: dict[str, Any]) -> None:
+            prog = [p for p in st["progress"] if p]
+            it = max((p["iteration"] for p in prog), default=0)
+            bar.update(it - seen[0], "  ".join(
+                f"w{p['worker_id']} it {p['iteration']} acc {p['accuracy']:.3f}" for p in prog))
+            seen[0] = it
+
+        return watch(gw, state, invoked, timeout=timeout, store_url=store, on_status=on_status)
+
+
+@main.command()
+@train_options
+@STACK_OPT
+@STORE_OPT
+@click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds to wait.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--down", is_flag=True, help="Stop the local stack afterwards if this started it.")
+@pass_ctx
+@friendly
+def train(c: Ctx, stack: str, store: str, timeout: float, json_out: str | None, down: bool,
+          **kw) -> None:
+    """Run the main job: local stack up, setup, N Downpour workers, results table."""
+    out = run_training(c, _config(kw, store), stack=stack, store=store, timeout=timeout,
+                       down=down)
+    rows = sorted(out.results, key=lambda r: r["worker_id"])
+    click.echo(format_table(rows, WORKER_COLUMNS))
+    verdict = "reached" if out.reached else "did NOT reach"
+    click.echo(f"run {out.run_id}: {verdict} target accuracy {out.target} in "
+               f"{out.seconds:.2f}s from setup to the last worker")
+    _write_rows(rows, json_out, None)
+    if not out.reached:
+        sys.exit(1)
+
+
+@main.command("status")
+@click.argument("run_id")
+@STORE_OPT
+@pass_ctx
+@friendly
+def status_cmd(c: Ctx, run_id: str, store: str) -> None:
+    """Per-worker progress of a run (through emnist-setup)."""
+    st = status(c.client(), run_id, store)
+    rows = [{**(p or {}), **(r or {}), "worker_id": w}
+            for w, (p, r) in enumerate(zip(st["progress"], st["results"]))]
+    click.echo(format_table(rows, [("worker_id", "worker", ""), ("iteration", "iteration", ""),
+                                   ("accuracy", "accuracy", ".4f"), ("done", "done", ""),
+                                   ("hostname", "name", "")]))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (results written to files, never timed tests)."""
+
+
+@bench.command("train")
+@click.option("--workers", "worker_counts", default="1,2", show_default=True,
+              help="Comma-separated worker counts for the emnist runs.")
+@click.option("--target-accuracy", type=float, default=0.85, show_default=True)
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--n-fetch", type=int, default=10, show_default=True)
+@click.option("--n-push", type=int, default=10, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
+@STACK_OPT
+@STORE_OPT
+@pass_ctx
+@friendly
+def bench_train(c: Ctx, worker_counts: str, target_accuracy: float, dataset: str, n_fetch: int,
+                n_push: int, json_out: str | None, stack: str, store: str) -> None:
+    """A plain numpy loop against `emnist train` with 1..N workers, same model and data."""
+    from emnist.bench.train import bench_train as run_bench
+    counts = [int(x) for x in worker_counts.split(",") if x.strip()]
+    records = run_bench(lambda cfg: run_training(c, cfg, stack=stack, store=store, timeout=600,
+                                                 progress=False),
+                        counts, target_accuracy, dataset, n_fetch, n_push, store,
+                        echo=lambda m: click.echo(m, err=True))
+    from emnist.bench.train import COLUMNS
+    click.echo(format_table(records, COLUMNS))
+    if json_out:
+        Path(json_out).write_text(json.dumps(records, indent=1))

@@ -1,0 +1,102 @@
+"""Drive a training run through the gateway: start it with emnist-setup, watch, collect.
+
+Everything goes through the OpenFaaS gateway API (the setup function answers status queries
+from the store), so the same code watches a run on the local gateway and on a cluster whose
+store the user's machine cannot reach.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from emnist.gateway.client import GatewayClient, GatewayError
+
+SETUP, TRAIN = "emnist-setup", "emnist-train"
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    workers: int
+    invoked_at: float  # wall clock when setup was invoked
+    results: list[dict[str, Any]] = field(default_factory=list)
+    target: float = 0.0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reached(self) -> bool:
+        return any(r.get("reached") for r in self.results)
+
+    @property
+    def seconds(self) -> float:
+        """Setup invocation to the last worker's end (same-machine wall clocks)."""
+        ends = [r["finished"] for r in self.results if r.get("finished")]
+        return max(ends) - self.invoked_at if ends else float("nan")
+
+
+def wait_replicas(gw: GatewayClient, name: str, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        fn = gw.get_function(name)
+        if fn and fn.get("availableReplicas", 0) >= n and fn.get("replicas", 0) == n:
+            return
+        if time.monotonic() > deadline:
+            raise RunError(f"{name} did not reach {n} available replicas in {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def start_run(gw: GatewayClient, config: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    invoked = time.time()
+    resp = gw.invoke(SETUP, config, timeout=120)
+    body = _json(resp)
+    if resp.status_code != 200:
+        raise RunError(f"{SETUP} answered {resp.status_code}: {body.get('error', resp.text)}")
+    return body, invoked
+
+
+def status(gw: GatewayClient, run_id: str, store_url: str | None = None) -> dict[str, Any]:
+    query = {"run_id": run_id, **({"store_url": store_url} if store_url else {})}
+    resp = gw.invoke(SETUP, None, method="GET", query=query, timeout=30)
+    body = _json(resp)
+    if resp.status_code != 200:
+        raise RunError(f"status of {run_id}: {resp.status_code} {body.get('error', resp.text)}")
+    return body
+
+
+def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: float,
+          store_url: str | None = None, interval: float = 0.25,
+          on_status: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    """Poll until every worker has a result, or fail after ``timeout`` seconds."""
+    run_id = state["run_id"]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(gw, run_id, store_url)
+        if on_status:
+            on_status(st)
+        if st["done"]:
+            return RunOutcome(run_id, st["workers"], invoked, st["results"],
+                              st["config"]["target_accuracy"], state)
+        if time.monotonic() > deadline:
+            missing = [w for w, r in enumerate(st["results"]) if r is None]
+            raise RunError(f"run {run_id}: workers {missing} had no result after {timeout:.0f}s "
+                           f"(see `emnist logs {TRAIN}`)")
+        time.sleep(interval)
+
+
+def _json(resp) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {"error": resp.text.strip() or f"empty {resp.status_code} response"}
+    return body if isinstance(body, dict) else {"error": str(body)}
+
+
+__all__ = ["GatewayError", "RunError", "RunOutcome", "start_run", "status", "wait_replicas",
+           "watch"]
