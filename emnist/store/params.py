@@ -31,6 +31,7 @@ class MissingState(StoreError):
 class PushStats:
     bytes_sent: int = 0
     retries: int = 0
+    clock: int = 0  # smallest chunk clock after the push
 
 
 class ParameterStore:
@@ -106,20 +107,27 @@ class ParameterStore:
         extra = {n: codec.decode_doc(k, got[k]) for n, k in zip(docs, doc_keys) if k in got}
         return int(clock or 0), extra
 
-    def push(self, delta: np.ndarray, mode: str = "atomic") -> PushStats:
-        """global += delta, chunk by chunk; concurrent pushes are all kept in atomic mode."""
+    def push(self, delta: np.ndarray, mode: str = "atomic",
+             out: np.ndarray | None = None) -> PushStats:
+        """global += delta, chunk by chunk; concurrent pushes are all kept in atomic mode.
+
+        With ``out``, the new global vector is written there as it is computed: a push that
+        doubles as a fetch, with no second round trip and no extra copy.
+        """
         if mode not in MODES:
             raise ValueError(f"update mode must be one of {MODES}, got {mode!r}")
         stats = PushStats()
         index = dict(zip(self.keys, self.bounds))
+        clocks: dict[str, int] = {}
 
         def add(key: str, old: bytes | None) -> bytes:
             if old is None:
                 raise MissingState(f"parameter chunk {key} missing from {self.kv.url}")
             a, b = index[key]
             d = codec.decode(key, old, dtype=np.float32, shape=(b - a,))
-            new = d.array + delta[a:b]
+            new = np.add(d.array, delta[a:b], out=None if out is None else out[a:b])
             stats.bytes_sent += new.nbytes
+            clocks[key] = d.clock + 1
             return codec.encode(new, d.clock + 1)
 
         if mode == "atomic":
@@ -127,6 +135,7 @@ class ParameterStore:
         else:
             got = self.kv.get_many(self.keys)
             self.kv.set_many({k: add(k, got.get(k)) for k in self.keys})
+        stats.clock = min(clocks.values())
         return stats
 
     def delete(self, doc_names: list[str]) -> None:

@@ -136,5 +136,5 @@ def _check_json(name: str, kind: tuple[type, bool], raw: Any) -> Any:
     if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, typ) or isinstance(raw, bool):
-        raise ConfigError(name, f"must be a {typ.__name__}, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(name, f"must be of type {typ.__name__}, got {raw!r}")
     return raw

@@ -49,6 +49,7 @@ class WorkerResult:
 
 
 Report = Callable[[dict[str, Any]], None]
+STOP_CHECK_EVERY = 5  # fetches between reads of the run's stop flag
 
 
 def batch_order(n: int, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,21 +74,24 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, shard_x: np.ndarray, sha
     step, unpushed, stop = 0, 0, None
     alpha = np.float32(cfg.alpha)
 
-    def push() -> None:
+    def push(fetch: bool) -> None:
+        """Push pending updates; when a fetch is due too, the push's result is the fetch."""
         nonlocal unpushed
-        if unpushed:
-            stats = store.push(pending, cfg.update)
-            pending[:] = 0.0
-            res.pushes += 1
-            res.bytes_pushed += stats.bytes_sent
-            res.push_retries += stats.retries
-            unpushed = 0
+        stats = store.push(pending, cfg.update, out=params if fetch else None)
+        pending[:] = 0.0
+        res.pushes += 1
+        res.bytes_pushed += stats.bytes_sent
+        res.push_retries += stats.retries
+        unpushed = 0
+        if fetch:
+            res.fetches += 1
+            res.bytes_fetched += nbytes
 
-    def fetch() -> dict[str, Any] | None:
-        _, docs = store.fetch(params, ("stop",))
+    def fetch() -> None:
+        store.fetch(params)
+        np.add(params, pending, out=params)  # keep what this worker learned since its push
         res.fetches += 1
         res.bytes_fetched += nbytes
-        return docs.get("stop")
 
     for iteration in range(1, cfg.iterations + 1):
         t0 = time.perf_counter()
@@ -100,14 +104,20 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, shard_x: np.ndarray, sha
             pending += grad
             step, unpushed = step + 1, unpushed + 1
             res.samples += len(y)
-            if step % cfg.n_push == 0:
-                push()
-            if step % cfg.n_fetch == 0:
-                stop = fetch()
-                if stop:
-                    break
-        push()
-        stop = fetch() or stop
+            due_push, due_fetch = step % cfg.n_push == 0, step % cfg.n_fetch == 0
+            if due_push:
+                push(fetch=due_fetch)
+            elif due_fetch:
+                fetch()
+            if due_fetch and step % (cfg.n_fetch * STOP_CHECK_EVERY) == 0:
+                stop = store.get_doc("stop")
+            if stop:
+                break
+        if unpushed:
+            push(fetch=True)
+        else:
+            fetch()
+        stop = stop or store.get_doc("stop")
         res.train_seconds += time.perf_counter() - t0
         res.iterations = iteration
         res.accuracy = model.accuracy(params, test_x, test_y)

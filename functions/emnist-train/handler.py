@@ -27,7 +27,7 @@ def _parse(event) -> dict:
         if name not in FIELDS:
             raise BadRequest(f"{name}: unknown field; known: {', '.join(FIELDS)}")
         if not isinstance(value, FIELDS[name]) or isinstance(value, bool):
-            raise BadRequest(f"{name}: must be a {FIELDS[name].__name__}, got {value!r}")
+            raise BadRequest(f"{name}: must be of type {FIELDS[name].__name__}, got {value!r}")
     for name in ("run_id", "worker_id"):
         if name not in request:
             raise BadRequest(f"{name}: required")

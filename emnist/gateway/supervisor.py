@@ -1,0 +1,511 @@
+"""Run and watch a function's replica processes, like a Deployment on one machine.
+
+Each replica is ``python -m emnist.gateway.watchdog`` in its own process group, with a pod-like
+``HOSTNAME`` and a minimal environment (nothing leaks from the gateway's own environment except
+what a Python process needs). A replica that exits is replaced to keep the desired count; its
+stdout/stderr lines are kept in a bounded buffer that ``/system/logs`` serves.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from .stack import FunctionSpec
+
+__all__ = [
+    "NAMESPACE",
+    "LogBuffer",
+    "LogLine",
+    "NoReplicaError",
+    "Replica",
+    "ReplicaError",
+    "ReplicaSet",
+    "format_timestamp",
+    "free_port",
+    "parse_timestamp",
+    "replica_env",
+]
+
+NAMESPACE = "openfaas-fn"
+PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "SYSTEMROOT",
+                   "PYTHONPATH", "VIRTUAL_ENV")
+# Kubernetes' rand.String alphabet (no vowels, no confusable characters).
+_POD_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+log = logging.getLogger("emnist.gateway")
+
+
+class ReplicaError(RuntimeError):
+    """A replica did not become healthy (it died or timed out while starting)."""
+
+
+class NoReplicaError(RuntimeError):
+    """No healthy replica could be found in time to serve a call."""
+
+
+def format_timestamp(t_ns: int) -> str:
+    """RFC3339Nano in UTC, the timestamp format of OpenFaaS log messages."""
+    secs, ns = divmod(t_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns:09d}Z"
+
+
+def parse_timestamp(text: str) -> int:
+    """Nanoseconds since the epoch from an RFC3339 timestamp (any precision, any offset)."""
+    s = text.strip().replace("z", "Z")
+    frac_ns = 0
+    if "." in s:
+        head, rest = s.split(".", 1)
+        digits = ""
+        while rest and rest[0].isdigit():
+            digits, rest = digits + rest[0], rest[1:]
+        frac_ns = int((digits + "000000000")[:9]) if digits else 0
+        s = head + rest
+    if s.endswith("Z"):
+        s = s[:-1] + "+00:00"
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp()) * 1_000_000_000 + frac_ns
+
+
+@dataclass
+class LogLine:
+    """One line a replica printed, shaped like faas-provider's logs.Message."""
+
+    name: str
+    namespace: str
+    instance: str
+    timestamp: str
+    text: str
+    stream: str = "stdout"
+    t_ns: int = 0
+    seq: int = 0
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON object sent on ``/system/logs``."""
+        return {"name": self.name, "namespace": self.namespace, "instance": self.instance,
+                "timestamp": self.timestamp, "text": self.text}
+
+
+class LogBuffer:
+    """Bounded, thread-safe log store that readers can follow by sequence number."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        self._lines: deque[LogLine] = deque(maxlen=max(1, limit))
+        self._cond = threading.Condition()
+        self._seq = 0
+
+    @property
+    def cursor(self) -> int:
+        """Sequence number of the newest line; pass it to :meth:`wait` to get later ones."""
+        with self._cond:
+            return self._seq
+
+    def append(self, line: LogLine) -> None:
+        with self._cond:
+            self._seq += 1
+            line.seq = self._seq
+            self._lines.append(line)
+            self._cond.notify_all()
+
+    def lines(self, since: int | None = None, tail: int | None = None,
+              instance: str | None = None) -> list[LogLine]:
+        """Lines newer than ``since`` (ns since epoch), for ``instance``, the last ``tail``."""
+        with self._cond:
+            out = [ln for ln in self._lines
+                   if (since is None or ln.t_ns >= since)
+                   and (not instance or ln.instance == instance)]
+        if tail is not None and tail >= 0:
+            out = out[len(out) - tail:] if tail else []
+        return out
+
+    def wait(self, after: int, timeout: float) -> list[LogLine]:
+        """Lines with a sequence number above ``after``, waiting up to ``timeout`` for one."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > after, timeout=timeout)
+            return [ln for ln in self._lines if ln.seq > after]
+
+
+@dataclass(eq=False)
+class Replica:
+    """One running replica process."""
+
+    name: str
+    hostname: str
+    port: int
+    process: subprocess.Popen[bytes]
+    started_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    ready: bool = False
+    stopping: bool = False
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bound to port 0, then released)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def replica_env(spec: FunctionSpec, base_env: Mapping[str, str], hostname: str,
+                parent_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of one replica: a minimal base + base_env + the function's environment."""
+    parent = os.environ if parent_env is None else parent_env
+    env = {k: parent[k] for k in PASSTHROUGH_ENV if k in parent}
+    # The watchdog module (and the project's own package) must be importable in the replica.
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _PACKAGE_ROOT not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])
+    env.update(base_env)
+    env.update(spec.environment)
+    env["HOSTNAME"] = hostname
+    return env
+
+
+def _pod_suffix() -> str:
+    return "".join(secrets.choice(_POD_ALPHABET) for _ in range(5))
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _healthy(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        conn.request("GET", "/_/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+class ReplicaSet:
+    """The replicas of one function: scale, pick, restart the dead, collect logs."""
+
+    def __init__(self, spec: FunctionSpec, base_env: Mapping[str, str], log_limit: int = 10000,
+                 *, start_timeout: float = 30.0, grace: float = 5.0,
+                 echo: IO[str] | None = None) -> None:
+        self.spec = spec
+        self.base_env = dict(base_env)
+        self.start_timeout = start_timeout
+        self.grace = grace
+        self.echo = echo
+        self.logbuf = LogBuffer(log_limit)
+        self.desired = 0
+        self.restarts = 0
+        self._template_hash = secrets.token_hex(3)[:5]
+        self._replicas: list[Replica] = []
+        self._lock = threading.Condition()  # guards _replicas, inflight, _rr
+        self._scale_lock = threading.RLock()  # serialises topology changes
+        self._rr = 0
+        self._closed = False
+        self._wake = threading.Event()
+        self._monitor = threading.Thread(target=self._monitor_loop, daemon=True,
+                                         name=f"monitor-{spec.name}")
+        self._monitor.start()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def replicas(self) -> list[Replica]:
+        """A snapshot of the current replicas (ready or starting)."""
+        with self._lock:
+            return list(self._replicas)
+
+    @property
+    def available(self) -> int:
+        """How many replicas are healthy and can take calls."""
+        with self._lock:
+            return sum(1 for r in self._replicas if r.ready and r.alive())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def scale(self, n: int) -> None:
+        """Start or stop replicas until ``n`` run; new ones are healthy when this returns."""
+        if n < 0:
+            raise ValueError("replicas must be >= 0")
+        with self._scale_lock:
+            if self._closed:
+                raise ReplicaError(f"{self.name}: replica set is stopped")
+            self.desired = n
+            with self._lock:
+                surplus = len(self._replicas) - n
+                extra: list[Replica] = []
+                if surplus > 0:  # stop the least busy, newest ones first
+                    by_load = sorted(self._replicas, key=lambda r: (r.inflight, -r.started_at))
+                    extra = by_load[:surplus]
+                    self._replicas = [r for r in self._replicas if r not in extra]
+                    for r in extra:
+                        r.stopping = True
+                missing = n - len(self._replicas)
+            self._terminate(extra)
+            if missing > 0:
+                self._add(self._start(missing))
+
+    def update(self, spec: FunctionSpec, base_env: Mapping[str, str] | None = None,
+               replicas: int | None = None) -> None:
+        """Roll out a new spec/env: start the new replicas, then stop the old ones."""
+        with self._scale_lock:
+            old_spec, old_env, old_hash = self.spec, self.base_env, self._template_hash
+            self.spec = spec
+            if base_env is not None:
+                self.base_env = dict(base_env)
+            self._template_hash = secrets.token_hex(3)[:5]
+            n = self.desired if replicas is None else replicas
+            try:
+                fresh = self._start(n) if n > 0 else []
+            except Exception:
+                self.spec, self.base_env, self._template_hash = old_spec, old_env, old_hash
+                raise
+            self.desired = n
+            with self._lock:
+                old = self._replicas
+                for r in old:
+                    r.stopping = True
+                self._replicas = list(fresh)
+                self._lock.notify_all()
+            self._terminate(old)
+
+    def stop(self) -> None:
+        """Stop every replica (SIGTERM, then SIGKILL after the grace period) for good."""
+        with self._scale_lock:
+            self._closed = True
+            self.desired = 0
+            with self._lock:
+                old = self._replicas
+                for r in old:
+                    r.stopping = True
+                self._replicas = []
+                self._lock.notify_all()
+            self._wake.set()
+            self._terminate(old, drain=False)
+
+    # -- picking -----------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> Replica:
+        """Reserve the least busy healthy replica (round-robin among ties)."""
+        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
+        with self._lock:
+            while True:
+                ready = [r for r in self._replicas if r.ready and not r.stopping and r.alive()]
+                if ready:
+                    low = min(r.inflight for r in ready)
+                    ties = [r for r in ready if r.inflight == low]
+                    chosen = ties[self._rr % len(ties)]
+                    self._rr += 1
+                    chosen.inflight += 1
+                    return chosen
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise NoReplicaError(f"no healthy replica of {self.name} available")
+                self._lock.wait(min(left, 0.25))
+
+    def release(self, replica: Replica) -> None:
+        with self._lock:
+            replica.inflight -= 1
+            self._lock.notify_all()
+
+    @contextmanager
+    def pick(self, timeout: float | None = None) -> Iterator[Replica]:
+        """``with rs.pick() as replica:`` counts the call as in flight on that replica."""
+        replica = self.acquire(timeout)
+        try:
+            yield replica
+        finally:
+            self.release(replica)
+
+    def mark_dead(self, replica: Replica) -> None:
+        """Called when a call found the replica unreachable: stop routing to it."""
+        if not replica.alive():
+            self._on_exit(replica)
+
+    # -- logs --------------------------------------------------------------------------------
+
+    def logs(self, since: int | None = None, tail: int | None = None,
+             instance: str | None = None) -> list[LogLine]:
+        """Buffered log lines, oldest first (``since`` in ns since the epoch)."""
+        return self.logbuf.lines(since=since, tail=tail, instance=instance)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _spawn(self) -> Replica:
+        hostname = f"{self.name}-{self._template_hash}-{_pod_suffix()}"
+        port = free_port()
+        cmd = [sys.executable, "-u", "-m", "emnist.gateway.watchdog",
+               "--handler", str(self.spec.handler), "--port", str(port),
+               "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(
+            cmd, env=replica_env(self.spec, self.base_env, hostname), cwd=str(self.spec.handler),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        replica = Replica(name=self.name, hostname=hostname, port=port, process=proc)
+        for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            threading.Thread(target=self._read, args=(replica, pipe, stream), daemon=True,
+                             name=f"log-{hostname}-{stream}").start()
+        threading.Thread(target=self._wait_exit, args=(replica,), daemon=True,
+                         name=f"wait-{hostname}").start()
+        return replica
+
+    def _start(self, count: int) -> list[Replica]:
+        """Spawn ``count`` replicas and wait until all answer /_/health."""
+        pending = [self._spawn() for _ in range(count)]
+        ready: list[Replica] = []
+        retries = 3 * count
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            while pending:
+                for r in list(pending):
+                    if not r.alive():
+                        r.process.wait()
+                        time.sleep(0.05)  # let the reader threads drain the pipes
+                        tail = "\n".join(r.stderr_tail)
+                        pending.remove(r)
+                        if "Address already in use" in tail and retries > 0:
+                            retries -= 1  # lost the free-port race: try another port
+                            pending.append(self._spawn())
+                            continue
+                        raise ReplicaError(
+                            f"replica {r.hostname} of {self.name} exited with code "
+                            f"{r.process.returncode} while starting; stderr tail:\n{tail}"
+                        )
+                    if _healthy(r.port):
+                        r.ready = True
+                        pending.remove(r)
+                        ready.append(r)
+                if pending and time.monotonic() > deadline:
+                    tail = "\n".join(pending[0].stderr_tail)
+                    raise ReplicaError(
+                        f"replica {pending[0].hostname} of {self.name} was not healthy after "
+                        f"{self.start_timeout:g}s; stderr tail:\n{tail}"
+                    )
+                if pending:
+                    time.sleep(0.02)
+        except BaseException:
+            self._terminate(pending + ready, drain=False)
+            raise
+        return ready
+
+    def _add(self, fresh: list[Replica]) -> None:
+        with self._lock:
+            self._replicas.extend(fresh)
+            self._lock.notify_all()
+
+    def _terminate(self, replicas: list[Replica], drain: bool = True) -> None:
+        """Let in-flight calls finish (up to the grace period), SIGTERM, then SIGKILL."""
+        if not replicas:
+            return
+        for r in replicas:
+            r.stopping = True
+        if drain:
+            with self._lock:
+                self._lock.wait_for(lambda: all(r.inflight <= 0 for r in replicas),
+                                    timeout=self.grace)
+        for r in replicas:
+            if r.alive():
+                _signal_group(r.process, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for r in replicas:
+            try:
+                r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(r.process, signal.SIGKILL)
+                r.process.wait()
+            # Also reap anything the handler started in the replica's process group.
+            _signal_group(r.process, signal.SIGKILL)
+
+    def _read(self, replica: Replica, pipe: IO[bytes], stream: str) -> None:
+        for raw in iter(pipe.readline, b""):
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            t_ns = time.time_ns()
+            self.logbuf.append(LogLine(
+                name=self.name, namespace=NAMESPACE, instance=replica.hostname,
+                timestamp=format_timestamp(t_ns), text=text, stream=stream, t_ns=t_ns,
+            ))
+            if stream == "stderr":
+                replica.stderr_tail.append(text)
+            if self.echo is not None:
+                print(f"{replica.hostname} {stream}: {text}", file=self.echo, flush=True)
+        pipe.close()
+
+    def _wait_exit(self, replica: Replica) -> None:
+        replica.process.wait()
+        self._on_exit(replica)
+
+    def _on_exit(self, replica: Replica) -> None:
+        with self._lock:
+            if replica not in self._replicas:
+                return
+            self._replicas.remove(replica)
+            self._lock.notify_all()
+        if not replica.stopping:
+            log.warning("replica %s of %s exited with code %s; replacing it", replica.hostname,
+                        self.name, replica.process.returncode)
+            self.restarts += 1
+        self._wake.set()
+
+    def _monitor_loop(self) -> None:
+        """Keep ``desired`` replicas running; back off if they keep crashing."""
+        backoff = 0.0
+        while True:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._closed:
+                return
+            if backoff:
+                time.sleep(backoff)
+            with self._scale_lock:
+                if self._closed:
+                    return
+                with self._lock:
+                    missing = self.desired - len(self._replicas)
+                if missing <= 0:
+                    backoff = 0.0
+                    continue
+                try:
+                    self._add(self._start(missing))
+                    backoff = 0.0
+                except ReplicaError as e:
+                    backoff = min(30.0, max(1.0, backoff * 2))
+                    log.error("%s (retrying in %gs)", e, backoff)
+                    self._wake.set()
