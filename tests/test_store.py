@@ -167,3 +167,14 @@ def test_unreachable_memcached_is_a_store_error():
     kv = open_kv("memcached://127.0.0.1:1?timeout=0.5")
     with pytest.raises(StoreError, match="unreachable"):
         kv.get_many(["a"])
+
+
+def test_push_can_return_the_new_global_vector(kv, run_id):
+    ps = ParameterStore(kv, run_id, chunk_bytes=1024)
+    ps.init(np.ones(1000, dtype=np.float32))
+    other = ParameterStore(kv, run_id)
+    other.attach()
+    other.push(np.full(1000, 2, dtype=np.float32))  # a concurrent worker's update
+    out = np.empty(1000, dtype=np.float32)
+    stats = ps.push(np.arange(1000, dtype=np.float32), out=out)
+    assert stats.clock == 2 and np.array_equal(out, 3 + np.arange(1000, dtype=np.float32))
