@@ -45,3 +45,13 @@ def test_bad_environment_value_names_the_field():
 
 def test_optional_fields_accept_null():
     assert TrainConfig.from_sources({}, {"num_labels": None}).num_labels is None
+
+
+def test_booleans_from_environment_and_request():
+    assert TrainConfig.from_sources({"overlap": "true"}).overlap is True
+    assert TrainConfig.from_sources({"overlap": "0"}).overlap is False
+    assert TrainConfig.from_sources({}, {"overlap": True}).overlap is True
+    with pytest.raises(ConfigError, match="^overlap: environment value 'maybe'"):
+        TrainConfig.from_sources({"overlap": "maybe"})
+    with pytest.raises(ConfigError, match="^overlap: must be of type bool"):
+        TrainConfig.from_sources({}, {"overlap": 1})

@@ -49,6 +49,7 @@ class TrainConfig:
     execution_type: int = 3
     algorithm: str = "downpour"
     update: str = "atomic"
+    overlap: bool = False  # exchange on a thread while the next minibatches compute
     chunk_bytes: int = 256 * 1024
     seed: int = 0
 
@@ -113,8 +114,8 @@ class TrainConfig:
 FIELD_KINDS: dict[str, tuple[type, bool]] = {}  # name -> (type, optional)
 for _f in fields(TrainConfig):
     _t = str(_f.type)
-    FIELD_KINDS[_f.name] = ({"int": int, "float": float, "str": str}[_t.split(" ")[0]],
-                            "None" in _t)
+    _types = {"int": int, "float": float, "str": str, "bool": bool}
+    FIELD_KINDS[_f.name] = (_types[_t.split(" ")[0]], "None" in _t)
 
 
 def _kind(name: str) -> tuple[type, bool]:
@@ -123,6 +124,12 @@ def _kind(name: str) -> tuple[type, bool]:
 
 def _parse_env(name: str, kind: tuple[type, bool], raw: str) -> Any:
     typ, _ = kind
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"environment value {raw!r} is not a boolean (true/false)")
     try:
         return typ(raw)
     except ValueError:
@@ -135,6 +142,6 @@ def _check_json(name: str, kind: tuple[type, bool], raw: Any) -> Any:
         return None
     if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
-    if not isinstance(raw, typ) or isinstance(raw, bool):
+    if not isinstance(raw, typ) or (isinstance(raw, bool) and typ is not bool):
         raise ConfigError(name, f"must be of type {typ.__name__}, got {raw!r}")
     return raw

@@ -46,6 +46,8 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
     shape = MLPShape(cfg.pixels_per_image, cfg.hidden_size, num_classes)
     run_id = run_id or new_run_id()
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
+    if store.get_doc("run") is not None:
+        raise ConfigError("run_id", f"run {run_id!r} already exists in {kv.url}")
     state = {"run_id": run_id, "config": cfg.to_dict(), "workers": workers,
              "shard_dir": str(shard_dir), "num_classes": num_classes,
              "num_params": shape.num_params, "started": t0}
