@@ -120,6 +120,11 @@ def _terminate(pid: int, grace: float = 10) -> bool:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
+            if os.waitpid(pid, os.WNOHANG)[0]:  # our own child: reap it
+                return True
+        except ChildProcessError:
+            pass  # not our child; init reaps it
+        try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
