@@ -167,7 +167,10 @@ class GatewayClient:
 
     def logs(self, name: str, *, tail: int | None = None, since: str | None = None,
              follow: bool = False, instance: str | None = None) -> Iterator[dict[str, Any]]:
-        """Log messages of ``name`` (NDJSON from ``/system/logs``); follow blocks for more."""
+        """Log messages of ``name`` (NDJSON from ``/system/logs``; tail <= 0: all lines).
+
+        With ``follow`` the iterator blocks for new lines until the caller stops iterating.
+        """
         params: dict[str, Any] = {"name": name, "namespace": NAMESPACE,
                                   "follow": "true" if follow else "false"}
         if tail is not None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hmac
+import http.cookiejar
 import json
 import logging
 import os
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +33,8 @@ from urllib.parse import quote
 
 import click
 import requests
+import requests.adapters
+import urllib3
 from flask import Flask, Response, request
 
 from .client import deploy_request
@@ -228,7 +232,7 @@ class Gateway:
         self.queue = ThreadPoolExecutor(max(1, queue_workers), thread_name_prefix="queue")
         self._deploy_lock = threading.RLock()
         self._count_lock = threading.Lock()
-        self._local = threading.local()
+        self._upstream = _upstream_session()
         self._server: Any = None
         self.app = _build_app(self)
 
@@ -335,17 +339,16 @@ class Gateway:
     # -- invocation --------------------------------------------------------------------------
 
     def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # never route 127.0.0.1 through a proxy
-            session.headers.clear()
-            self._local.session = session
-        return session
+        """The pooled upstream session (keep-alive, at most 16 idle connections a replica)."""
+        return self._upstream
 
     def call(self, dep: Deployment, method: str, path: str, query: str,
              headers: Mapping[str, str], body: bytes) -> Upstream:
-        """Send one call to a replica of ``dep`` and return its answer."""
+        """Send one call to the least busy replica of ``dep`` and return its answer.
+
+        A call is retried on another replica (twice at most) only when its replica refused
+        the connection or turned out to be dead, e.g. killed with a keep-alive connection open.
+        """
         with self._count_lock:
             dep.invocations += 1
         rs = dep.replicas
@@ -361,12 +364,18 @@ class Gateway:
                         method, replica.url + url_tail, data=body, headers=headers,
                         timeout=(5.0, dep.timeout), stream=True, allow_redirects=False,
                     )
-                    content = resp.raw.read(decode_content=False)
                 except requests.ConnectionError as e:
-                    if attempt < 2 and _never_connected(e):
-                        rs.mark_dead(replica)  # it died under us: try another replica
+                    # Retry elsewhere only if the call surely did not run: the replica refused
+                    # the connection, or it was already dead (a stale keep-alive connection).
+                    dead = _dead(replica.process)
+                    if attempt < 2 and (dead or _never_connected(e)):
+                        log.warning("replica %s of %s unreachable (%s); retrying elsewhere",
+                                    replica.hostname, dep.name, type(e).__name__)
+                        if dead:
+                            rs.mark_dead(replica)  # so the retry waits for its replacement
                         continue
                     raise
+                content = _read_raw(resp)  # as sent: no gzip decoding, headers stay true
             out_headers = [(k, v) for k, v in resp.raw.headers.items()
                            if k.lower() not in RESPONSE_SKIP]
             return Upstream(resp.status_code, out_headers, content,
@@ -443,6 +452,38 @@ class Gateway:
         for t in stoppers:
             t.join()
         self.queue.shutdown(wait=False, cancel_futures=True)
+
+
+def _upstream_session() -> requests.Session:
+    """A thread-safe pooled session that adds nothing to what it proxies (no cookies)."""
+    session = requests.Session()
+    session.trust_env = False  # never route 127.0.0.1 through a proxy
+    session.headers.clear()
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=16)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _read_raw(resp: requests.Response) -> bytes:
+    """The undecoded body, with urllib3's errors mapped to requests' like ``.content`` does."""
+    try:
+        return resp.raw.read(decode_content=False)
+    except urllib3.exceptions.ReadTimeoutError as e:
+        raise requests.ReadTimeout(e) from e
+    except urllib3.exceptions.HTTPError as e:
+        raise requests.ConnectionError(e) from e
+    finally:
+        resp.close()
+
+
+def _dead(proc: subprocess.Popen[bytes], wait: float = 0.5) -> bool:
+    try:
+        proc.wait(timeout=wait)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _never_connected(e: requests.ConnectionError) -> bool:
@@ -595,12 +636,13 @@ def function_logs(gw: Gateway) -> Response:
     instance = args.get("instance") or None
     buf = dep.replicas.logbuf
     cursor = buf.cursor
-    backlog = [ln for ln in buf.lines(since, tail if tail is None or tail >= 0 else None,
-                                      instance) if ln.seq <= cursor]
+    backlog = [ln for ln in buf.lines(since, tail if tail and tail > 0 else None, instance)
+               if ln.seq <= cursor]  # tail <= 0 means unlimited, as in faas-provider
     disconnected = request.environ.get("waitress.client_disconnected")
 
     def generate() -> Any:
-        yield ""  # makes waitress send the headers now, even when there is no backlog
+        if follow:
+            yield "\n"  # whitespace (fine for NDJSON readers) so the headers go out now
         for ln in backlog:
             yield json.dumps(ln.to_dict()) + "\n"
         after = cursor
@@ -684,8 +726,9 @@ def create_app(stack: Stack, *, base_env: Mapping[str, str],
 
 
 def serve(gateway: Gateway, *, host: str = "127.0.0.1", port: int = 8080,
-          replicas: Mapping[str, int] | None = None, ready_file: str | os.PathLike[str] | None = None,
-          threads: int = 64, on_ready: Callable[[str], None] | None = None) -> None:
+          replicas: Mapping[str, int] | None = None,
+          ready_file: str | os.PathLike[str] | None = None, threads: int = 64,
+          on_ready: Callable[[str], None] | None = None) -> None:
     """Listen, deploy the stack, write the ready file, serve until SIGTERM/SIGINT, clean up."""
     atexit.register(gateway.close)
     previous = signal.signal(signal.SIGTERM, _raise_exit) \

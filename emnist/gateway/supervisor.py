@@ -155,6 +155,7 @@ class Replica:
     ready: bool = False
     stopping: bool = False
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
+    readers: list[threading.Thread] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -361,9 +362,11 @@ class ReplicaSet:
 
     # -- logs --------------------------------------------------------------------------------
 
-    def logs(self, since: int | None = None, tail: int | None = None,
+    def logs(self, since: int | str | None = None, tail: int | None = None,
              instance: str | None = None) -> list[LogLine]:
-        """Buffered log lines, oldest first (``since`` in ns since the epoch)."""
+        """Buffered log lines, oldest first (``since``: RFC3339 or ns since the epoch)."""
+        if isinstance(since, str):
+            since = parse_timestamp(since)
         return self.logbuf.lines(since=since, tail=tail, instance=instance)
 
     # -- internals ---------------------------------------------------------------------------
@@ -381,8 +384,10 @@ class ReplicaSet:
         )
         replica = Replica(name=self.name, hostname=hostname, port=port, process=proc)
         for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-            threading.Thread(target=self._read, args=(replica, pipe, stream), daemon=True,
-                             name=f"log-{hostname}-{stream}").start()
+            reader = threading.Thread(target=self._read, args=(replica, pipe, stream),
+                                      daemon=True, name=f"log-{hostname}-{stream}")
+            reader.start()
+            replica.readers.append(reader)
         threading.Thread(target=self._wait_exit, args=(replica,), daemon=True,
                          name=f"wait-{hostname}").start()
         return replica
@@ -398,7 +403,8 @@ class ReplicaSet:
                 for r in list(pending):
                     if not r.alive():
                         r.process.wait()
-                        time.sleep(0.05)  # let the reader threads drain the pipes
+                        for reader in r.readers:  # the pipes hold the error message
+                            reader.join(timeout=2.0)
                         tail = "\n".join(r.stderr_tail)
                         pending.remove(r)
                         if "Address already in use" in tail and retries > 0:
