@@ -306,21 +306,24 @@ def bench() -> None:
 @click.option("--dataset", default="fashion-mnist", show_default=True)
 @click.option("--n-fetch", type=int, default=10, show_default=True)
 @click.option("--n-push", type=int, default=10, show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed runs per configuration (the median is reported).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
 @STACK_OPT
 @STORE_OPT
 @pass_ctx
 @friendly
 def bench_train(c: Ctx, worker_counts: str, target_accuracy: float, dataset: str, n_fetch: int,
-                n_push: int, json_out: str | None, stack: str, store: str) -> None:
+                n_push: int, rounds: int, json_out: str | None, stack: str, store: str) -> None:
     """A plain numpy loop against `emnist train` with 1..N workers, same model and data."""
     from emnist.bench.train import bench_train as run_bench
     counts = [int(x) for x in worker_counts.split(",") if x.strip()]
     records = run_bench(lambda cfg: run_training(c, cfg, stack=stack, store=store, timeout=600,
                                                  progress=False),
-                        counts, target_accuracy, dataset, n_fetch, n_push, store,
+                        counts, target_accuracy, dataset, n_fetch, n_push, store, rounds,
                         echo=lambda m: click.echo(m, err=True))
     from emnist.bench.train import COLUMNS
     click.echo(format_table(records, COLUMNS))
     if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(records, indent=1))

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 from emnist.train.config import TrainConfig
@@ -20,7 +20,7 @@ COLUMNS = [("mode", "mode", ""), ("workers", "workers", ""),
            ("samples_per_s_per_worker", "samples/s per worker", ",.0f"),
            ("seconds_to_target", "s to target", ".2f"), ("target_accuracy", "target", ""),
            ("accuracy", "accuracy", ".4f"), ("iterations", "iterations", ""),
-           ("reached", "reached", "")]
+           ("reached", "reached", ""), ("throughput_vs_plain", "vs plain", ".0%")]
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -35,32 +35,47 @@ def plain_record(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def emnist_record(outcome: Any, workers: int, target: float) -> dict[str, Any]:
+    results = outcome.results
+    return {"mode": "emnist", "workers": workers,
+            "samples_per_s_per_worker": mean(r["samples_per_s"] for r in results),
+            "seconds_to_target": outcome.seconds, "target_accuracy": target,
+            "accuracy": max(r["accuracy"] for r in results),
+            "iterations": max(r["iterations"] for r in results), "reached": outcome.reached,
+            "run_id": outcome.run_id, "pushes": sum(r["pushes"] for r in results),
+            "fetches": sum(r["fetches"] for r in results),
+            "bytes_pushed": sum(r["bytes_pushed"] for r in results)}
+
+
+def median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median round by each timing; every round's figures are kept alongside."""
+    out = dict(rounds[0])
+    for key in ("samples_per_s_per_worker", "seconds_to_target"):
+        out[key] = median(r[key] for r in rounds)
+        out[f"{key}_rounds"] = [round(r[key], 4) for r in rounds]
+    out["reached"] = all(r["reached"] for r in rounds)
+    out["rounds"] = len(rounds)
+    return out
+
+
 def bench_train(run: Callable[[dict[str, Any]], Any], worker_counts: list[int], target: float,
-                dataset: str, n_fetch: int, n_push: int, store_url: str,
+                dataset: str, n_fetch: int, n_push: int, store_url: str, rounds: int = 3,
                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Median of ``rounds`` timed runs per configuration, after one untimed warm-up each."""
     base = {"target_accuracy": target, "dataset": dataset, "n_fetch": n_fetch,
             "n_push": n_push, "store_url": store_url}
     cfg = TrainConfig(**base)
-    plain_record(cfg)  # warm-up: shard preparation, page cache
-    echo("plain loop ...")
-    records = [plain_record(cfg)]
+    echo("plain loop: warm-up, then timed rounds ...")
+    plain_record(cfg)  # shard preparation, page cache
+    records = [median_record([plain_record(cfg) for _ in range(rounds)])]
     for workers in worker_counts:
         config = {**base, "number_of_workers": workers}
-        echo(f"emnist, {workers} worker(s): warm-up ...")
+        echo(f"emnist, {workers} worker(s): warm-up, then timed rounds ...")
         run(config)
-        echo(f"emnist, {workers} worker(s): timed ...")
-        out = run(config)
-        best = max(out.results, key=lambda r: r["accuracy"])
-        records.append({
-            "mode": "emnist", "workers": workers,
-            "samples_per_s_per_worker": mean(r["samples_per_s"] for r in out.results),
-            "seconds_to_target": out.seconds, "target_accuracy": target,
-            "accuracy": best["accuracy"], "iterations": max(r["iterations"] for r in out.results),
-            "reached": out.reached, "run_id": out.run_id,
-            "bytes_pushed": sum(r["bytes_pushed"] for r in out.results),
-            "pushes": sum(r["pushes"] for r in out.results),
-            "fetches": sum(r["fetches"] for r in out.results)})
+        records.append(median_record([emnist_record(run(config), workers, target)
+                                      for _ in range(rounds)]))
     base_rate = records[0]["samples_per_s_per_worker"]
     for r in records:
         r["throughput_vs_plain"] = r["samples_per_s_per_worker"] / base_rate
+        r.pop("curve", None)
     return records

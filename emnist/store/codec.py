@@ -1,7 +1,8 @@
 """Every value in the store carries a header, so a corrupt, truncated or foreign value is refused.
 
 Layout (little-endian): magic ``EMNS`` | version u8 | dtype code u8 | ndim u8 | flags u8 |
-clock u64 | crc32 u32 | ndim x u32 dims | payload. The crc covers the header (crc field
+clock u64 | crc32c u32 | ndim x u32 dims | payload. The checksum (CRC-32C, hardware-accelerated
+by the ``crc32c`` package: ~25 GB/s against zlib's ~4) covers the header (checksum field
 zeroed) and the payload, so a flipped bit anywhere is caught. No pickle: raw array bytes only.
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from crc32c import crc32c
 
 MAGIC = b"EMNS"
 VERSION = 1
@@ -46,11 +47,10 @@ class Decoded:
 
 
 def _pack(code: int, shape: tuple[int, ...], clock: int, payload: bytes | memoryview) -> bytes:
-    dims = struct.pack(f"<{len(shape)}I", *shape)
-    head = bytearray(_HEAD.pack(MAGIC, VERSION, code, len(shape), 0, clock, 0)) + dims
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    struct.pack_into("<I", head, _CRC_AT, crc)
-    return bytes(head) + bytes(payload)
+    head = bytearray(_HEAD.pack(MAGIC, VERSION, code, len(shape), 0, clock, 0))
+    head += struct.pack(f"<{len(shape)}I", *shape)
+    struct.pack_into("<I", head, _CRC_AT, crc32c(payload, crc32c(head)))
+    return b"".join((head, payload))  # the payload's one copy, straight from the array
 
 
 def encode(array: np.ndarray, clock: int = 0) -> bytes:
@@ -95,7 +95,7 @@ def decode(key: str, value: bytes | None, *, dtype: np.dtype | str | None = None
     view = memoryview(value)
     head = bytearray(view[:start])
     head[_CRC_AT:_CRC_AT + 4] = b"\0\0\0\0"
-    if zlib.crc32(view[start:], zlib.crc32(head)) != crc:
+    if crc32c(view[start:], crc32c(head)) != crc:
         raise CorruptValue(key, "checksum mismatch")
     if dtype is not None and (dt is None or dt != np.dtype(dtype).newbyteorder("<")):
         raise CorruptValue(key, f"dtype {dt} where {np.dtype(dtype)} was expected")
