@@ -10,6 +10,7 @@ import pytest
 from emnist.store import open_kv
 
 MEMCACHED_URL = os.environ.get("EMNIST_TEST_MEMCACHED", "memcached://127.0.0.1:11211")
+BINARY_URL = MEMCACHED_URL.replace("memcached://", "memcached+binary://")
 REDIS_URL = os.environ.get("EMNIST_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
@@ -35,6 +36,15 @@ def redis_kv():
     kv.close()
 
 
-@pytest.fixture(params=["memcached", "redis"])
-def kv(request, memcached_kv, redis_kv):
-    return memcached_kv if request.param == "memcached" else redis_kv
+@pytest.fixture
+def binary_kv():
+    kv = open_kv(BINARY_URL)
+    yield kv
+    kv.close()
+
+
+@pytest.fixture(params=["memcached", "memcached+binary", "redis"])
+def kv(request):
+    """Every backend, each on a real server."""
+    return request.getfixturevalue({"memcached": "memcached_kv", "memcached+binary": "binary_kv",
+                                    "redis": "redis_kv"}[request.param])

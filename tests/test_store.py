@@ -6,7 +6,7 @@ import pytest
 
 from emnist.store import CorruptValue, MissingState, ParameterStore, StoreError, codec, open_kv
 from emnist.store.keys import key_for
-from tests.conftest import MEMCACHED_URL, REDIS_URL
+from tests.conftest import BINARY_URL, MEMCACHED_URL, REDIS_URL
 
 DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "uint16",
           "uint32", "uint64", "bool"]
@@ -144,7 +144,7 @@ def _concurrent_pushes(url, run_id, mode, workers=4, pushes=50):
     return out, pushes * sum(range(1, workers + 1))
 
 
-@pytest.mark.parametrize("url", [MEMCACHED_URL, REDIS_URL])
+@pytest.mark.parametrize("url", [MEMCACHED_URL, BINARY_URL, REDIS_URL])
 def test_concurrent_atomic_pushes_lose_nothing(url, run_id, redis_kv):
     out, expected = _concurrent_pushes(url, run_id, "atomic")
     assert np.all(out == expected)
@@ -156,11 +156,18 @@ def test_overwrite_mode_can_lose_updates(run_id):
     assert out.min() < expected
 
 
-def test_unknown_scheme_and_binary_protocol_errors():
+def test_unknown_scheme_is_refused():
     with pytest.raises(StoreError, match="unknown store URL scheme"):
         open_kv("ftp://x")
-    with pytest.raises(StoreError, match="memcached://"):
-        open_kv("memcached+binary://127.0.0.1:11211")
+
+
+def test_binary_protocol_without_pylibmc_names_the_extra():
+    code = ("import sys; sys.modules['pylibmc'] = None\n"
+            "from emnist.store import open_kv, StoreError\n"
+            "try:\n    open_kv('memcached+binary://127.0.0.1:11211')\n"
+            "except StoreError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'emnist[binary]'" in out.stdout
 
 
 def test_unreachable_memcached_is_a_store_error():

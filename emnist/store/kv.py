@@ -53,7 +53,8 @@ def options(url: str) -> dict[str, str]:
 
 
 def open_kv(url: str) -> KV:
-    """``memcached://h:p[,h:p...]`` or ``redis://[:password@]h:p/db``; options as a query."""
+    """``memcached://h:p[,h:p...]``, ``memcached+binary://...`` (pylibmc) or
+    ``redis://[:password@]h:p/db``; options (ttl, timeout, password_file) as a query."""
     scheme = urlsplit(url).scheme
     if scheme == "memcached":
         from emnist.store.memcached import MemcachedKV
@@ -62,6 +63,7 @@ def open_kv(url: str) -> KV:
         from emnist.store.redis_kv import RedisKV
         return RedisKV(url)
     if scheme == "memcached+binary":
-        raise StoreError("memcached+binary:// (pylibmc) is not available yet: use memcached://")
+        from emnist.store.binary_kv import BinaryMemcachedKV
+        return BinaryMemcachedKV(url)
     raise StoreError(f"unknown store URL scheme {scheme!r} in {redact(url)!r}: "
                      "use memcached://host:port[,host:port] or redis://[:password@]host:port/db")

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
+from pymemcache.exceptions import MemcacheError
 
 from emnist.store.kv import StoreError, Updater, options
 
@@ -42,8 +43,9 @@ class MemcachedKV:
     def _call(self, op, *args, **kw):
         try:
             return op(*args, **kw)
-        except (OSError, ConnectionError) as e:
-            raise StoreError(f"memcached at {self.url} unreachable: {e}") from None
+        except (OSError, MemcacheError) as e:
+            self.client.close()  # reconnect on the next call rather than reuse a broken socket
+            raise StoreError(f"memcached at {self.url} unreachable: {e!r}") from None
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         return self._call(self.client.get_many, keys)

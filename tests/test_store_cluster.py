@@ -1,0 +1,84 @@
+"""Several memcached servers: chunks spread by consistent hashing, and a restarted server's
+chunks are reported missing, never read as zeros."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from emnist.store import MissingState, ParameterStore, StoreError, open_kv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(port: int) -> subprocess.Popen:
+    args = [shutil.which("memcached"), "-l", "127.0.0.1", "-p", str(port), "-m", "64"]
+    proc = subprocess.Popen(args + (["-u", "root"] if _is_root() else []))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            assert time.monotonic() < deadline, f"memcached on {port} did not start"
+            time.sleep(0.02)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@pytest.fixture
+def servers():
+    ports = [_free_port() for _ in range(3)]
+    procs = {p: _start(p) for p in ports}
+    yield ports, procs
+    for proc in procs.values():
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("scheme", ["memcached", "memcached+binary"])
+def test_chunks_spread_and_restart_is_reported(servers, scheme):
+    ports, procs = servers
+    url = f"{scheme}://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    kv = open_kv(url)
+    params = np.random.default_rng(0).random(60_000).astype(np.float32)
+    ps = ParameterStore(kv, "cluster", chunk_bytes=4096)  # 59 chunks
+    ps.init(params)
+    # every server holds some chunks, and together they hold all of them exactly once
+    held = {p: set(open_kv(f"memcached://127.0.0.1:{p}").get_many(ps.keys)) for p in ports}
+    assert all(len(h) >= 5 for h in held.values()), {p: len(h) for p, h in held.items()}
+    assert sum(len(h) for h in held.values()) == len(ps.keys)
+    assert set().union(*held.values()) == set(ps.keys)
+    out = np.empty_like(params)
+    ps.fetch(out)
+    assert np.array_equal(out, params)
+
+    victim = ports[1]
+    procs[victim].terminate()
+    procs[victim].wait(10)
+    procs[victim] = _start(victim)  # back, empty
+    with pytest.raises(MissingState) as e:
+        deadline = time.monotonic() + 5
+        while True:  # a client may first report the broken connection, then reconnect
+            try:
+                ps.fetch(out)
+            except MissingState:
+                raise
+            except StoreError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    assert f"{len(held[victim])} of {len(ps.keys)} parameter chunks missing" in str(e.value)
+    with pytest.raises(MissingState):
+        ps.push(np.ones_like(params))
