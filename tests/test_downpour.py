@@ -125,3 +125,34 @@ def test_target_accuracy_stops_and_signals(memcached_kv, run_id):
     assert res.reached and res.accuracy >= 0.9 and res.iterations < 30
     assert store.get_doc("stop")["worker_id"] == 3
     assert [c[1] for c in res.curve] == list(range(1, res.iterations + 1))
+
+
+@pytest.mark.parametrize("threshold, top_k, overlap", [(0.0, 1, False), (0.0, 2, True),
+                                                        (1e-3, 0, False), (1e9, 0, False)])
+def test_sparse_pushes_never_lose_the_skipped_delta(memcached_kv, run_id, threshold, top_k,
+                                                    overlap):
+    """Pushing only some chunks: the rest stays pending, so one worker is still plain SGD."""
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
+                      target_accuracy=1.0, n_fetch=4, n_push=4, push_threshold=threshold,
+                      push_top_k=top_k, overlap=overlap)
+    store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)  # 7 chunks
+    store.init(init_params(SHAPE, cfg.seed))
+    res = run_worker(cfg, store, DATA.train_x, DATA.train_y, DATA.test_x, NOISE_Y, SHAPE,
+                     worker_id=0, hostname="test")
+    final = np.empty(SHAPE.num_params, dtype=np.float32)
+    store.fetch(final)
+    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), atol=2e-5)
+    if threshold > 1:  # nothing qualifies mid-pass: only the end-of-pass flushes push
+        assert res.pushes == 2 and res.bytes_pushed == 2 * SHAPE.num_params * 4
+    else:  # some chunks were held back at some pushes, and went later
+        assert res.bytes_skipped > 0
+        assert res.bytes_pushed < res.pushes * SHAPE.num_params * 4
+
+
+def test_sparse_push_keeps_unsent_chunks_in_store_untouched(memcached_kv, run_id):
+    ps = ParameterStore(memcached_kv, run_id, chunk_bytes=16)  # 4 floats per chunk
+    ps.init(np.zeros(12, dtype=np.float32))
+    out = np.empty(12, dtype=np.float32)
+    stats = ps.push(np.arange(12, dtype=np.float32), chunks=[2], out=out)
+    assert stats.bytes_sent == 16 and stats.bytes_skipped == 32
+    assert np.array_equal(out, np.r_[np.zeros(8), np.arange(8, 12)].astype(np.float32))

@@ -56,7 +56,11 @@ class BinaryMemcachedKV:
     def add(self, key: str, value: bytes) -> bool:
         return bool(self._call(self.client.add, key, value, time=self.ttl))
 
-    def update_many(self, keys: Iterable[str], fn: Updater) -> int:
+    def update_many(self, keys: Iterable[str], fn: Updater,
+                    read: Iterable[str] = ()) -> tuple[int, dict[str, bytes]]:
+        """gets + cas per key (pylibmc has no multi-gets); ``read`` in one get_multi."""
+        read = list(read)
+        first = self._call(self.client.get_multi, read) if read else {}
         retries = 0
         for key in keys:
             while True:
@@ -71,7 +75,7 @@ class BinaryMemcachedKV:
                 retries += 1
                 if retries > MAX_RETRIES:
                     raise StoreError(f"gave up after {retries} cas conflicts on {key}")
-        return retries
+        return retries, first
 
     def delete_many(self, keys: Iterable[str]) -> None:
         self._call(self.client.delete_multi, list(keys))

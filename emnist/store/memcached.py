@@ -58,11 +58,15 @@ class MemcachedKV:
     def add(self, key: str, value: bytes) -> bool:
         return bool(self._call(self.client.add, key, value, expire=self.ttl, noreply=False))
 
-    def update_many(self, keys: Iterable[str], fn: Updater) -> int:
+    def update_many(self, keys: Iterable[str], fn: Updater,
+                    read: Iterable[str] = ()) -> tuple[int, dict[str, bytes]]:
         """gets + cas per key, retrying only the keys another writer changed meanwhile."""
-        pending, retries = list(keys), 0
+        pending, retries, extra = list(keys), 0, list(read)
+        first: dict[str, bytes] = {}
         while pending:
-            got = self._call(self.client.gets_many, pending)
+            got = self._call(self.client.gets_many, pending + extra)
+            first = {k: got[k][0] for k in extra if k in got} if extra else first
+            extra = []
             again = []
             for key in pending:
                 value, token = got.get(key, (None, None))
@@ -77,7 +81,7 @@ class MemcachedKV:
             if retries > MAX_RETRIES:
                 raise StoreError(f"gave up after {retries} cas conflicts on {again[:3]}")
             pending = again
-        return retries
+        return retries, first
 
     def delete_many(self, keys: Iterable[str]) -> None:
         self._call(self.client.delete_many, list(keys), noreply=False)

@@ -10,6 +10,7 @@ only to show what it loses.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ class MissingState(StoreError):
 @dataclass
 class PushStats:
     bytes_sent: int = 0
+    bytes_skipped: int = 0  # delta bytes of chunks a sparse push left with the caller
     retries: int = 0
     clock: int = 0  # smallest chunk clock after the push
 
@@ -99,24 +101,37 @@ class ParameterStore:
         if missing:
             raise MissingState(f"{len(missing)} of {len(self.keys)} parameter chunks missing "
                                f"from {self.kv.url} (first: {missing[0]})")
+        clock = self._read_into(out, range(len(self.keys)), got)
+        extra = {n: codec.decode_doc(k, got[k]) for n, k in zip(docs, doc_keys) if k in got}
+        return clock, extra
+
+    def _read_into(self, out: np.ndarray, chunks: Iterable[int], got: dict[str, bytes]) -> int:
+        """Check and copy chunks into ``out`` (their one copy); the smallest clock."""
         clock = None
-        for k, (a, b) in zip(self.keys, self.bounds):
-            d = codec.decode(k, got[k], dtype=np.float32, shape=(b - a,))
+        for i in chunks:
+            (a, b), k = self.bounds[i], self.keys[i]
+            d = codec.decode(k, got.get(k), dtype=np.float32, shape=(b - a,))
             out[a:b] = d.array
             clock = d.clock if clock is None else min(clock, d.clock)
-        extra = {n: codec.decode_doc(k, got[k]) for n, k in zip(docs, doc_keys) if k in got}
-        return int(clock or 0), extra
+        return int(clock or 0)
 
-    def push(self, delta: np.ndarray, mode: str = "atomic",
-             out: np.ndarray | None = None) -> PushStats:
+    def push(self, delta: np.ndarray, mode: str = "atomic", out: np.ndarray | None = None,
+             chunks: Iterable[int] | None = None) -> PushStats:
         """global += delta, chunk by chunk; concurrent pushes are all kept in atomic mode.
 
-        With ``out``, the new global vector is written there as it is computed: a push that
-        doubles as a fetch, with no second round trip and no extra copy.
+        ``chunks``: push only these chunk indices (a sparse push); the caller keeps the rest
+        of its delta. With ``out``, the new global vector is written there as it is
+        computed (the other chunks are read in the same round trip): a push that doubles as a
+        fetch, with no second round trip and no extra copy.
         """
         if mode not in MODES:
             raise ValueError(f"update mode must be one of {MODES}, got {mode!r}")
+        chosen = range(len(self.keys)) if chunks is None else sorted(set(chunks))
+        keys = [self.keys[i] for i in chosen]
+        others = [i for i in range(len(self.keys)) if i not in set(chosen)]
         stats = PushStats()
+        stats.bytes_sent = 4 * sum(self.bounds[i][1] - self.bounds[i][0] for i in chosen)
+        stats.bytes_skipped = 4 * self.num_params - stats.bytes_sent
         index = dict(zip(self.keys, self.bounds))
         clocks: dict[str, int] = {}
 
@@ -126,16 +141,24 @@ class ParameterStore:
             a, b = index[key]
             d = codec.decode(key, old, dtype=np.float32, shape=(b - a,))
             new = np.add(d.array, delta[a:b], out=None if out is None else out[a:b])
-            stats.bytes_sent += new.nbytes
             clocks[key] = d.clock + 1
             return codec.encode(new, d.clock + 1)
 
+        read = [self.keys[i] for i in others] if out is not None else []
         if mode == "atomic":
-            stats.retries = self.kv.update_many(self.keys, add)
+            stats.retries, got = self.kv.update_many(keys, add, read=read)
         else:
-            got = self.kv.get_many(self.keys)
-            self.kv.set_many({k: add(k, got.get(k)) for k in self.keys})
-        stats.clock = min(clocks.values())
+            got = self.kv.get_many(keys + read)
+            self.kv.set_many({k: add(k, got.get(k)) for k in keys})
+        clock = min(clocks.values(), default=None)
+        if read:
+            missing = [k for k in read if k not in got]
+            if missing:
+                raise MissingState(f"{len(missing)} of {len(self.keys)} parameter chunks "
+                                   f"missing from {self.kv.url} (first: {missing[0]})")
+            c = self._read_into(out, others, got)
+            clock = c if clock is None else min(clock, c)
+        stats.clock = int(clock or 0)
         return stats
 
     def delete(self, doc_names: list[str]) -> None:

@@ -41,20 +41,22 @@ class RedisKV:
     def add(self, key: str, value: bytes) -> bool:
         return bool(self._call(self.r.set, key, value, nx=True, ex=self.ttl))
 
-    def update_many(self, keys: Iterable[str], fn: Updater) -> int:
+    def update_many(self, keys: Iterable[str], fn: Updater,
+                    read: Iterable[str] = ()) -> tuple[int, dict[str, bytes]]:
         """One transaction for all keys: retried whole when any watched key changed."""
-        keys, retries = list(keys), 0
+        keys, read, retries = list(keys), list(read), 0
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(*keys)
-                    old = pipe.mget(keys)
+                    values = pipe.mget(keys + read)
+                    old, others = values[:len(keys)], values[len(keys):]
                     new = [fn(k, v) for k, v in zip(keys, old, strict=True)]
                     pipe.multi()
                     for k, v in zip(keys, new, strict=True):
                         pipe.set(k, v, ex=self.ttl)
                     pipe.execute()
-                    return retries
+                    return retries, {k: v for k, v in zip(read, others) if v is not None}
                 except redis.WatchError:
                     retries += 1
                     if retries > MAX_RETRIES:

@@ -50,6 +50,8 @@ class TrainConfig:
     algorithm: str = "downpour"
     update: str = "atomic"
     overlap: bool = False  # exchange on a thread while the next minibatches compute
+    push_threshold: float = 0.0  # sparse pushes: send a chunk once its delta's RMS reaches this
+    push_top_k: int = 0  # sparse pushes: send at most the k chunks of largest delta (0: all)
     chunk_bytes: int = 256 * 1024
     seed: int = 0
 
@@ -67,8 +69,9 @@ class TrainConfig:
             raise ConfigError("dropout_percent", f"must be in [0, 1), got {self.dropout_percent}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError("target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
-        if self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        for name in ("seed", "push_threshold", "push_top_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.chunk_bytes % 4 or self.chunk_bytes > 900 * 1024:
             raise ConfigError("chunk_bytes", "must be a multiple of 4 and at most 921600 "
                               "(memcached's item limit is 1 MB)")

@@ -48,6 +48,7 @@ class WorkerResult:
     pushes: int = 0
     bytes_fetched: int = 0
     bytes_pushed: int = 0
+    bytes_skipped: int = 0  # delta bytes a sparse push kept back (pushed later)
     push_retries: int = 0
     curve: list[list[float]] = field(default_factory=list)  # [seconds, iteration, accuracy]
 
@@ -76,6 +77,7 @@ class Exchange:
     def __init__(self, store: ParameterStore, cfg: TrainConfig, res: WorkerResult,
                  num_params: int, overlap: bool) -> None:
         self.store, self.mode, self.res = store, cfg.update, res
+        self.threshold, self.top_k = cfg.push_threshold, cfg.push_top_k
         self.pending = np.zeros(num_params, dtype=np.float32)
         self._spare = np.zeros(num_params, dtype=np.float32)
         self._fresh = np.empty(num_params, dtype=np.float32)
@@ -84,12 +86,36 @@ class Exchange:
         self._count = 0
         self.stop: dict[str, Any] | None = None
 
-    def _run(self, push: np.ndarray | None, fetch: bool, check_stop: bool) -> None:
+    def _select(self) -> list[int] | None:
+        """Sparse pushes: the chunks worth sending now (None: all of them)."""
+        if not (self.threshold or self.top_k):
+            return None
+        p = self.pending
+        rms = [float(np.sqrt(np.dot(p[a:b], p[a:b]) / (b - a))) for a, b in self.store.bounds]
+        chosen = [i for i, r in enumerate(rms) if r >= self.threshold]
+        if self.top_k:
+            chosen = sorted(chosen, key=lambda i: -rms[i])[: self.top_k]
+        return chosen
+
+    def _hand_over(self, chunks: list[int] | None) -> np.ndarray:
+        """Swap the pending buffer out for sending; chunks not sent stay pending."""
+        sent, self.pending, self._spare = self.pending, self._spare, self.pending
+        self.pending[:] = 0.0
+        if chunks is not None:
+            for i in set(range(len(self.store.bounds))) - set(chunks):
+                a, b = self.store.bounds[i]
+                self.pending[a:b] = sent[a:b]
+        return sent
+
+    def _run(self, push: np.ndarray | None, fetch: bool, check_stop: bool,
+             chunks: list[int] | None = None) -> None:
         nbytes = self._fresh.nbytes
         if push is not None:
-            stats = self.store.push(push, self.mode, out=self._fresh if fetch else None)
+            stats = self.store.push(push, self.mode, out=self._fresh if fetch else None,
+                                    chunks=chunks)
             self.res.pushes += 1
             self.res.bytes_pushed += stats.bytes_sent
+            self.res.bytes_skipped += stats.bytes_skipped
             self.res.push_retries += stats.retries
         elif fetch:
             self.store.fetch(self._fresh)
@@ -109,15 +135,18 @@ class Exchange:
 
     def start(self, params: np.ndarray, push: bool, fetch: bool) -> None:
         self.settle(params)
-        sent = None
+        sent, chunks = None, None
         if push:  # hand the accumulated update over and keep accumulating in the spare
-            sent, self.pending, self._spare = self.pending, self._spare, self.pending
-            self.pending[:] = 0.0
+            chunks = self._select()
+            if chunks is None or chunks:
+                sent = self._hand_over(chunks)
+        if sent is None and not fetch:
+            return
         self._count += 1
         check = self._count % STOP_CHECK_EVERY == 0
 
         def job() -> bool:
-            self._run(sent, fetch, check)
+            self._run(sent, fetch, check, chunks)
             return fetch
 
         if self._pool is None:
@@ -130,10 +159,7 @@ class Exchange:
     def flush(self, params: np.ndarray) -> None:
         """Settle, then push what is pending and fetch, synchronously (iteration end)."""
         self.settle(params)
-        sent = None
-        if self.pending.any():
-            sent, self.pending, self._spare = self.pending, self._spare, self.pending
-            self.pending[:] = 0.0
+        sent = self._hand_over(None) if self.pending.any() else None
         self._run(sent, True, True)
         params[:] = self._fresh
 
