@@ -64,6 +64,9 @@ def open_kv(url: str) -> KV:
     if scheme == "redis":
         from emnist.store.redis_kv import RedisKV
         return RedisKV(url)
+    if scheme == "local":
+        from emnist.store.local_kv import LocalKV
+        return LocalKV(url)
     if scheme == "memcached+binary":
         from emnist.store.binary_kv import BinaryMemcachedKV
         return BinaryMemcachedKV(url)

@@ -52,12 +52,14 @@ class TrainConfig:
     overlap: bool = False  # exchange on a thread while the next minibatches compute
     push_threshold: float = 0.0  # sparse pushes: send a chunk once its delta's RMS reaches this
     push_top_k: int = 0  # sparse pushes: send at most the k chunks of largest delta (0: all)
+    local_store_url: str = ""  # a node-local tier (memcached://... or local://) in front
+    sync_interval: float = 0.05  # seconds between the tier's background syncs
     chunk_bytes: int = 256 * 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive = ("alpha", "iterations", "hidden_size", "pixels_per_image", "batch_size",
-                    "n_fetch", "n_push", "chunk_bytes")
+                    "n_fetch", "n_push", "chunk_bytes", "sync_interval")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
@@ -85,8 +87,11 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; "
                               f"known: {', '.join(DATASETS)}")
-        if not self.store_url.startswith(("memcached://", "memcached+binary://", "redis://")):
-            raise ConfigError("store_url", "must start with memcached:// or redis://")
+        schemes = ("memcached://", "memcached+binary://", "redis://")
+        if not self.store_url.startswith(schemes):
+            raise ConfigError("store_url", f"must start with one of {', '.join(schemes)}")
+        if self.local_store_url and not self.local_store_url.startswith((*schemes, "local://")):
+            raise ConfigError("local_store_url", "must be a store URL or local://")
 
     @property
     def shard_location(self) -> str:

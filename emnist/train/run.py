@@ -14,7 +14,8 @@ from typing import Any
 
 from emnist.data import open_shard, open_test, prepare_shards
 from emnist.model import MLPShape, init_params
-from emnist.store import KV, MissingState, ParameterStore
+from emnist.store import KV, MissingState, ParameterStore, open_kv
+from emnist.store.tiered import TieredStore
 from emnist.train.config import ConfigError, TrainConfig
 from emnist.train.downpour import WorkerResult, run_worker
 
@@ -86,11 +87,21 @@ def train_worker(kv: KV, run_id: str, worker_id: int,
     def report(progress: dict[str, Any]) -> None:
         store.put_doc(f"progress:{worker_id}", {**progress, "heartbeat": time.time()})
 
-    res = run_worker(cfg, store, shard.x, shard.y, test_x, test_y, shape,
-                     worker_id=worker_id, hostname=hostname, report=report)
+    tier = None
+    if cfg.local_store_url:
+        tier = TieredStore(kv, open_kv(cfg.local_store_url), run_id, cfg.sync_interval)
+        tier.attach()
+    try:
+        res = run_worker(cfg, tier or store, shard.x, shard.y, test_x, test_y, shape,
+                         worker_id=worker_id, hostname=hostname, report=report)
+    finally:
+        if tier is not None:
+            tier.close()  # flushes what the node has not synchronised yet
     finished = time.time()
     out = {**res.to_dict(), "run_id": run_id, "finished": finished,
            "since_setup": finished - state["started"]}
+    if tier is not None:
+        out.update(tier_syncs=tier.syncs, tier_bytes_synced=tier.bytes_synced)
     store.put_docs({f"result:{worker_id}": out,
                     f"progress:{worker_id}": {"worker_id": worker_id, "done": True,
                                               "iteration": res.iterations,
