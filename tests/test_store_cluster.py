@@ -82,3 +82,33 @@ def test_chunks_spread_and_restart_is_reported(servers, scheme):
     assert f"{len(held[victim])} of {len(ps.keys)} parameter chunks missing" in str(e.value)
     with pytest.raises(MissingState):
         ps.push(np.ones_like(params))
+
+
+def test_redis_password_from_an_openfaas_secret_file(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port",
+                             str(port), "--requirepass", "s3cret", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        secret = tmp_path / "redis-password"
+        secret.write_text("s3cret\n")
+        kv = open_kv(f"redis://127.0.0.1:{port}/0?password_file={secret}")
+        kv.set_many({"k": b"v"})
+        assert kv.get_many(["k"]) == {"k": b"v"}
+        inline = open_kv(f"redis://:s3cret@127.0.0.1:{port}/0")
+        assert "s3cret" not in inline.url and inline.get_many(["k"]) == {"k": b"v"}
+        with pytest.raises(StoreError, match="(?i)auth"):
+            open_kv(f"redis://127.0.0.1:{port}/0").get_many(["k"])
+        with pytest.raises(StoreError, match="cannot read store password"):
+            open_kv(f"redis://127.0.0.1:{port}/0?password_file={tmp_path / 'missing'}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
