@@ -1,6 +1,7 @@
 """The Downpour loop against a real store: one worker must be plain SGD, exactly."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from emnist.data import load_dataset
 from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.store import ParameterStore, open_kv
 from emnist.train.config import TrainConfig
-from emnist.train.downpour import batch_order, run_worker
+from emnist.train.state import WorkerState
+from emnist.train.worker import pass_order, run_worker
 from tests.conftest import MEMCACHED_URL
 
 DATA = load_dataset("synthetic")
@@ -18,16 +20,36 @@ SHAPE = MLPShape(784, 16, DATA.num_classes)
 NOISE_Y = np.random.default_rng(9).integers(0, DATA.num_classes, len(DATA.test_y)).astype(np.uint8)
 
 
-def _plain_sgd(cfg: TrainConfig, iterations: int) -> np.ndarray:
-    params = init_params(SHAPE, cfg.seed)
-    model, rng = MLP(SHAPE, cfg.dropout_percent, seed=cfg.seed + 1), np.random.default_rng(
-        cfg.seed + 1)
-    for _ in range(iterations):
-        for at in batch_order(len(DATA.train_y), cfg.batch_size, rng):
-            _, g = model.loss_and_grad(params, to_float(DATA.train_x[at:at + cfg.batch_size]),
-                                       DATA.train_y[at:at + cfg.batch_size])
+def _steps(n: int, cfg: TrainConfig) -> int:
+    return n // cfg.batch_size
+
+
+def _sgd(cfg: TrainConfig, iterations: int, x, y, worker: int = 0, params=None) -> np.ndarray:
+    """Plain SGD visiting the minibatches a worker visits (same order, same dropout)."""
+    params = init_params(SHAPE, cfg.seed) if params is None else params.copy()
+    model = MLP(SHAPE, cfg.dropout_percent)
+    for it in range(1, iterations + 1):
+        model.rng = np.random.default_rng([cfg.seed, worker, it, 1])
+        for at in pass_order(cfg, worker, it, len(y), _steps(len(y), cfg)):
+            _, g = model.loss_and_grad(params, to_float(x[at:at + cfg.batch_size]),
+                                       y[at:at + cfg.batch_size])
             params -= np.float32(cfg.alpha) * g
     return params
+
+
+def _plain_sgd(cfg: TrainConfig, iterations: int) -> np.ndarray:
+    return _sgd(cfg, iterations, DATA.train_x, DATA.train_y)
+
+
+def run(cfg, store, x=None, y=None, test_y=None, worker_id=0, workers=1, saves=None):
+    """One worker from a fresh state, like train_worker does (no lease here)."""
+    x = DATA.train_x if x is None else x
+    y = DATA.train_y if y is None else y
+    st = WorkerState(worker_id, hostname=f"w{worker_id}")
+    return run_worker(cfg, store, (x, y, DATA.test_x, NOISE_Y if test_y is None else test_y),
+                      SHAPE, st, workers=workers, steps_per_pass=_steps(len(y), cfg),
+                      run_started=time.time(),
+                      save=(saves.append if saves is not None else lambda s: None))
 
 
 @pytest.mark.parametrize("n_fetch, n_push, overlap", [
@@ -39,8 +61,7 @@ def test_one_worker_downpour_is_plain_sgd(memcached_kv, run_id, n_fetch, n_push,
                       dropout_percent=0.2)
     store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
     store.init(init_params(SHAPE, cfg.seed))
-    res = run_worker(cfg, store, DATA.train_x, DATA.train_y, DATA.test_x, NOISE_Y, SHAPE,
-                     worker_id=0, hostname="test")
+    res = run(cfg, store)
     final = np.empty(SHAPE.num_params, dtype=np.float32)
     store.fetch(final)
     assert res.iterations == 2 and res.stop_reason == "iterations"
@@ -79,8 +100,7 @@ def test_two_concurrent_workers_lose_no_update(memcached_kv, run_id):
     def work(w: int) -> None:
         ps = StartTogether(open_kv(MEMCACHED_URL), run_id)
         ps.attach()
-        results[w] = run_worker(cfg, ps, *shards[w], DATA.test_x, NOISE_Y, SHAPE,
-                                worker_id=w, hostname=f"w{w}")
+        results[w] = run(cfg, ps, *shards[w], worker_id=w, workers=2)
 
     threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
     for t in threads:
@@ -91,13 +111,7 @@ def test_two_concurrent_workers_lose_no_update(memcached_kv, run_id):
     # without fetches each worker's trajectory is plain SGD from init on its own shard
     expected = init.copy()
     for w, (x, y) in enumerate(shards):
-        params = init.copy()
-        model = MLP(SHAPE, 0.0, seed=cfg.seed + 1 + w)
-        rng = np.random.default_rng(cfg.seed + 1 + w)
-        for at in batch_order(len(y), 50, rng):
-            _, g = model.loss_and_grad(params, to_float(x[at:at + 50]), y[at:at + 50])
-            params -= np.float32(0.1) * g
-        expected += params - init
+        expected += _sgd(cfg, 1, x, y, worker=w, params=init) - init
     final = np.empty_like(init)
     store.fetch(final)
     np.testing.assert_allclose(final, expected, atol=5e-5)
@@ -109,9 +123,8 @@ def test_stop_flag_from_another_worker_ends_the_loop(memcached_kv, run_id):
     store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
     store.init(init_params(SHAPE, 0))
     store.put_doc("stop", {"worker_id": 7, "reason": "target"})
-    res = run_worker(cfg, store, DATA.train_x, DATA.train_y, DATA.test_x, DATA.test_y, SHAPE,
-                     worker_id=0, hostname="t")
-    assert res.iterations == 1 and res.stop_reason == "stopped by worker 7 (target)"
+    res = run(cfg, store, test_y=DATA.test_y)
+    assert res.iterations == 0 and res.stop_reason == "stopped by worker 7 (target)"
     assert res.samples < len(DATA.train_y)
 
 
@@ -120,8 +133,7 @@ def test_target_accuracy_stops_and_signals(memcached_kv, run_id):
                       target_accuracy=0.9)
     store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
     store.init(init_params(SHAPE, 0))
-    res = run_worker(cfg, store, DATA.train_x, DATA.train_y, DATA.test_x, DATA.test_y, SHAPE,
-                     worker_id=3, hostname="t")
+    res = run(cfg, store, test_y=DATA.test_y, worker_id=3, workers=4)
     assert res.reached and res.accuracy >= 0.9 and res.iterations < 30
     assert store.get_doc("stop")["worker_id"] == 3
     assert [c[1] for c in res.curve] == list(range(1, res.iterations + 1))
@@ -137,8 +149,7 @@ def test_sparse_pushes_never_lose_the_skipped_delta(memcached_kv, run_id, thresh
                       push_top_k=top_k, overlap=overlap)
     store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)  # 7 chunks
     store.init(init_params(SHAPE, cfg.seed))
-    res = run_worker(cfg, store, DATA.train_x, DATA.train_y, DATA.test_x, NOISE_Y, SHAPE,
-                     worker_id=0, hostname="test")
+    res = run(cfg, store)
     final = np.empty(SHAPE.num_params, dtype=np.float32)
     store.fetch(final)
     np.testing.assert_allclose(final, _plain_sgd(cfg, 2), atol=2e-5)
@@ -156,3 +167,88 @@ def test_sparse_push_keeps_unsent_chunks_in_store_untouched(memcached_kv, run_id
     stats = ps.push(np.arange(12, dtype=np.float32), chunks=[2], out=out)
     assert stats.bytes_sent == 16 and stats.bytes_skipped == 32
     assert np.array_equal(out, np.r_[np.zeros(8), np.arange(8, 12)].astype(np.float32))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_worker_resumes_mid_pass_exactly(memcached_kv, run_id):
+    """Stop a worker at its third mid-pass save, resume from that saved state: the result is
+    the uninterrupted one (no minibatch repeated or skipped)."""
+    cfg = TrainConfig(dataset="synthetic", batch_size=20, alpha=0.1, iterations=2,
+                      target_accuracy=1.0, n_fetch=1, n_push=1)
+    store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
+    store.init(init_params(SHAPE, cfg.seed))
+    saved = []
+
+    def save(st):
+        if st.offset == 0:
+            return
+        saved.append(WorkerState.from_dict(st.to_dict()))
+        if len(saved) == 3:
+            raise Killed
+
+    import emnist.train.worker as worker_mod
+
+    old = worker_mod.SAVE_SECONDS
+    worker_mod.SAVE_SECONDS = 0.0  # save after every minibatch
+    try:
+        st = WorkerState(0)
+        steps = _steps(len(DATA.train_y), cfg)
+        with pytest.raises(Killed):
+            run_worker(cfg, store, (DATA.train_x, DATA.train_y, DATA.test_x, NOISE_Y), SHAPE, st,
+                       workers=1, steps_per_pass=steps, run_started=time.time(), save=save)
+        resumed = saved[-1]
+        assert resumed.iteration == 0 and resumed.offset == 3
+        run_worker(cfg, store, (DATA.train_x, DATA.train_y, DATA.test_x, NOISE_Y), SHAPE,
+                   resumed, workers=1, steps_per_pass=steps, run_started=time.time(),
+                   save=lambda s: None)
+    finally:
+        worker_mod.SAVE_SECONDS = old
+    final = np.empty(SHAPE.num_params, dtype=np.float32)
+    store.fetch(final)
+    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), atol=2e-5)
+    assert resumed.iteration == 2 and resumed.step == 2 * steps
+
+
+def test_averaging_workers_hold_identical_parameters(memcached_kv, run_id):
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
+                      target_accuracy=1.0, algorithm="averaging", average_every=5)
+    store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
+    store.init(init_params(SHAPE, 0))
+    half = len(DATA.train_y) // 2
+    shards = [(DATA.train_x[:half], DATA.train_y[:half]), (DATA.train_x[half:],
+                                                            DATA.train_y[half:])]
+    seen: dict[int, list] = {0: [], 1: []}
+
+    def work(w: int) -> None:
+        ps = ParameterStore(open_kv(MEMCACHED_URL), run_id)
+        ps.attach()
+        run(cfg, ps, *shards[w], worker_id=w, workers=2, saves=seen[w])
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = seen[0][-1], seen[1][-1]
+    assert a.averages == b.averages == 2 * (half // 50) // 5
+    assert a.barrier_timeouts == b.barrier_timeouts == []
+    # after the last round both evaluated the very same parameters
+    assert a.accuracy == b.accuracy and a.val_loss == b.val_loss
+
+
+def test_averaging_barrier_with_a_dead_worker_times_out_and_proceeds(memcached_kv, run_id):
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
+                      target_accuracy=1.0, algorithm="averaging", average_every=10,
+                      barrier_timeout=0.3)
+    store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
+    store.init(init_params(SHAPE, 0))
+    t0 = time.monotonic()
+    res = run(cfg, store, worker_id=0, workers=2)  # worker 1 never comes
+    took = time.monotonic() - t0
+    assert res.iteration == 1 and res.averages == len(DATA.train_y) // 50 // 10
+    # one timeout, on the first round; later rounds do not wait for the dead worker again
+    assert res.barrier_timeouts == [{"round": 1, "missing": [1], "after_s": 0.3}]
+    assert took < 0.3 * 3

@@ -11,9 +11,8 @@ from emnist.model import init_params
 from emnist.store import ParameterStore, open_kv
 from emnist.store.tiered import TieredStore
 from emnist.train.config import TrainConfig
-from emnist.train.downpour import run_worker
 from tests.conftest import MEMCACHED_URL, REDIS_URL
-from tests.test_downpour import DATA, NOISE_Y, SHAPE, _plain_sgd
+from tests.test_downpour import SHAPE, _plain_sgd, run
 
 
 def _global(kv, run_id, n=5000):
@@ -88,8 +87,7 @@ def test_downpour_through_the_tier_is_still_plain_sgd(memcached_kv, run_id, loca
     ParameterStore(memcached_kv, run_id, chunk_bytes=8192).init(init_params(SHAPE, 0))
     tier = TieredStore(open_kv(MEMCACHED_URL), open_kv(local_url), run_id, cfg.sync_interval)
     tier.attach()
-    run_worker(cfg, tier, DATA.train_x, DATA.train_y, DATA.test_x, NOISE_Y, SHAPE,
-               worker_id=0, hostname="t")
+    run(cfg, tier)
     tier.close()
     final = np.empty(SHAPE.num_params, dtype=np.float32)
     ps = ParameterStore(memcached_kv, run_id)

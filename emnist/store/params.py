@@ -81,6 +81,11 @@ class ParameterStore:
         values[self.key("layout")] = codec.encode_doc(layout)
         self.kv.set_many(values)
 
+    def put(self, params: np.ndarray) -> None:
+        """Overwrite the vector: for algorithms with one writer per round (averaging)."""
+        self.kv.set_many({k: codec.encode(params[a:b]) for k, (a, b) in zip(self.keys,
+                                                                            self.bounds)})
+
     def attach(self) -> dict[str, Any]:
         """Read the layout written by ``init`` (a worker joining the run)."""
         layout = self.get_doc("layout")

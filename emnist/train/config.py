@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-EXECUTION_TYPES = (3,)  # 1 and 2 arrive with the execution-types issue
-ALGORITHMS = ("downpour",)
+EXECUTION_TYPES = (1, 2, 3)  # 1: one function does all; 2: one call per pass; 3: setup + loops
+ALGORITHMS = ("downpour", "averaging")
 UPDATE_MODES = ("atomic", "overwrite")
 
 
@@ -54,12 +54,21 @@ class TrainConfig:
     push_top_k: int = 0  # sparse pushes: send at most the k chunks of largest delta (0: all)
     local_store_url: str = ""  # a node-local tier (memcached://... or local://) in front
     sync_interval: float = 0.05  # seconds between the tier's background syncs
+    average_every: int = 10  # averaging: minibatches between rounds
+    barrier_timeout: float = 30.0  # averaging: seconds to wait for the others at a round
+    max_seconds: float = 0.0  # wall-clock limit since setup (0: none)
+    patience: int = 0  # early stopping: passes without a better validation loss (0: off)
+    min_delta: float = 0.0  # early stopping: what counts as better
+    lease_seconds: float = 10.0  # a worker whose heartbeat is older is taken over
+    checkpoint_url: str = ""  # a directory, file:///dir or redis://... ("" : none)
+    checkpoint_every: int = 1  # passes between checkpoints
     chunk_bytes: int = 256 * 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive = ("alpha", "iterations", "hidden_size", "pixels_per_image", "batch_size",
-                    "n_fetch", "n_push", "chunk_bytes", "sync_interval")
+                    "n_fetch", "n_push", "chunk_bytes", "sync_interval", "average_every",
+                    "barrier_timeout", "lease_seconds", "checkpoint_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
@@ -71,7 +80,8 @@ class TrainConfig:
             raise ConfigError("dropout_percent", f"must be in [0, 1), got {self.dropout_percent}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError("target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
-        for name in ("seed", "push_threshold", "push_top_k"):
+        for name in ("seed", "push_threshold", "push_top_k", "max_seconds", "patience",
+                     "min_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.chunk_bytes % 4 or self.chunk_bytes > 900 * 1024:

@@ -16,49 +16,16 @@ stores across a real network, where an exchange mostly waits.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from emnist.model import MLP, MLPShape, to_float
 from emnist.store import ParameterStore
 from emnist.train.config import TrainConfig
+from emnist.train.state import WorkerState
 
-Report = Callable[[dict[str, Any]], None]
 STOP_CHECK_EVERY = 5  # exchanges between reads of the run's stop flag
-
-
-@dataclass
-class WorkerResult:
-    worker_id: int
-    iterations: int
-    seconds: float
-    hostname: str
-    accuracy: float
-    reached: bool
-    stop_reason: str
-    samples: int = 0
-    train_seconds: float = 0.0  # time inside the minibatch loop (compute + fetch + push)
-    samples_per_s: float = 0.0
-    fetches: int = 0
-    pushes: int = 0
-    bytes_fetched: int = 0
-    bytes_pushed: int = 0
-    bytes_skipped: int = 0  # delta bytes a sparse push kept back (pushed later)
-    push_retries: int = 0
-    curve: list[list[float]] = field(default_factory=list)  # [seconds, iteration, accuracy]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary_line(self) -> str:
-        """The original's result line; existing log greps depend on its exact shape."""
-        return (f"Worker ID: {self.worker_id} Iterations: {self.iterations} "
-                f"Time: {self.seconds:.3f} Name: {self.hostname}")
 
 
 def batch_order(n: int, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -74,10 +41,11 @@ class Exchange:
     thread-safe is never used from two threads at once.
     """
 
-    def __init__(self, store: ParameterStore, cfg: TrainConfig, res: WorkerResult,
+    def __init__(self, store: ParameterStore, cfg: TrainConfig, res: WorkerState,
                  num_params: int, overlap: bool) -> None:
         self.store, self.mode, self.res = store, cfg.update, res
         self.threshold, self.top_k = cfg.push_threshold, cfg.push_top_k
+        self.n_push, self.n_fetch = cfg.n_push, cfg.n_fetch
         self.pending = np.zeros(num_params, dtype=np.float32)
         self._spare = np.zeros(num_params, dtype=np.float32)
         self._fresh = np.empty(num_params, dtype=np.float32)
@@ -167,63 +135,20 @@ class Exchange:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
+    # -- the worker loop's interface ------------------------------------------------------
+    def record(self, update: np.ndarray) -> None:
+        self.pending += update
+
+    def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
+        push, fetch = step % self.n_push == 0, step % self.n_fetch == 0
+        if push or fetch:
+            self.start(params, push, fetch)
+
+    def end_iteration(self, params: np.ndarray) -> None:
+        self.flush(params)
+
 
 def _done(value: Any) -> Future:
     f: Future = Future()
     f.set_result(value)
     return f
-
-
-def run_worker(cfg: TrainConfig, store: ParameterStore, shard_x: np.ndarray, shard_y: np.ndarray,
-               test_x: np.ndarray, test_y: np.ndarray, shape: MLPShape, *, worker_id: int,
-               hostname: str, report: Report | None = None) -> WorkerResult:
-    """Train until the target accuracy, the iteration limit, or another worker's stop signal."""
-    start = time.perf_counter()
-    model = MLP(shape, cfg.dropout_percent, seed=cfg.seed + 1 + worker_id)
-    rng = np.random.default_rng(cfg.seed + 1 + worker_id)
-    res = WorkerResult(worker_id, 0, 0.0, hostname, 0.0, False, "iterations")
-    params = np.empty(shape.num_params, dtype=np.float32)
-    store.fetch(params)
-    res.fetches, res.bytes_fetched = 1, params.nbytes
-    ex = Exchange(store, cfg, res, shape.num_params, cfg.overlap)
-    alpha, step, bs = np.float32(cfg.alpha), 0, cfg.batch_size
-    try:
-        for iteration in range(1, cfg.iterations + 1):
-            t0 = time.perf_counter()
-            for at in batch_order(len(shard_y), bs, rng):
-                _, grad = model.loss_and_grad(params, to_float(shard_x[at:at + bs]),
-                                              shard_y[at:at + bs])
-                grad *= -alpha
-                params += grad
-                ex.pending += grad
-                step += 1
-                res.samples += bs
-                push, fetch = step % cfg.n_push == 0, step % cfg.n_fetch == 0
-                if push or fetch:
-                    ex.start(params, push, fetch)
-                if ex.stop:
-                    break
-            ex.flush(params)
-            res.train_seconds += time.perf_counter() - t0
-            res.iterations = iteration
-            res.accuracy = model.accuracy(params, test_x, test_y)
-            now = time.perf_counter() - start
-            res.curve.append([round(now, 4), iteration, res.accuracy])
-            if report:
-                report({"worker_id": worker_id, "iteration": iteration,
-                        "accuracy": res.accuracy, "seconds": now, "hostname": hostname,
-                        "done": False})
-            if res.accuracy >= cfg.target_accuracy:
-                res.reached, res.stop_reason = True, "target"
-                store.put_doc("stop", {"worker_id": worker_id, "iteration": iteration,
-                                       "accuracy": res.accuracy, "reason": "target"})
-                break
-            if ex.stop:
-                res.stop_reason = (f"stopped by worker {ex.stop.get('worker_id')} "
-                                   f"({ex.stop.get('reason')})")
-                break
-    finally:
-        ex.close()
-    res.seconds = time.perf_counter() - start
-    res.samples_per_s = res.samples / res.train_seconds if res.train_seconds else 0.0
-    return res

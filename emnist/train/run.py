@@ -1,8 +1,10 @@
-"""A run's life in the store: set it up once, then let each worker join it by run id.
+"""A run's life in the store: set it up once, let each worker join it by run id, resume it.
 
 Setup writes everything a worker needs (config, shard location, initial parameters) under the
 run id, so a train invocation carries only ``{run_id, worker_id}`` and every worker of a run
-trains with the same configuration, whatever its own environment says.
+trains with the same configuration, whatever its own environment says. Worker progress lives
+in the store too (``worker:{id}``), and checkpoints go to a durable place, so a killed worker
+or a restarted memcached costs at most what was not saved yet.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from emnist.data import open_shard, open_test, prepare_shards
 from emnist.model import MLPShape, init_params
 from emnist.store import KV, MissingState, ParameterStore, open_kv
 from emnist.store.tiered import TieredStore
+from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
-from emnist.train.downpour import WorkerResult, run_worker
+from emnist.train.state import Lease, WorkerState, state_key
+from emnist.train.worker import run_worker
+
+StartWorker = Callable[[dict[str, Any]], None]
 
 
 class UnknownRun(LookupError):
@@ -28,36 +36,93 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = None,
-              start_worker: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Prepare shards, write the run's state, then start one worker per shard."""
+def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, Any], MLPShape]:
+    """Prepare the shards and check the config against the data: the run document."""
     if workers < 1:
         raise ConfigError("number_of_workers", f"must be >= 1, got {workers}")
-    t0 = time.time()
     shard_dir = prepare_shards(cfg.dataset, cfg.dataset_dir, workers, cfg.shard_location,
                                cfg.seed)
-    num_classes = open_shard(shard_dir, 0).num_classes
+    shards = [open_shard(shard_dir, w) for w in range(workers)]
+    num_classes = shards[0].num_classes
     if cfg.num_labels is not None and cfg.num_labels != num_classes:
         raise ConfigError("num_labels", f"{cfg.num_labels} given but {cfg.dataset} has "
                           f"{num_classes} classes")
-    x0 = open_shard(shard_dir, 0).x
-    if x0.shape[1] != cfg.pixels_per_image:
+    if shards[0].x.shape[1] != cfg.pixels_per_image:
         raise ConfigError("pixels_per_image", f"{cfg.pixels_per_image} given but {cfg.dataset} "
-                          f"has {x0.shape[1]}")
+                          f"has {shards[0].x.shape[1]}")
     shape = MLPShape(cfg.pixels_per_image, cfg.hidden_size, num_classes)
+    # every worker does the same number of minibatches per pass: averaging rounds line up
+    steps = max(1, min(len(s.y) for s in shards) // cfg.batch_size)
+    return {"run_id": run_id, "config": cfg.to_dict(), "workers": workers,
+            "shard_dir": str(shard_dir), "num_classes": num_classes,
+            "num_params": shape.num_params, "steps_per_pass": steps,
+            "started": time.time()}, shape
+
+
+def _launch(state: dict[str, Any], start_worker: StartWorker | None, only: list[int]) -> None:
+    for w in only:
+        if start_worker:
+            start_worker({"run_id": state["run_id"], "worker_id": w,
+                          "store_url": state["config"]["store_url"]})
+
+
+def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = None,
+              start_worker: StartWorker | None = None) -> dict[str, Any]:
+    """Prepare shards, write the run's state, then start one worker per shard."""
     run_id = run_id or new_run_id()
+    state, shape = _describe(cfg, workers, run_id)
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
     if store.get_doc("run") is not None:
         raise ConfigError("run_id", f"run {run_id!r} already exists in {kv.url}")
-    state = {"run_id": run_id, "config": cfg.to_dict(), "workers": workers,
-             "shard_dir": str(shard_dir), "num_classes": num_classes,
-             "num_params": shape.num_params, "started": t0}
     store.init(init_params(shape, cfg.seed))
     store.put_doc("run", state)
-    for w in range(workers):
-        if start_worker:
-            start_worker({"run_id": run_id, "worker_id": w, "store_url": cfg.store_url})
+    _launch(state, start_worker, list(range(workers)))
     return state
+
+
+def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
+               timeout: float = 60) -> dict[str, Any]:
+    """Execution type 1: whichever worker arrives first initialises the run; the others
+    wait for it. Idempotent."""
+    store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
+    if kv.add(store.key("init-claim"), b"1"):
+        state, shape = _describe(cfg, workers, run_id)
+        store.init(init_params(shape, cfg.seed))
+        store.put_doc("run", state)
+        return state
+    deadline = time.monotonic() + timeout
+    while (state := store.get_doc("run")) is None:
+        if time.monotonic() > deadline:
+            raise MissingState(f"run {run_id} was claimed but not initialised in {timeout}s")
+        time.sleep(0.02)
+    return state
+
+
+def resume_run(kv: KV, run_id: str, checkpoint_url: str = "",
+               start_worker: StartWorker | None = None) -> dict[str, Any]:
+    """Relaunch a run's unfinished workers; if the store lost the run (a memcached restart),
+    restore it from its last checkpoint first."""
+    store = ParameterStore(kv, run_id)
+    state = store.get_doc("run")
+    restored = False
+    if state is None:
+        if not checkpoint_url:
+            raise UnknownRun(f"unknown run id {run_id!r}: not in {kv.url} and no "
+                             "checkpoint_url to restore it from")
+        try:
+            docs, params = Checkpoints(checkpoint_url).read(run_id)
+        except NoCheckpoint as e:
+            raise UnknownRun(f"unknown run id {run_id!r}: not in {kv.url}; {e}") from None
+        state = docs["run"]
+        store = ParameterStore(kv, run_id, chunk_bytes=state["config"]["chunk_bytes"])
+        store.init(params)
+        workers = {k: {**v, "lease": ""} for k, v in docs["workers"].items()}
+        store.put_docs({**workers, **docs.get("extra", {}), "run": state})
+        restored = True
+    results = store.get_docs([f"result:{w}" for w in range(state["workers"])])
+    todo = [w for w in range(state["workers"]) if f"result:{w}" not in results]
+    _launch(state, start_worker, todo)
+    return {**state, "resumed_workers": todo, "restored_from_checkpoint": restored}
 
 
 def load_run(kv: KV, run_id: str) -> tuple[ParameterStore, dict[str, Any]]:
@@ -69,45 +134,71 @@ def load_run(kv: KV, run_id: str) -> tuple[ParameterStore, dict[str, Any]]:
     return store, state
 
 
-def train_worker(kv: KV, run_id: str, worker_id: int,
-                 hostname: str) -> tuple[WorkerResult, dict[str, Any]]:
-    """One Downpour worker of a run; returns its result and the JSON record it stored."""
+def write_checkpoint(store: ParameterStore, state: dict[str, Any], url: str) -> None:
+    n = state["workers"]
+    names = [state_key(w) for w in range(n)] + [f"result:{w}" for w in range(n)]
+    names += ["stop", "avglatest"]
+    docs = store.get_docs(names)
+    params = np.empty(store.num_params, dtype=np.float32)
+    store.fetch(params)
+    workers = {k: v for k, v in docs.items() if k.startswith("worker:")}
+    extra = {k: v for k, v in docs.items() if not k.startswith("worker:")}
+    Checkpoints(url).write(store.run_id, {"run": state, "workers": workers, "extra": extra},
+                           params)
+
+
+def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
+                 next_pass: Callable[[], None] | None = None
+                 ) -> tuple[WorkerState, dict[str, Any]]:
+    """One worker of a run, resumed from its stored state; with execution type 2 it trains
+    one pass and calls ``next_pass`` to have the gateway start the next invocation."""
     store, state = load_run(kv, run_id)
     if not 0 <= worker_id < state["workers"]:
         raise ConfigError("worker_id", f"{worker_id} is outside run {run_id} "
                           f"(workers 0..{state['workers'] - 1})")
     cfg = TrainConfig(**state["config"])
-    shard = open_shard(state["shard_dir"], worker_id)
-    test_x, test_y = open_test(state["shard_dir"])
     shape = MLPShape(cfg.pixels_per_image, cfg.hidden_size, state["num_classes"])
     if shape.num_params != store.num_params:
         raise MissingState(f"run {run_id} stores {store.num_params} parameters, "
                            f"its config needs {shape.num_params}")
+    lease = Lease(store, worker_id, cfg.lease_seconds)
+    st = lease.acquire(hostname)
+    shard = open_shard(state["shard_dir"], worker_id)
+    data = (shard.x, shard.y, *open_test(state["shard_dir"]))
+    last_ckpt = [st.iteration]
 
-    def report(progress: dict[str, Any]) -> None:
-        store.put_doc(f"progress:{worker_id}", {**progress, "heartbeat": time.time()})
+    def save(s: WorkerState) -> None:
+        lease.save(s)
+        due = s.offset == 0 and s.iteration > last_ckpt[0] and \
+            s.iteration % cfg.checkpoint_every == 0
+        if cfg.checkpoint_url and due:
+            last_ckpt[0] = s.iteration
+            if kv.add(store.key("ckpt-claim", s.iteration), b"1"):  # one writer per pass
+                write_checkpoint(store, state, cfg.checkpoint_url)
 
     tier = None
     if cfg.local_store_url:
         tier = TieredStore(kv, open_kv(cfg.local_store_url), run_id, cfg.sync_interval)
         tier.attach()
     try:
-        res = run_worker(cfg, tier or store, shard.x, shard.y, test_x, test_y, shape,
-                         worker_id=worker_id, hostname=hostname, report=report)
+        if not st.done:
+            run_worker(cfg, tier or store, data, shape, st, workers=state["workers"],
+                       steps_per_pass=state["steps_per_pass"], run_started=state["started"],
+                       save=save, one_pass=cfg.execution_type == 2)
     finally:
         if tier is not None:
             tier.close()  # flushes what the node has not synchronised yet
+    lease.save(st, release=True)
     finished = time.time()
-    out = {**res.to_dict(), "run_id": run_id, "finished": finished,
-           "since_setup": finished - state["started"]}
+    record = {**st.result(), "run_id": run_id, "finished": finished,
+              "since_setup": finished - state["started"]}
     if tier is not None:
-        out.update(tier_syncs=tier.syncs, tier_bytes_synced=tier.bytes_synced)
-    store.put_docs({f"result:{worker_id}": out,
-                    f"progress:{worker_id}": {"worker_id": worker_id, "done": True,
-                                              "iteration": res.iterations,
-                                              "accuracy": res.accuracy, "hostname": hostname,
-                                              "heartbeat": time.time()}})
-    return res, out
+        record.update(tier_syncs=tier.syncs, tier_bytes_synced=tier.bytes_synced)
+    if st.done:
+        store.put_doc(f"result:{worker_id}", record)
+    elif next_pass is not None:
+        next_pass()
+    return st, record
 
 
 def run_status(kv: KV, run_id: str) -> dict[str, Any]:
@@ -117,10 +208,16 @@ def run_status(kv: KV, run_id: str) -> dict[str, Any]:
     if state is None:
         raise UnknownRun(f"unknown run id {run_id!r} (not in {kv.url})")
     n = state["workers"]
-    names = [f"progress:{w}" for w in range(n)] + [f"result:{w}" for w in range(n)] + ["stop"]
+    names = [state_key(w) for w in range(n)] + [f"result:{w}" for w in range(n)] + ["stop"]
     docs = store.get_docs(names)
+    progress = []
+    for w in range(n):
+        d = docs.get(state_key(w))
+        progress.append(None if d is None else {
+            k: d.get(k) for k in ("worker_id", "iteration", "offset", "accuracy", "hostname",
+                                  "heartbeat", "done", "stop_reason", "invocations")})
     results = [docs.get(f"result:{w}") for w in range(n)]
     return {"run_id": run_id, "workers": n, "config": state["config"],
-            "started": state["started"], "stop": docs.get("stop"),
-            "progress": [docs.get(f"progress:{w}") for w in range(n)],
-            "results": results, "done": all(r is not None for r in results)}
+            "started": state["started"], "stop": docs.get("stop"), "now": time.time(),
+            "progress": progress, "results": results,
+            "done": all(r is not None for r in results)}

@@ -1,7 +1,8 @@
 """emnist-setup: initialise a run in the parameter store and start one emnist-train per worker.
 
-POST a JSON object of config overrides (empty for the stack's defaults): 200 with the run id.
-GET ?run_id=ID: the run's progress and results (what `emnist train` polls).
+POST a JSON object of config overrides (empty for the stack's defaults): 200 with the run
+document. POST {"resume": RUN_ID}: relaunch the run's unfinished workers, restoring the run
+from its checkpoint first if the store lost it. GET ?run_id=ID: the run's progress and results.
 """
 
 import os
@@ -16,7 +17,7 @@ from emnist.faas import BadRequest, environment, error, json_body, kv_for, respo
 from emnist.gateway.client import GatewayClient, GatewayError
 from emnist.store import StoreError
 from emnist.train.config import ConfigError, TrainConfig
-from emnist.train.run import UnknownRun, run_status, setup_run
+from emnist.train.run import UnknownRun, new_run_id, resume_run, run_status, setup_run
 
 TRAIN_FUNCTION = "emnist-train"
 
@@ -33,16 +34,39 @@ def _status(event):
     return respond(200, run_status(kv_for(store_url), run_id))
 
 
+def _string(request: dict, name: str) -> str | None:
+    value = request.pop(name, None)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(name, "must be a string")
+    return value
+
+
 def _setup(event):
     request = json_body(event)
-    run_id = request.pop("run_id", None)
-    if run_id is not None and not isinstance(run_id, str):
-        raise ConfigError("run_id", "must be a string")
-    cfg = TrainConfig.from_sources(environment(), request)
+    run_id, resume = _string(request, "run_id"), _string(request, "resume")
     gateway = _gateway()
+
+    def start(body: dict) -> None:
+        gateway.invoke_async(TRAIN_FUNCTION, body)
+
+    if resume is not None:
+        if request.keys() - {"store_url", "checkpoint_url"}:
+            raise BadRequest("resume takes only store_url and checkpoint_url besides the run id")
+        cfg = TrainConfig.from_sources(environment(), request)
+        state = resume_run(kv_for(cfg.store_url), resume, cfg.checkpoint_url, start)
+        print(f"Run {resume} resumed: workers {state['resumed_workers']}", flush=True)
+        return respond(200, state)
+    cfg = TrainConfig.from_sources(environment(), request)
     workers = cfg.number_of_workers or max(1, gateway.replicas(TRAIN_FUNCTION))
-    state = setup_run(cfg, kv_for(cfg.store_url), workers, run_id=run_id,
-                      start_worker=lambda body: gateway.invoke_async(TRAIN_FUNCTION, body))
+    if cfg.execution_type == 1:  # each train function initialises (first one) and trains
+        run_id = run_id or new_run_id()
+        config = {**cfg.to_dict(), "number_of_workers": workers}
+        for w in range(workers):
+            start({"run_id": run_id, "worker_id": w, "store_url": cfg.store_url,
+                   "config": config})
+        return respond(200, {"run_id": run_id, "workers": workers, "config": config,
+                             "execution_type": 1})
+    state = setup_run(cfg, kv_for(cfg.store_url), workers, run_id=run_id, start_worker=start)
     print(f"Run {state['run_id']}: {workers} workers on {cfg.dataset}", flush=True)
     return respond(200, state)
 

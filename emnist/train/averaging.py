@@ -1,0 +1,125 @@
+"""Synchronous parameter averaging: every ``average_every`` minibatches each worker publishes
+its parameters, waits at a barrier kept in the store, and continues from the average.
+
+Rounds are numbered by step (every worker does the same number of minibatches per pass), so
+round r of one worker meets round r of the others. A barrier that times out proceeds with the
+workers present and records who was missing; a worker that missed a round is not waited for
+again (it joins any later round it reaches in time), so one dead worker costs one timeout, not
+one per round. A worker that (re)starts behind the others jumps to the newest round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from emnist.store import ParameterStore, codec
+from emnist.train.config import TrainConfig
+from emnist.train.state import WorkerState
+
+KEEP_ROUNDS = 3  # a worker deletes its own round r - KEEP_ROUNDS when it publishes round r
+
+
+class Averaging:
+    def __init__(self, store: ParameterStore, cfg: TrainConfig, st: WorkerState, workers: int,
+                 tick: Callable[[], None]) -> None:
+        self.store, self.st, self.me = store, st, st.worker_id
+        self.every, self.timeout = cfg.average_every, cfg.barrier_timeout
+        self.others = [w for w in range(workers) if w != self.me]
+        self.tick = tick  # keeps the worker's lease alive while it waits
+        self.suspect: set[int] = set()
+        self.stop: dict[str, Any] | None = None
+
+    def _keys(self, r: int, w: int) -> list[str]:
+        return [self.store.key("avg", r, w, i) for i in range(len(self.store.bounds))]
+
+    def _marker(self, r: int, w: int) -> str:
+        return self.store.key("avgdone", r, w)
+
+    # -- the worker loop's interface ------------------------------------------------------
+    def record(self, update: np.ndarray) -> None:
+        pass  # the parameters themselves are what gets averaged
+
+    def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
+        if step % self.every == 0:
+            self.average(params, step // self.every)
+
+    def end_iteration(self, params: np.ndarray) -> None:
+        """Publish the pass's model as the run's global vector (checkpoints, resume)."""
+        if all(w > self.me or w in self.suspect for w in self.others):  # lowest live id
+            self.store.put(params)
+
+    def close(self) -> None:
+        pass
+
+    def rejoin(self, params: np.ndarray, steps_per_pass: int) -> None:
+        """A worker that starts behind the newest round skips to it and takes its average."""
+        latest = self.store.get_doc("avglatest")
+        if not latest or latest["round"] * self.every <= self.st.step:
+            return
+        r = latest["round"]
+        self.st.step = r * self.every
+        self.st.iteration, self.st.offset = divmod(self.st.step, steps_per_pass)
+        present = [w for w in range(len(self.others) + 1)
+                   if self._marker(r, w) in self.store.kv.get_many([self._marker(r, w)])]
+        if present:
+            self._average_into(params, r, present, include_me=False)
+        self.st.resumes.append({"rejoined_round": r, "at": time.time()})
+
+    # -- one round ------------------------------------------------------------------------
+    def average(self, params: np.ndarray, r: int) -> None:
+        kv = self.store.kv
+        values = {k: codec.encode(params[a:b]) for k, (a, b) in zip(self._keys(r, self.me),
+                                                                   self.store.bounds)}
+        values[self._marker(r, self.me)] = codec.encode_doc({"round": r})
+        kv.set_many(values)
+        if r > KEEP_ROUNDS:
+            kv.delete_many(self._keys(r - KEEP_ROUNDS, self.me)
+                           + [self._marker(r - KEEP_ROUNDS, self.me)])
+        markers = {self._marker(r, w): w for w in self.others}
+        stop_key = self.store.key("stop")
+        deadline = time.monotonic() + self.timeout
+        last_tick = time.monotonic()
+        while True:
+            got = kv.get_many([*markers, stop_key])
+            present = sorted(w for k, w in markers.items() if k in got)
+            if stop_key in got:
+                self.stop = codec.decode_doc(stop_key, got[stop_key])
+            waiting = [w for w in self.others if w not in present and w not in self.suspect]
+            if not waiting:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                self.st.barrier_timeouts.append({"round": r, "missing": waiting,
+                                                 "after_s": self.timeout})
+                self.suspect.update(waiting)
+                break
+            if now - last_tick > 0.5:
+                self.tick()
+                last_tick = now
+            time.sleep(0.0005)
+        self.suspect.difference_update(present)
+        self._average_into(params, r, present, include_me=True)
+        self.st.averages += 1
+        self.store.put_doc("avglatest", {"round": r})
+
+    def _average_into(self, params: np.ndarray, r: int, workers: list[int],
+                      include_me: bool) -> None:
+        """params = mean of the workers' round-r vectors, summed in worker order (so every
+        worker that saw the same workers computes the same bits)."""
+        members = sorted({*workers, self.me} if include_me else set(workers))
+        keys = [k for w in members if w != self.me for k in self._keys(r, w)]
+        got = self.store.kv.get_many(keys) if keys else {}
+        total = np.zeros_like(params)
+        for w in members:
+            if w == self.me:
+                total += params
+                continue
+            for k, (a, b) in zip(self._keys(r, w), self.store.bounds):
+                total[a:b] += codec.decode(k, got.get(k), dtype=np.float32, shape=(b - a,)).array
+        np.multiply(total, np.float32(1.0 / len(members)), out=params)
+        self.st.bytes_fetched += 4 * params.size * (len(members) - int(include_me))
+        self.st.bytes_pushed += 4 * params.size

@@ -1,0 +1,129 @@
+"""One worker's training loop, for every algorithm and execution type.
+
+The loop works from a ``WorkerState`` (iteration, offset into the pass, counters) and saves it
+while it trains, so an invocation that starts for a worker with state resumes mid-pass. Each
+pass's minibatch order and dropout masks come from (seed, worker, pass), not from a stream, so
+a resumed pass visits the same minibatches in the same order.
+
+Stopping: the target accuracy, the iteration limit, a wall-clock limit, early stopping on
+validation loss (patience), or another worker's stop signal; the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from emnist.model import MLP, MLPShape, to_float
+from emnist.store import ParameterStore
+from emnist.train.averaging import Averaging
+from emnist.train.config import TrainConfig
+from emnist.train.downpour import Exchange, batch_order
+from emnist.train.state import WorkerState
+
+SAVE_SECONDS = 0.25  # how often the state (and the lease heartbeat) is written mid-pass
+
+
+def pass_order(cfg: TrainConfig, worker: int, iteration: int, n: int, steps: int) -> np.ndarray:
+    rng = np.random.default_rng([cfg.seed, worker, iteration])
+    return batch_order(n, cfg.batch_size, rng)[:steps]
+
+
+def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, ...],
+               shape: MLPShape, st: WorkerState, *, workers: int, steps_per_pass: int,
+               run_started: float, save: Callable[[WorkerState], None],
+               one_pass: bool = False) -> WorkerState:
+    """Train from ``st`` until a stop condition (or one pass with ``one_pass``)."""
+    shard_x, shard_y, test_x, test_y = data
+    t_start = time.perf_counter()
+    seconds0 = st.seconds
+    model = MLP(shape, cfg.dropout_percent)
+    params = np.empty(shape.num_params, dtype=np.float32)
+    store.fetch(params)
+    st.fetches += 1
+    st.bytes_fetched += params.nbytes
+    last_save = time.monotonic()
+
+    def elapsed() -> float:
+        return seconds0 + time.perf_counter() - t_start
+
+    def checkpoint_state() -> None:
+        nonlocal last_save
+        st.seconds = elapsed()
+        save(st)
+        last_save = time.monotonic()
+
+    if cfg.algorithm == "averaging":
+        ex: Any = Averaging(store, cfg, st, workers, tick=checkpoint_state)
+        ex.rejoin(params, steps_per_pass)
+    else:
+        ex = Exchange(store, cfg, st, shape.num_params, cfg.overlap)
+    alpha, bs = np.float32(cfg.alpha), cfg.batch_size
+    try:
+        while not st.done and st.iteration < cfg.iterations:
+            it = st.iteration + 1
+            order = pass_order(cfg, st.worker_id, it, len(shard_y), steps_per_pass)
+            model.rng = np.random.default_rng([cfg.seed, st.worker_id, it, 1])
+            t0 = time.perf_counter()
+            for at in order[st.offset:]:
+                _, grad = model.loss_and_grad(params, to_float(shard_x[at:at + bs]),
+                                              shard_y[at:at + bs])
+                grad *= -alpha
+                params += grad
+                ex.record(grad)
+                st.step, st.offset, st.samples = st.step + 1, st.offset + 1, st.samples + bs
+                ex.after_step(params, st.step, st.offset)
+                if ex.stop:
+                    break
+                if time.monotonic() - last_save > SAVE_SECONDS:
+                    st.train_seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpoint_state()
+            ex.end_iteration(params)
+            st.train_seconds += time.perf_counter() - t0
+            if st.offset >= len(order):  # a whole pass (a stop signal may end one early)
+                st.iteration, st.offset = it, 0
+            _evaluate(model, params, test_x, test_y, st, elapsed())
+            _decide(cfg, st, ex.stop, elapsed(), run_started)
+            if st.reached:
+                store.put_doc("stop", {"worker_id": st.worker_id, "iteration": st.iteration,
+                                       "accuracy": st.accuracy, "reason": "target"})
+            checkpoint_state()
+            if one_pass:
+                break
+    finally:
+        ex.close()
+    st.seconds = elapsed()
+    return st
+
+
+def _evaluate(model: MLP, params: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+              st: WorkerState, now: float) -> None:
+    st.accuracy = model.accuracy(params, test_x, test_y)
+    st.val_loss = model.loss(params, test_x, test_y)
+    st.curve.append([round(now, 4), st.iteration, st.accuracy])
+
+
+def _decide(cfg: TrainConfig, st: WorkerState, stop: dict[str, Any] | None, now: float,
+            run_started: float) -> None:
+    """Set ``done`` and the reason, first match wins."""
+    if st.best_val_loss is None or st.val_loss < st.best_val_loss - cfg.min_delta:
+        st.best_val_loss, st.bad_epochs = st.val_loss, 0
+    else:
+        st.bad_epochs += 1
+    reason = None
+    if st.accuracy >= cfg.target_accuracy:
+        st.reached, reason = True, "target"
+    elif stop:
+        reason = f"stopped by worker {stop.get('worker_id')} ({stop.get('reason')})"
+    elif cfg.max_seconds and time.time() - run_started >= cfg.max_seconds:
+        reason = "wall clock"
+    elif cfg.patience and st.bad_epochs >= cfg.patience:
+        reason = f"early stop (validation loss, patience {cfg.patience})"
+    elif st.iteration >= cfg.iterations:
+        reason = "iterations"
+    if reason:
+        st.done, st.stop_reason = True, reason
