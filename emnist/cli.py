@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from emnist.bench.results import WORKER_COLUMNS, format_table, parse_results
+from emnist.bench.results import WORKER_COLUMNS, format_table
 from emnist.cluster import local
 from emnist.gateway.client import GatewayClient, GatewayError
-from emnist.runner import TRAIN, RunError, start_run, status, wait_replicas, watch
+from emnist.runner import TRAIN, RunError, resume, start_run, status, wait_replicas, watch
 from emnist.store import StoreError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -143,15 +143,31 @@ def invoke(c: Ctx, name: str, data: str | None, method: str, is_async: bool) -> 
 @click.argument("name")
 @click.option("--replicas", "-r", type=click.IntRange(0), required=True)
 @click.option("--wait/--no-wait", default=True, help="Wait until the replicas are available.")
+@click.option("--kubectl/--no-kubectl", "use_kubectl", default=None,
+              help="Scale the Deployment with kubectl (default: only above 5 replicas on a "
+                   "real OpenFaaS, whose scale endpoint stops at 5).")
+@click.option("--namespace", default="openfaas-fn", show_default=True,
+              help="The functions' namespace (for kubectl).")
+@click.option("--timeout", type=float, default=120, show_default=True,
+              help="Seconds to wait for the replicas.")
 @pass_ctx
 @friendly
-def scale(c: Ctx, name: str, replicas: int, wait: bool) -> None:
-    """Set a function's replica count through the gateway's scale endpoint."""
+def scale(c: Ctx, name: str, replicas: int, wait: bool, use_kubectl: bool | None,
+          namespace: str, timeout: float) -> None:
+    """Set a function's replica count (gateway scale endpoint; kubectl above 5 on OpenFaaS)."""
+    from emnist.cluster import k8s
     gw = c.client()
-    gw.scale(name, replicas)
+    try:
+        via = k8s.scale_function(gw, name, replicas, use_kubectl=use_kubectl,
+                                 namespace=namespace, echo=lambda m: click.echo(m, err=True))
+    except k8s.KubectlError as e:
+        raise click.ClickException(str(e)) from e
     if wait:
-        wait_replicas(gw, name, replicas)
-    click.echo(f"{name}: {replicas} replicas")
+        wait_replicas(gw, name, replicas, timeout=timeout)
+    click.echo(f"{name}: {replicas} replicas (via {via})")
+
+
+LOG_COLUMNS = WORKER_COLUMNS + [("run_id", "run", ""), ("pod", "pod", ""), ("node", "node", "")]
 
 
 @main.command()
@@ -160,21 +176,39 @@ def scale(c: Ctx, name: str, replicas: int, wait: bool) -> None:
 @click.option("--raw", is_flag=True, help="Print the log lines instead of the results table.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write results here.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--kubectl/--no-kubectl", "use_kubectl", default=None,
+              help="Read each pod's logs with kubectl (default: only when the gateway has no "
+                   "/system/logs, 404/501).")
+@click.option("--namespace", default="openfaas-fn", show_default=True,
+              help="The functions' namespace (for kubectl).")
 @pass_ctx
 @friendly
 def logs(c: Ctx, name: str, tail: int | None, raw: bool, json_out: str | None,
-         csv_out: str | None) -> None:
-    """Collect every replica's logs and print the workers' results."""
-    lines = list(c.client().logs(name, tail=tail))
+         csv_out: str | None, use_kubectl: bool | None, namespace: str) -> None:
+    """Collect every replica's logs and print the workers' results, with pod and node."""
+    from emnist.bench.suite import worker_results
+    from emnist.cluster import k8s
+    try:
+        lines, source = k8s.collect_logs(c.client(), name, tail=tail, use_kubectl=use_kubectl,
+                                         namespace=namespace)
+    except k8s.KubectlError as e:
+        raise click.ClickException(str(e)) from e
+    if source == "kubectl":
+        click.echo(f"(logs read with kubectl logs, namespace {namespace})", err=True)
     if raw:
         for ln in lines:
             click.echo(f"{ln.get('timestamp', '')} {ln.get('instance', '')} {ln.get('text', '')}")
         return
-    rows = parse_results(f"{ln.get('text', '')}" for ln in lines)
-    for r, ln in zip(rows, lines):
-        r.setdefault("instance", ln.get("instance"))
-    click.echo(format_table(rows, WORKER_COLUMNS) if rows else "no worker results in the logs")
-    _write_rows(rows, json_out, csv_out)
+    rows = worker_results(lines)
+    click.echo(format_table(rows, LOG_COLUMNS) if rows else "no worker results in the logs")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=1))
+    if csv_out:
+        with open(csv_out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[k for k, _, _ in LOG_COLUMNS],
+                               extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
 
 
 def _write_rows(rows: list[dict[str, Any]], json_out: str | None, csv_out: str | None) -> None:
@@ -203,6 +237,21 @@ TRAIN_OPTIONS = [
     ("--seed", "seed", int, "Seed for init, shards and dropout."),
     ("--dataset-dir", "dataset_dir", str, "Where the dataset files are."),
     ("--update", "update", str, "atomic (default) or overwrite (the original's lossy push)."),
+    ("--execution-type", "execution_type", click.Choice(["1", "2", "3"]),
+     "1: one function does everything; 2: one invocation per pass; 3: setup + looping trains."),
+    ("--algorithm", "algorithm", click.Choice(["downpour", "averaging"]),
+     "Asynchronous Downpour SGD or synchronous parameter averaging."),
+    ("--average-every", "average_every", int, "Averaging: minibatches between rounds."),
+    ("--barrier-timeout", "barrier_timeout", float, "Averaging: seconds to wait at a round."),
+    ("--checkpoint-url", "checkpoint_url", str, "Checkpoint directory or redis:// URL."),
+    ("--checkpoint-every", "checkpoint_every", int, "Passes between checkpoints."),
+    ("--max-seconds", "max_seconds", float, "Wall-clock limit (0: none)."),
+    ("--patience", "patience", int, "Early stopping on validation loss (0: off)."),
+    ("--lease-seconds", "lease_seconds", float, "A worker silent this long is taken over."),
+    ("--local-store", "local_store_url", str, "Node-local tier URL (memcached://... or local://)."),
+    ("--push-top-k", "push_top_k", int, "Sparse pushes: at most K chunks per push."),
+    ("--push-threshold", "push_threshold", float, "Sparse pushes: chunk delta RMS to send."),
+    ("--chunk-bytes", "chunk_bytes", int, "Parameter chunk size in the store."),
 ]
 
 
@@ -213,14 +262,18 @@ def train_options(fn):
 
 
 def _config(kwargs: dict[str, Any], store: str) -> dict[str, Any]:
-    return {**{k: v for k, v in kwargs.items() if v is not None}, "store_url": store}
+    out = {k: v for k, v in kwargs.items() if v is not None}
+    if "execution_type" in out:
+        out["execution_type"] = int(out["execution_type"])
+    return {**out, "store_url": store}
 
 
 def run_training(c: Ctx, config: dict[str, Any], *, stack: str, store: str, timeout: float,
                  progress: bool = True, down: bool = False):
     """Up (if local), scale emnist-train to the worker count, start, watch, return the outcome.
 
-    With ``down``, stop the local stack afterwards if this call started it.
+    With ``down``, stop the local stack afterwards if this call started it. A config with
+    ``resume`` relaunches that run's unfinished workers instead of starting a new run.
     """
     started = bring_up(c, stack, store, ())
     try:
@@ -236,7 +289,10 @@ def _run(c: Ctx, config: dict[str, Any], *, store: str, timeout: float, progress
     if workers:
         gw.scale(TRAIN, workers)
         wait_replicas(gw, TRAIN, workers)
-    state, invoked = start_run(gw, config)
+    if "resume" in config:
+        state, invoked = resume(gw, config["resume"], store, config.get("checkpoint_url"))
+    else:
+        state, invoked = start_run(gw, config)
     if not progress:
         return watch(gw, state, invoked, timeout=timeout, store_url=store)
     total = state["config"]["iterations"]
@@ -262,18 +318,24 @@ def _run(c: Ctx, config: dict[str, Any], *, store: str, timeout: float, progress
 @click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds to wait.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write results here.")
 @click.option("--down", is_flag=True, help="Stop the local stack afterwards if this started it.")
+@click.option("--resume", "resume_id", metavar="RUN_ID",
+              help="Resume a run (restoring it from its checkpoint if the store lost it).")
 @pass_ctx
 @friendly
 def train(c: Ctx, stack: str, store: str, timeout: float, json_out: str | None, down: bool,
-          **kw) -> None:
-    """Run the main job: local stack up, setup, N Downpour workers, results table."""
-    out = run_training(c, _config(kw, store), stack=stack, store=store, timeout=timeout,
-                       down=down)
+          resume_id: str | None, **kw) -> None:
+    """Run the main job: local stack up, setup, N workers, results table."""
+    config = _config(kw, store)
+    if resume_id:
+        config = {"resume": resume_id, "checkpoint_url": kw.get("checkpoint_url")}
+    out = run_training(c, config, stack=stack, store=store, timeout=timeout, down=down)
     rows = sorted(out.results, key=lambda r: r["worker_id"])
     click.echo(format_table(rows, WORKER_COLUMNS))
     verdict = "reached" if out.reached else "did NOT reach"
     click.echo(f"run {out.run_id}: {verdict} target accuracy {out.target} in "
                f"{out.seconds:.2f}s from setup to the last worker")
+    for line in out.recoveries:
+        click.echo(f"recovery: {line}", err=True)
     _write_rows(rows, json_out, None)
     if not out.reached:
         sys.exit(1)
@@ -287,16 +349,48 @@ def train(c: Ctx, stack: str, store: str, timeout: float, json_out: str | None, 
 def status_cmd(c: Ctx, run_id: str, store: str) -> None:
     """Per-worker progress of a run (through emnist-setup)."""
     st = status(c.client(), run_id, store)
-    rows = [{**(p or {}), **(r or {}), "worker_id": w}
-            for w, (p, r) in enumerate(zip(st["progress"], st["results"]))]
+    rows = []
+    for w, (p, r) in enumerate(zip(st["progress"], st["results"])):
+        row = {**(p or {}), **(r or {}), "worker_id": w}
+        if p and p.get("heartbeat"):
+            row["silent_s"] = st["now"] - p["heartbeat"]
+        rows.append(row)
     click.echo(format_table(rows, [("worker_id", "worker", ""), ("iteration", "iteration", ""),
                                    ("accuracy", "accuracy", ".4f"), ("done", "done", ""),
+                                   ("silent_s", "last heartbeat (s ago)", ".1f"),
+                                   ("invocations", "invocations", ""),
+                                   ("stop_reason", "stopped by", ""),
                                    ("hostname", "name", "")]))
 
 
 @main.group()
 def bench() -> None:
     """Benchmarks (results written to files, never timed tests)."""
+
+
+@bench.command("store")
+@click.option("--store", "urls", multiple=True,
+              help="Store URL to measure (repeatable); default: local memcached (text, and "
+                   "binary if pylibmc is installed) and Redis.")
+@click.option("--chunk-bytes", default="65536,262144,524288", show_default=True,
+              help="Comma-separated chunk sizes.")
+@click.option("--scale", "scales", default="1,10", show_default=True,
+              help="Vector sizes as multiples of the 784-100-47 model (333 KB).")
+@click.option("--reps", type=click.IntRange(10), default=300, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
+@friendly
+def bench_store_cmd(urls: tuple[str, ...], chunk_bytes: str, scales: str, reps: int,
+                    json_out: str | None) -> None:
+    """Fetch and atomic-push latency and MB/s per backend, against raw loopback TCP."""
+    from emnist.bench.store import COLUMNS, REFERENCE, bench_store, default_urls
+    chunks = [int(x) for x in chunk_bytes.split(",") if x.strip()]
+    vectors = [int(float(x) * REFERENCE) for x in scales.split(",") if x.strip()]
+    records = bench_store(list(urls) or default_urls(), chunks, vectors, reps,
+                          echo=lambda m: click.echo(m, err=True))
+    click.echo(format_table(records, COLUMNS))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(records, indent=1))
 
 
 @bench.command("train")
@@ -327,3 +421,6 @@ def bench_train(c: Ctx, worker_counts: str, target_accuracy: float, dataset: str
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(records, indent=1))
+
+
+import emnist.bench.commands, emnist.cluster.commands  # noqa: E401,E402,F401,I001

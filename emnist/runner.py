@@ -21,6 +21,10 @@ class RunError(RuntimeError):
     pass
 
 
+class RunLost(RunError):
+    """The store no longer knows the run (e.g. memcached restarted)."""
+
+
 @dataclass
 class RunOutcome:
     run_id: str
@@ -29,6 +33,7 @@ class RunOutcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     target: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)
+    recoveries: list[str] = field(default_factory=list)
 
     @property
     def reached(self) -> bool:
@@ -65,6 +70,8 @@ def status(gw: GatewayClient, run_id: str, store_url: str | None = None) -> dict
     query = {"run_id": run_id, **({"store_url": store_url} if store_url else {})}
     resp = gw.invoke(SETUP, None, method="GET", query=query, timeout=30, check=False)
     body = _json(resp)
+    if resp.status_code == 404:
+        raise RunLost(f"status of {run_id}: {body.get('error', resp.text)}")
     if resp.status_code != 200:
         raise RunError(f"status of {run_id}: {resp.status_code} {body.get('error', resp.text)}")
     return body
@@ -72,22 +79,66 @@ def status(gw: GatewayClient, run_id: str, store_url: str | None = None) -> dict
 
 def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: float,
           store_url: str | None = None, interval: float = 0.25,
-          on_status: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
-    """Poll until every worker has a result, or fail after ``timeout`` seconds."""
-    run_id = state["run_id"]
+          on_status: Callable[[dict[str, Any]], None] | None = None,
+          recover: bool = True, max_recoveries: int = 5) -> RunOutcome:
+    """Poll until every worker has a result, or fail after ``timeout`` seconds.
+
+    With ``recover``: a run the store lost is restored from its checkpoint (emnist-setup
+    resume), and a worker whose heartbeat went stale (its replica died and nobody retried
+    the call) is invoked again; it resumes from its saved state.
+    """
+    run_id, config = state["run_id"], state["config"]
+    lease = float(config.get("lease_seconds", 10.0))
     deadline = time.monotonic() + timeout
+    recoveries: list[str] = []
+    relaunched: dict[int, float] = {}
+    seen, transient = False, 0
     while True:
-        st = status(gw, run_id, store_url)
+        try:
+            st = status(gw, run_id, store_url)
+            seen, transient = True, 0
+        except RunLost as e:
+            if not seen and time.monotonic() < deadline:  # type 1: not initialised yet
+                time.sleep(interval)
+                continue
+            if not (recover and config.get("checkpoint_url")) or len(recoveries) >= max_recoveries:
+                raise
+            resume(gw, run_id, store_url, config["checkpoint_url"])
+            recoveries.append(f"{time.time():.3f} restored from checkpoint: {e}")
+            continue
+        except RunError:  # e.g. the store is restarting: the setup replica answered 502
+            transient += 1
+            if transient > 20 or time.monotonic() > deadline:
+                raise
+            time.sleep(interval)
+            continue
         if on_status:
             on_status(st)
         if st["done"]:
             return RunOutcome(run_id, st["workers"], invoked, st["results"],
-                              st["config"]["target_accuracy"], state)
+                              st["config"]["target_accuracy"], state, recoveries)
+        if recover:
+            for w, p in enumerate(st["progress"]):
+                silent = st["now"] - ((p or {}).get("heartbeat") or 0)
+                stale = p and not p.get("done") and silent > 3 * lease
+                if stale and time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
+                    relaunched[w] = time.monotonic()
+                    gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w,
+                                            **({"store_url": store_url} if store_url else {})})
+                    recoveries.append(f"{time.time():.3f} relaunched stale worker {w}")
         if time.monotonic() > deadline:
             missing = [w for w, r in enumerate(st["results"]) if r is None]
             raise RunError(f"run {run_id}: workers {missing} had no result after {timeout:.0f}s "
                            f"(see `emnist logs {TRAIN}`)")
         time.sleep(interval)
+
+
+def resume(gw: GatewayClient, run_id: str, store_url: str | None = None,
+           checkpoint_url: str | None = None) -> tuple[dict[str, Any], float]:
+    """emnist-setup's resume: relaunch unfinished workers, restoring a lost run first."""
+    body = {"resume": run_id, **({"store_url": store_url} if store_url else {}),
+            **({"checkpoint_url": checkpoint_url} if checkpoint_url else {})}
+    return start_run(gw, body)
 
 
 def _json(resp) -> dict[str, Any]:
@@ -98,5 +149,5 @@ def _json(resp) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"error": str(body)}
 
 
-__all__ = ["GatewayError", "RunError", "RunOutcome", "start_run", "status", "wait_replicas",
-           "watch"]
+__all__ = ["GatewayError", "RunError", "RunLost", "RunOutcome", "resume", "start_run", "status",
+           "wait_replicas", "watch"]

@@ -1,0 +1,190 @@
+"""Execution types, algorithms and faults on the real local gateway with its own memcached
+(so the tests can kill and restart it): SIGKILLed replicas and a restarted store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from emnist.cli import main
+from emnist.gateway.client import GatewayClient
+from emnist.runner import start_run, status, watch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Memcached:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"memcached://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        args = [shutil.which("memcached"), "-l", "127.0.0.1", "-p", str(self.port), "-m", "128"]
+        self.proc = subprocess.Popen(args + (["-u", "root"] if os.geteuid() == 0 else []))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    mc = Memcached()
+    mc.start()
+    ready = tmp / "ready.json"
+    env = {**os.environ, "STORE_URL": mc.url, "DATA_LOCATION": str(tmp / "shards"),
+           "TRAIN_REPLICAS": "2", "GRAD_REPLICAS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "emnist.gateway.server", "--stack",
+                             str(ROOT / "emnist.yml"), "--port", "0", "--ready-file", str(ready)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and ready.stat().st_size):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield GatewayClient(json.loads(ready.read_text())["url"]), mc, tmp
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        mc.stop()
+
+
+@pytest.mark.parametrize("execution_type", ["1", "2", "3"])
+@pytest.mark.parametrize("algorithm", ["downpour", "averaging"])
+def test_each_execution_type_and_algorithm_reaches_target(stack, execution_type, algorithm,
+                                                          tmp_path):
+    gw, mc, _ = stack
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["--gateway", gw.url, "train", "--workers", "2",
+                                  "--target-accuracy", "0.84", "--store", mc.url,
+                                  "--execution-type", execution_type, "--algorithm", algorithm,
+                                  "--json", str(out), "--timeout", "300"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    assert sorted(x["worker_id"] for x in rows) == [0, 1]
+    assert max(x["accuracy"] for x in rows) >= 0.84
+    if execution_type == "2":  # one invocation per pass
+        assert all(x["invocations"] >= x["iterations"] for x in rows)
+        assert any(x["invocations"] > 1 for x in rows)
+    else:
+        assert all(x["invocations"] == 1 for x in rows)
+    if algorithm == "averaging":
+        assert all(x["averages"] > 0 for x in rows)
+        assert rows[0]["accuracy"] == rows[1]["accuracy"]  # both evaluate the same average
+
+
+def _pid_of(hostname: str) -> int:
+    """The replica process whose environment says HOSTNAME=hostname."""
+    needle = f"HOSTNAME={hostname}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            return int(entry.name)
+    raise LookupError(hostname)
+
+
+SLOW = {"alpha": 0.02, "target_accuracy": 0.84, "number_of_workers": 2, "lease_seconds": 1.0,
+        "iterations": 200}
+
+
+def _run_in_background(gw, config, store_url):
+    state, invoked = start_run(gw, config)
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = watch(gw, state, invoked, timeout=300, store_url=store_url)
+        except Exception as e:  # reported by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    return state, t, box
+
+
+def _wait_for_iteration(gw, run_id, store_url, worker, at_least, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        p = status(gw, run_id, store_url)["progress"][worker]
+        if p and p["iteration"] >= at_least:
+            return p
+        assert time.monotonic() < deadline, "worker made no progress"
+        time.sleep(0.05)
+
+
+def test_sigkilled_replica_resumes_its_worker(stack):
+    gw, mc, _ = stack
+    gw.scale("emnist-train", 2)
+    state, thread, box = _run_in_background(gw, {**SLOW, "store_url": mc.url}, mc.url)
+    p = _wait_for_iteration(gw, state["run_id"], mc.url, 0, 2)
+    os.kill(_pid_of(p["hostname"]), signal.SIGKILL)
+    killed_at = p["iteration"]
+    thread.join(300)
+    assert "error" not in box, box.get("error")
+    out = box["out"]
+    assert out.reached
+    w0 = next(r for r in out.results if r["worker_id"] == 0)
+    # resumed from its stored counters, not restarted from zero
+    assert w0["invocations"] >= 2 and w0["resumes"]
+    assert w0["resumes"][0]["iteration"] >= killed_at
+    assert w0["iterations"] >= w0["resumes"][0]["iteration"]
+    assert w0["hostname"] != p["hostname"]
+
+
+def test_memcached_restart_resumes_from_the_checkpoint(stack, tmp_path):
+    gw, mc, _ = stack
+    config = {**SLOW, "store_url": mc.url, "checkpoint_url": str(tmp_path / "ckpt")}
+    state, thread, box = _run_in_background(gw, config, mc.url)
+    _wait_for_iteration(gw, state["run_id"], mc.url, 0, 3)
+    assert (tmp_path / "ckpt" / f"{state['run_id']}.ckpt").exists()
+    mc.stop()
+    mc.start()  # empty
+    thread.join(300)
+    assert "error" not in box, box.get("error")
+    out = box["out"]
+    assert out.reached
+    assert any("restored from checkpoint" in r for r in out.recoveries)
+    # the workers went on from the checkpoint's counters, not from zero
+    assert all(r["resumes"] and r["resumes"][0]["iteration"] >= 1 for r in out.results)
+
+
+def test_resume_of_an_unknown_run_is_a_clear_error(stack):
+    gw, mc, _ = stack
+    r = CliRunner().invoke(main, ["--gateway", gw.url, "train", "--resume", "no-such-run",
+                                  "--store", mc.url])
+    assert r.exit_code == 1
+    assert "unknown run id 'no-such-run'" in r.output
