@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := memcached redis-server dataset-fashion-mnist
+APT_PACKAGES := memcached redis-server rabbitmq-server dataset-fashion-mnist
 WORKERS ?= 2
 TARGET ?= 0.85
 

@@ -1,0 +1,230 @@
+"""Partition a dataset for peer-to-peer training, and read the partitions back.
+
+``split`` writes, once per (dataset, peers, seed, validation size), a directory::
+
+    manifest.json                     sizes, classes, features, crc of every file
+    peer-<r>/train-x, train-y         peer r's training part (a seeded permutation, cut)
+    peer-<r>/val-x, val-y             peer r's held-out validation part
+    test-x, test-y                    the test set, whole
+    batches-<B>/peer-<r>/<b>          (--batches) peer r's b-th minibatch: (B, features + 1)
+                                      uint8, label in the last column, for the emnist-grad
+                                      function; batch b is rows [b*B, (b+1)*B) of train-x/y
+
+Every file is a codec value (magic, dtype, shape, crc32c) of uint8 data, so a truncated or
+foreign file is refused. A data location is a local directory or an http(s) URL prefix that
+serves the same tree (reading over HTTP only; write locally and serve it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from emnist.data import DATASETS, DataError, load_dataset, shard_sizes
+from emnist.store import codec
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def _write(path: Path, arr: np.ndarray) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = codec.encode(np.ascontiguousarray(arr, dtype=np.uint8))
+    path.write_bytes(data)
+    return len(data)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` into place; if a concurrent caller got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
+          out_dir: str | os.PathLike[str], seed: int = 0, val_fraction: float = 1 / 12,
+          batch_size: int | None = None) -> Path:
+    """Write (once) and return the split directory; with ``batch_size`` also its batch files."""
+    key = dataset.strip().lower()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if peers < 1:
+        raise ValueError(f"peers must be >= 1, got {peers}")
+    if not 0.0 <= val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+    out = Path(out_dir)
+    final = out / f"{key}-p{peers}-s{seed}-v{round(val_fraction * 1000)}"
+    if not (final / MANIFEST).exists():
+        ds = load_dataset(key, root)
+        n = len(ds.train_y)
+        if n < 2 * peers:
+            raise ValueError(f"{key} has {n} training samples, too few for {peers} peers")
+        perm = np.random.default_rng(seed).permutation(n)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out))
+        tmp.chmod(0o755)
+        manifest: dict[str, Any] = {
+            "format": FORMAT, "dataset": key, "peers": peers, "seed": seed,
+            "val_fraction": val_fraction, "num_classes": int(ds.num_classes),
+            "features": int(ds.train_x.shape[1]), "train_sizes": [], "val_sizes": [],
+            "test_size": int(len(ds.test_y)),
+        }
+        start = 0
+        for r, size in enumerate(shard_sizes(n, peers)):
+            idx = perm[start:start + size]
+            start += size
+            n_val = int(round(size * val_fraction))
+            val, train = idx[:n_val], idx[n_val:]
+            _write(tmp / f"peer-{r}" / "train-x", ds.train_x[train])
+            _write(tmp / f"peer-{r}" / "train-y", ds.train_y[train])
+            _write(tmp / f"peer-{r}" / "val-x", ds.train_x[val])
+            _write(tmp / f"peer-{r}" / "val-y", ds.train_y[val])
+            manifest["train_sizes"].append(int(len(train)))
+            manifest["val_sizes"].append(int(len(val)))
+        _write(tmp / "test-x", ds.test_x)
+        _write(tmp / "test-y", ds.test_y)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _publish(tmp, final)
+    if batch_size:
+        write_batches(final, batch_size)
+    return final
+
+
+def write_batches(split_dir: Path, batch_size: int) -> Path:
+    """Per-batch files of every peer's training part (idempotent), for emnist-grad."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    final = split_dir / f"batches-{batch_size}"
+    if (final / MANIFEST).exists():
+        return final
+    loc = Location(str(split_dir))
+    man = loc.manifest()
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-batches-{batch_size}-", dir=split_dir))
+    tmp.chmod(0o755)
+    counts = []
+    for r in range(man["peers"]):
+        x, y = loc.array(f"peer-{r}/train-x"), loc.array(f"peer-{r}/train-y")
+        xy = np.concatenate([x, y[:, None]], axis=1)
+        count = len(y) // batch_size
+        for b in range(count):
+            _write(tmp / f"peer-{r}" / f"{b:05d}", xy[b * batch_size:(b + 1) * batch_size])
+        counts.append(count)
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "batch_size": batch_size,
+                                            "counts": counts}))
+    _publish(tmp, final)
+    return final
+
+
+def batch_name(batch_size: int, rank: int, b: int) -> str:
+    return f"batches-{batch_size}/peer-{rank}/{b:05d}"
+
+
+class Location:
+    """Read files of a split from a local directory or an http(s) URL prefix."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.remote = self.url.startswith(("http://", "https://"))
+        self.timeout = timeout
+        self._session = requests.Session() if self.remote else None
+        if self._session is not None:
+            self._session.trust_env = False
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def read(self, name: str) -> bytes:
+        if not self.remote:
+            path = Path(self.url) / name
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise DataError(f"{path}: missing (run `emnist data split`)") from None
+        url = f"{self.url}/{name}"
+        try:
+            resp = self._session.get(url, timeout=self.timeout)
+        except requests.RequestException as e:
+            raise DataError(f"{url}: cannot read ({type(e).__name__}: {e})") from None
+        if resp.status_code != 200:
+            raise DataError(f"{url}: HTTP {resp.status_code}")
+        return resp.content
+
+    def manifest(self, sub: str = "") -> dict[str, Any]:
+        name = f"{sub}/{MANIFEST}" if sub else MANIFEST
+        try:
+            man = json.loads(self.read(name))
+        except ValueError as e:
+            raise DataError(f"{self.url}/{name}: not a split manifest ({e})") from None
+        if not isinstance(man, dict) or man.get("format") != FORMAT:
+            raise DataError(f"{self.url}/{name}: not a format-{FORMAT} split manifest")
+        return man
+
+    def array(self, name: str) -> np.ndarray:
+        try:
+            return codec.decode(name, self.read(name), dtype=np.uint8).array
+        except codec.CorruptValue as e:
+            raise DataError(f"{self.url}: {e}") from None
+
+
+@dataclass
+class Partition:
+    """One peer's part: training and validation data, the whole test set, the manifest."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    manifest: dict[str, Any]
+
+
+def load_partition(location: str, rank: int) -> Partition:
+    loc = Location(location)
+    man = loc.manifest()
+    if not 0 <= rank < man["peers"]:
+        raise DataError(f"{location}: peer {rank} out of range 0..{man['peers'] - 1}")
+    p = f"peer-{rank}"
+    return Partition(loc.array(f"{p}/train-x"), loc.array(f"{p}/train-y"),
+                     loc.array(f"{p}/val-x"), loc.array(f"{p}/val-y"),
+                     loc.array("test-x"), loc.array("test-y"), man)
+
+
+class BatchCache:
+    """A byte-bounded LRU of decoded batch files, shared by a function replica's threads."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes, self.size = max_bytes, 0
+        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._locations: dict[str, Location] = {}
+        self._lock = threading.Lock()
+
+    def get(self, location: str, name: str) -> np.ndarray:
+        key = (location, name)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            loc = self._locations.setdefault(location, Location(location))
+        arr = loc.array(name)
+        with self._lock:
+            self._items[key] = arr
+            self.size += arr.nbytes
+            while self.size > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self.size -= old.nbytes
+        return arr
