@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,10 @@ from emnist.bench.suite import load_records, worker_results
 from emnist.cli import main
 from emnist.gateway.client import GatewayClient
 from tests.conftest import MEMCACHED_URL
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "0.8"  # quick on Fashion-MNIST (a few iterations), still a real training run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def stack_env(tmp_path_factory):
     mp.setenv("EMNIST_HOME", str(tmp / "home"))
     mp.setenv("STORE_URL", MEMCACHED_URL)
     mp.delenv("DATA_LOCATION", raising=False)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     r = CliRunner().invoke(main, ["--gateway", url, "deploy", "--target", "local", "-f",
                                   str(ROOT / "emnist.yml")])
     try:

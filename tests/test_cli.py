@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 
 from emnist.cli import main
 from emnist.cluster import local
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,6 @@ def test_every_command_has_help(path):
     assert r.exit_code == 0 and "Usage:" in r.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -46,7 +40,7 @@ def _pid_alive(pid: int) -> bool:
 def test_up_starts_memcached_and_gateway_and_down_stops_them(tmp_path, monkeypatch):
     monkeypatch.setenv("EMNIST_HOME", str(tmp_path))
     monkeypatch.chdir(ROOT)
-    mc_port, gw_port = _free_port(), _free_port()
+    mc_port, gw_port = free_port(), free_port()
     gateway = f"http://127.0.0.1:{gw_port}"
     store = f"memcached://127.0.0.1:{mc_port}"
     runner = CliRunner()
@@ -73,13 +67,13 @@ def test_up_starts_memcached_and_gateway_and_down_stops_them(tmp_path, monkeypat
 def test_missing_memcached_names_the_apt_package(tmp_path, monkeypatch):
     monkeypatch.setenv("EMNIST_HOME", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))  # no memcached binary on it
-    r = CliRunner().invoke(main, ["--gateway", f"http://127.0.0.1:{_free_port()}", "up",
-                                  "--store", f"memcached://127.0.0.1:{_free_port()}"])
+    r = CliRunner().invoke(main, ["--gateway", f"http://127.0.0.1:{free_port()}", "up",
+                                  "--store", f"memcached://127.0.0.1:{free_port()}"])
     assert r.exit_code == 1
     assert "apt-get install memcached" in r.output
 
 
 def test_unreachable_gateway_is_one_line_and_exit_1():
-    r = CliRunner().invoke(main, ["--gateway", f"http://127.0.0.1:{_free_port()}", "scale",
+    r = CliRunner().invoke(main, ["--gateway", f"http://127.0.0.1:{free_port()}", "scale",
                                   "emnist-train", "-r", "2"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "Error:" in r.output

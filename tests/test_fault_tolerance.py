@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,36 +14,24 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from emnist.bench.faults import SLOW, pid_of
 from emnist.cli import main
-from emnist.gateway.client import GatewayClient
 from emnist.runner import start_run, status, watch
+from tests.servers import free_port, local_gateway, start_memcached
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Memcached:
+    """A memcached of this module's own, so a test can kill and restart it."""
+
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"memcached://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        args = [shutil.which("memcached"), "-l", "127.0.0.1", "-p", str(self.port), "-m", "128"]
-        self.proc = subprocess.Popen(args + (["-u", "root"] if os.geteuid() == 0 else []))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+        self.proc = start_memcached(self.port, 128)
 
     def stop(self) -> None:
         self.proc.kill()
@@ -58,22 +43,12 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     mc = Memcached()
     mc.start()
-    ready = tmp / "ready.json"
-    env = {**os.environ, "STORE_URL": mc.url, "DATA_LOCATION": str(tmp / "shards"),
-           "TRAIN_REPLICAS": "2", "GRAD_REPLICAS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "emnist.gateway.server", "--stack",
-                             str(ROOT / "emnist.yml"), "--port", "0", "--ready-file", str(ready)],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {"STORE_URL": mc.url, "DATA_LOCATION": str(tmp / "shards"), "TRAIN_REPLICAS": "2",
+           "GRAD_REPLICAS": "0"}
     try:
-        deadline = time.monotonic() + 60
-        while not (ready.exists() and ready.stat().st_size):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        yield GatewayClient(json.loads(ready.read_text())["url"]), mc, tmp
+        with local_gateway(tmp, env) as gw:
+            yield gw, mc, tmp
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
         mc.stop()
 
 
@@ -102,23 +77,6 @@ def test_each_execution_type_and_algorithm_reaches_target(stack, execution_type,
         assert rows[0]["accuracy"] == rows[1]["accuracy"]  # both evaluate the same average
 
 
-def _pid_of(hostname: str) -> int:
-    """The replica process whose environment says HOSTNAME=hostname."""
-    needle = f"HOSTNAME={hostname}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            return int(entry.name)
-    raise LookupError(hostname)
-
-
-SLOW = {"alpha": 0.02, "target_accuracy": 0.84, "number_of_workers": 2, "lease_seconds": 1.0,
-        "iterations": 200}
 
 
 def _run_in_background(gw, config, store_url):
@@ -151,7 +109,7 @@ def test_sigkilled_replica_resumes_its_worker(stack):
     gw.scale("emnist-train", 2)
     state, thread, box = _run_in_background(gw, {**SLOW, "store_url": mc.url}, mc.url)
     p = _wait_for_iteration(gw, state["run_id"], mc.url, 0, 2)
-    os.kill(_pid_of(p["hostname"]), signal.SIGKILL)
+    os.kill(pid_of(p["hostname"]), signal.SIGKILL)
     killed_at = p["iteration"]
     thread.join(300)
     assert "error" not in box, box.get("error")

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from emnist.bench.results import parse_results
 from emnist.cli import main
 from emnist.gateway.client import GatewayClient
 from tests.conftest import MEMCACHED_URL
+from tests.servers import local_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,22 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def gateway(tmp_path_factory):
     """The real stack file on a gateway at a free port, with the test memcached as store."""
     tmp = tmp_path_factory.mktemp("gw")
-    ready = tmp / "ready.json"
-    env = {**os.environ, "STORE_URL": MEMCACHED_URL, "DATA_LOCATION": str(tmp / "shards"),
-           "TRAIN_REPLICAS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "emnist.gateway.server", "--stack",
-                             str(ROOT / "emnist.yml"), "--port", "0", "--ready-file", str(ready)],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not (ready.exists() and ready.stat().st_size):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "gateway not ready"
-            time.sleep(0.05)
-        yield GatewayClient(json.loads(ready.read_text())["url"])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    env = {"STORE_URL": MEMCACHED_URL, "DATA_LOCATION": str(tmp / "shards"),
+           "TRAIN_REPLICAS": "2", "GRAD_REPLICAS": "0"}
+    with local_gateway(tmp, env) as gw:
+        yield gw
 
 
 def _call(gw: GatewayClient, name: str, body, method: str = "POST", query=None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,13 +19,13 @@ import requests
 from click.testing import CliRunner
 
 from emnist.cli import main
-from emnist.gateway.client import GatewayClient
 from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.p2p.metrics import read_run
 from emnist.p2p.report import summarize
 from emnist.p2p.split import Location, batch_name, split
 from emnist.store import codec, open_kv
 from tests.conftest import MEMCACHED_URL
+from tests.servers import local_gateway
 from tests.test_p2p import AMQP_BROKER, REDIS_BROKER, need_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,23 +116,9 @@ def test_three_peers_with_topk(tmp_path, split_dir):
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """The real stack file (with emnist-grad) on a gateway at a free port."""
-    tmp = tmp_path_factory.mktemp("gw")
-    ready = tmp / "ready.json"
-    env = {**os.environ, "STORE_URL": MEMCACHED_URL, "GRAD_REPLICAS": "3",
-           "TRAIN_REPLICAS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "emnist.gateway.server", "--stack",
-                             str(ROOT / "emnist.yml"), "--port", "0", "--ready-file", str(ready)],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while not (ready.exists() and ready.stat().st_size):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "gateway not ready"
-            time.sleep(0.05)
-        yield GatewayClient(json.loads(ready.read_text())["url"])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    env = {"STORE_URL": MEMCACHED_URL, "GRAD_REPLICAS": "3", "TRAIN_REPLICAS": "1"}
+    with local_gateway(tmp_path_factory.mktemp("gw"), env) as gw:
+        yield gw
 
 
 def test_three_serverless_peers_reach_target(tmp_path, split_dir, gateway):

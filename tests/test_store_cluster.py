@@ -3,9 +3,7 @@ chunks are reported missing, never read as zeros."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import time
 
@@ -13,35 +11,13 @@ import numpy as np
 import pytest
 
 from emnist.store import MissingState, ParameterStore, StoreError, open_kv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(port: int) -> subprocess.Popen:
-    args = [shutil.which("memcached"), "-l", "127.0.0.1", "-p", str(port), "-m", "64"]
-    proc = subprocess.Popen(args + (["-u", "root"] if _is_root() else []))
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            assert time.monotonic() < deadline, f"memcached on {port} did not start"
-            time.sleep(0.02)
-
-
-def _is_root() -> bool:
-    return os.geteuid() == 0
+from tests.servers import free_port, start_memcached, wait_port
 
 
 @pytest.fixture
 def servers():
-    ports = [_free_port() for _ in range(3)]
-    procs = {p: _start(p) for p in ports}
+    ports = [free_port() for _ in range(3)]
+    procs = {p: start_memcached(p) for p in ports}
     yield ports, procs
     for proc in procs.values():
         proc.terminate()
@@ -68,7 +44,7 @@ def test_chunks_spread_and_restart_is_reported(servers, scheme):
     victim = ports[1]
     procs[victim].terminate()
     procs[victim].wait(10)
-    procs[victim] = _start(victim)  # back, empty
+    procs[victim] = start_memcached(victim)  # back, empty
     with pytest.raises(MissingState) as e:
         deadline = time.monotonic() + 5
         while True:  # a client may first report the broken connection, then reconnect
@@ -85,19 +61,12 @@ def test_chunks_spread_and_restart_is_reported(servers, scheme):
 
 
 def test_redis_password_from_an_openfaas_secret_file(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port",
                              str(port), "--requirepass", "s3cret", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+        wait_port(port)
         secret = tmp_path / "redis-password"
         secret.write_text("s3cret\n")
         kv = open_kv(f"redis://127.0.0.1:{port}/0?password_file={secret}")
