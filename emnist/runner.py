@@ -93,6 +93,7 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
     recoveries: list[str] = []
     relaunched: dict[int, float] = {}
     seen, transient = False, 0
+    watching_since = time.time()
     while True:
         try:
             st = status(gw, run_id, store_url)
@@ -105,6 +106,7 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
                 raise
             resume(gw, run_id, store_url, config["checkpoint_url"])
             recoveries.append(f"{time.time():.3f} restored from checkpoint: {e}")
+            watching_since = time.time()
             continue
         except RunError:  # e.g. the store is restarting: the setup replica answered 502
             transient += 1
@@ -119,8 +121,11 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
                               st["config"]["target_accuracy"], state, recoveries)
         if recover:
             for w, p in enumerate(st["progress"]):
-                silent = st["now"] - ((p or {}).get("heartbeat") or 0)
-                stale = p and not p.get("done") and silent > 3 * lease
+                if st["results"][w] is not None:
+                    continue
+                # no state at all: its call failed before it saved (or the store lost it)
+                last = (p or {}).get("heartbeat") or watching_since
+                stale = not (p or {}).get("done") and st["now"] - last > 3 * lease
                 if stale and time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
                     relaunched[w] = time.monotonic()
                     gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w,

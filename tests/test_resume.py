@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from emnist.store import CorruptValue, ParameterStore
+from emnist.store import CorruptValue, MissingState, ParameterStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, resume_run, setup_run, write_checkpoint
@@ -82,3 +82,12 @@ def test_a_lost_run_is_restored_from_its_checkpoint(memcached_kv, run_id, tmp_pa
     assert np.array_equal(again, params)
     doc = back.get_doc(state_key(0))
     assert doc["iteration"] == 4 and doc["lease"] == ""  # resumable by a new invocation
+
+
+def test_saving_a_state_the_store_lost_is_an_error(memcached_kv, run_id):
+    store = ParameterStore(memcached_kv, run_id)
+    lease = Lease(store, 0, seconds=5)
+    st = lease.acquire("a")
+    memcached_kv.delete_many([store.key(state_key(0))])  # a restarted memcached
+    with pytest.raises(MissingState, match="vanished"):
+        lease.save(st)

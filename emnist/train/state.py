@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from emnist.store import ParameterStore, StoreError, codec
+from emnist.store import MissingState, ParameterStore, StoreError, codec
 
 
 class LeaseLost(StoreError):
@@ -132,10 +132,12 @@ class Lease:
         st.lease = "" if release else self.owner
 
         def put(key: str, old: bytes | None) -> bytes:
-            if old is not None:
-                owner = codec.decode_doc(key, old).get("lease")
-                if owner not in (self.owner, ""):
-                    raise LeaseLost(f"worker {self.worker_id} was taken over by {owner}")
+            if old is None:  # acquire wrote it: the store lost it (restarted, evicted)
+                raise MissingState(f"worker {self.worker_id}'s state vanished from "
+                                   f"{self.store.kv.url}")
+            owner = codec.decode_doc(key, old).get("lease")
+            if owner not in (self.owner, ""):
+                raise LeaseLost(f"worker {self.worker_id} was taken over by {owner}")
             return codec.encode_doc(st.to_dict())
 
         self.store.kv.update_many([self.key], put)
