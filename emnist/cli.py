@@ -372,7 +372,7 @@ def bench() -> None:
 @click.option("--store", "urls", multiple=True,
               help="Store URL to measure (repeatable); default: local memcached (text, and "
                    "binary if pylibmc is installed) and Redis.")
-@click.option("--chunk-bytes", default="65536,262144,524288", show_default=True,
+@click.option("--chunk-bytes", default="65536,262144,393216,524288", show_default=True,
               help="Comma-separated chunk sizes.")
 @click.option("--scale", "scales", default="1,10", show_default=True,
               help="Vector sizes as multiples of the 784-100-47 model (333 KB).")

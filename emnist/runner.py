@@ -99,7 +99,8 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
             st = status(gw, run_id, store_url)
             seen, transient = True, 0
         except RunLost as e:
-            if not seen and time.monotonic() < deadline:  # type 1: not initialised yet
+            first_init = config.get("execution_type") == 1 and not seen
+            if first_init and time.monotonic() < deadline:  # type 1: not initialised yet
                 time.sleep(interval)
                 continue
             if not (recover and config.get("checkpoint_url")) or len(recoveries) >= max_recoveries:

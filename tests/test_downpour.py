@@ -70,6 +70,7 @@ def test_one_worker_downpour_is_plain_sgd(memcached_kv, run_id, n_fetch, n_push,
     assert res.samples == steps * 50
     assert steps // n_push <= res.pushes <= steps // n_push + res.iterations
     assert res.bytes_pushed == res.pushes * SHAPE.num_params * 4
+    assert res.clock == res.pushes  # one worker: every push advanced every chunk once
 
 
 def test_two_concurrent_workers_lose_no_update(memcached_kv, run_id):

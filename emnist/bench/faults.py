@@ -18,7 +18,7 @@ from statistics import median
 from typing import Any
 
 from emnist.gateway.client import GatewayClient
-from emnist.runner import TRAIN, start_run, status, wait_replicas, watch
+from emnist.runner import TRAIN, RunError, start_run, status, wait_replicas, watch
 
 SLOW = {"alpha": 0.02, "target_accuracy": 0.84, "number_of_workers": 2, "lease_seconds": 1.0,
         "iterations": 200}
@@ -46,7 +46,11 @@ def timed_run(gw: GatewayClient, config: dict[str, Any], store_url: str,
     if fault is not None:
         def inject() -> None:
             while True:
-                p = status(gw, state["run_id"], store_url)["progress"][0]
+                try:
+                    p = status(gw, state["run_id"], store_url)["progress"][0]
+                except RunError:  # the store may still be settling after the last fault
+                    time.sleep(0.05)
+                    continue
                 if p and p["iteration"] >= 2:
                     fault(p["hostname"])
                     return

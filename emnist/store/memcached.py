@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import pymemcache.client.base
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
-from pymemcache.exceptions import MemcacheError
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from emnist.store.kv import StoreError, Updater, options
 
@@ -47,11 +47,18 @@ class MemcachedKV:
             self.client = HashClient(servers, retry_attempts=1, dead_timeout=1, **kw)
 
     def _call(self, op, *args, **kw):
-        try:
-            return op(*args, **kw)
-        except (OSError, MemcacheError) as e:
-            self.client.close()  # reconnect on the next call rather than reuse a broken socket
-            raise StoreError(f"memcached at {self.url} unreachable: {e!r}") from None
+        """One retry on a fresh connection when the old one broke (a restarted server): every
+        operation here is safe to repeat (a repeated cas or add fails and is retried above)."""
+        for attempt in (1, 2):
+            try:
+                return op(*args, **kw)
+            except (OSError, MemcacheUnexpectedCloseError) as e:
+                self.client.close()
+                if attempt == 2:
+                    raise StoreError(f"memcached at {self.url} unreachable: {e!r}") from None
+            except MemcacheError as e:
+                self.client.close()
+                raise StoreError(f"memcached at {self.url}: {e!r}") from None
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         return self._call(self.client.get_many, keys)

@@ -20,7 +20,7 @@ from emnist.store import codec
 from emnist.store.keys import key_for
 from emnist.store.kv import KV, StoreError
 
-DEFAULT_CHUNK_BYTES = 256 * 1024
+DEFAULT_CHUNK_BYTES = 384 * 1024  # the 784-100-47 model (333 KB) in one value
 MODES = ("atomic", "overwrite")
 
 

@@ -85,8 +85,10 @@ class Exchange:
             self.res.bytes_pushed += stats.bytes_sent
             self.res.bytes_skipped += stats.bytes_skipped
             self.res.push_retries += stats.retries
+            self.res.clock = max(self.res.clock, stats.clock)
         elif fetch:
-            self.store.fetch(self._fresh)
+            clock, _ = self.store.fetch(self._fresh)
+            self.res.clock = max(self.res.clock, clock)
         if fetch:
             self.res.fetches += 1
             self.res.bytes_fetched += nbytes

@@ -45,6 +45,7 @@ class WorkerState:
     bytes_pushed: int = 0
     bytes_skipped: int = 0
     push_retries: int = 0
+    clock: int = 0  # the store's logical clock (pushes every chunk had) at the last exchange
     averages: int = 0
     barrier_timeouts: list[dict[str, Any]] = field(default_factory=list)
     curve: list[list[float]] = field(default_factory=list)  # [seconds, iteration, accuracy]
