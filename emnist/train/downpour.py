@@ -1,7 +1,7 @@
 """Downpour SGD for one worker: train on the local shard, fetch every n_fetch minibatches, push
 the accumulated update every n_push minibatches (Dean et al., 2012).
 
-The worker keeps a local copy of the parameters and ``pending``, what it learned since its last
+The worker keeps a local copy of the parameters; ``pending`` is what it learned since its last
 push. After any fetch the local copy is ``global + pending``: nothing the worker learned is
 dropped, and nothing is counted twice. A push that falls on a fetch step is also the fetch: the
 store returns the sum it wrote.
@@ -37,43 +37,53 @@ def batch_order(n: int, batch: int, rng: np.random.Generator) -> np.ndarray:
 class Exchange:
     """The worker's traffic with the store: at most one exchange in flight.
 
-    Only this object touches the store while training runs, so a client that is not
-    thread-safe is never used from two threads at once.
+    ``pending`` is never accumulated step by step: it is ``params - base``, where ``base`` is
+    what the store already has of the local copy (the last fetched global vector, plus the
+    chunks pushed since). That costs a few vector operations per exchange instead of one per
+    minibatch. Only this object touches the store while training runs, so a client that is
+    not thread-safe is never used from two threads at once.
     """
 
     def __init__(self, store: ParameterStore, cfg: TrainConfig, res: WorkerState,
-                 num_params: int, overlap: bool) -> None:
+                 params: np.ndarray, overlap: bool) -> None:
         self.store, self.mode, self.res = store, cfg.update, res
         self.threshold, self.top_k = cfg.push_threshold, cfg.push_top_k
         self.n_push, self.n_fetch = cfg.n_push, cfg.n_fetch
-        self.pending = np.zeros(num_params, dtype=np.float32)
-        self._spare = np.zeros(num_params, dtype=np.float32)
-        self._fresh = np.empty(num_params, dtype=np.float32)
+        self.base = params.copy()  # params was just fetched: nothing pending
+        self._sent = np.empty_like(params)  # the delta of the push in flight
+        self._fresh = np.empty_like(params)  # the global vector an exchange brings back
+        self._tmp = np.empty_like(params)
         self._pool = ThreadPoolExecutor(1, "exchange") if overlap else None
         self._job: Future | None = None
         self._count = 0
         self.stop: dict[str, Any] | None = None
 
-    def _select(self) -> list[int] | None:
+    def pending(self, params: np.ndarray) -> np.ndarray:
+        """What this worker learned that the store does not have yet (a scratch buffer)."""
+        return np.subtract(params, self.base, out=self._tmp)
+
+    def _select(self, params: np.ndarray) -> list[int] | None:
         """Sparse pushes: the chunks worth sending now (None: all of them)."""
         if not (self.threshold or self.top_k):
             return None
-        p = self.pending
+        p = self.pending(params)
         rms = [float(np.sqrt(np.dot(p[a:b], p[a:b]) / (b - a))) for a, b in self.store.bounds]
         chosen = [i for i, r in enumerate(rms) if r >= self.threshold]
         if self.top_k:
             chosen = sorted(chosen, key=lambda i: -rms[i])[: self.top_k]
         return chosen
 
-    def _hand_over(self, chunks: list[int] | None) -> np.ndarray:
-        """Swap the pending buffer out for sending; chunks not sent stay pending."""
-        sent, self.pending, self._spare = self.pending, self._spare, self.pending
-        self.pending[:] = 0.0
-        if chunks is not None:
-            for i in set(range(len(self.store.bounds))) - set(chunks):
+    def _hand_over(self, params: np.ndarray, chunks: list[int] | None) -> np.ndarray:
+        """The delta to send; the sent chunks count as the store's from now on, the others
+        stay pending."""
+        np.subtract(params, self.base, out=self._sent)
+        if chunks is None:
+            self.base[:] = params
+        else:
+            for i in chunks:
                 a, b = self.store.bounds[i]
-                self.pending[a:b] = sent[a:b]
-        return sent
+                self.base[a:b] = params[a:b]
+        return self._sent
 
     def _run(self, push: np.ndarray | None, fetch: bool, check_stop: bool,
              chunks: list[int] | None = None) -> None:
@@ -101,15 +111,16 @@ class Exchange:
             return
         job, self._job = self._job, None
         if job.result():  # re-raises the exchange's error here, on the training thread
-            np.add(self._fresh, self.pending, out=params)
+            np.add(self._fresh, self.pending(params), out=params)
+            self.base, self._fresh = self._fresh, self.base
 
     def start(self, params: np.ndarray, push: bool, fetch: bool) -> None:
         self.settle(params)
         sent, chunks = None, None
-        if push:  # hand the accumulated update over and keep accumulating in the spare
-            chunks = self._select()
+        if push:
+            chunks = self._select(params)
             if chunks is None or chunks:
-                sent = self._hand_over(chunks)
+                sent = self._hand_over(params, chunks)
         if sent is None and not fetch:
             return
         self._count += 1
@@ -129,9 +140,10 @@ class Exchange:
     def flush(self, params: np.ndarray) -> None:
         """Settle, then push what is pending and fetch, synchronously (iteration end)."""
         self.settle(params)
-        sent = self._hand_over(None) if self.pending.any() else None
+        sent = None if np.array_equal(params, self.base) else self._hand_over(params, None)
         self._run(sent, True, True)
         params[:] = self._fresh
+        self.base, self._fresh = self._fresh, self.base
 
     def close(self) -> None:
         if self._pool is not None:
@@ -139,7 +151,7 @@ class Exchange:
 
     # -- the worker loop's interface ------------------------------------------------------
     def record(self, update: np.ndarray) -> None:
-        self.pending += update
+        pass  # pending is params - base: nothing to add up per minibatch
 
     def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
         push, fetch = step % self.n_push == 0, step % self.n_fetch == 0

@@ -60,7 +60,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
         ex: Any = Averaging(store, cfg, st, workers, tick=checkpoint_state)
         ex.rejoin(params, steps_per_pass)
     else:
-        ex = Exchange(store, cfg, st, shape.num_params, cfg.overlap)
+        ex = Exchange(store, cfg, st, params, cfg.overlap)
     alpha, bs = np.float32(cfg.alpha), cfg.batch_size
     try:
         while not st.done and st.iteration < cfg.iterations:
