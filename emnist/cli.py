@@ -201,21 +201,20 @@ def logs(c: Ctx, name: str, tail: int | None, raw: bool, json_out: str | None,
         return
     rows = worker_results(lines)
     click.echo(format_table(rows, LOG_COLUMNS) if rows else "no worker results in the logs")
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=1))
-    if csv_out:
-        with open(csv_out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[k for k, _, _ in LOG_COLUMNS],
-                               extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+    _write_rows(rows, json_out, csv_out, [k for k, _, _ in LOG_COLUMNS])
 
 
-def _write_rows(rows: list[dict[str, Any]], json_out: str | None, csv_out: str | None) -> None:
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=1))
+def write_json(path: str | None, records: Any) -> None:
+    """``--json FILE`` outputs: the records as indented JSON (parent dirs made)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(records, indent=1))
+
+
+def _write_rows(rows: list[dict[str, Any]], json_out: str | None, csv_out: str | None,
+                keys: list[str]) -> None:
+    write_json(json_out, rows)
     if csv_out:
-        keys = [k for k, _, _ in WORKER_COLUMNS] + ["run_id"]
         with open(csv_out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
@@ -336,7 +335,7 @@ def train(c: Ctx, stack: str, store: str, timeout: float, json_out: str | None, 
                f"{out.seconds:.2f}s from setup to the last worker")
     for line in out.recoveries:
         click.echo(f"recovery: {line}", err=True)
-    _write_rows(rows, json_out, None)
+    write_json(json_out, rows)
     if not out.reached:
         sys.exit(1)
 
@@ -388,9 +387,7 @@ def bench_store_cmd(urls: tuple[str, ...], chunk_bytes: str, scales: str, reps: 
     records = bench_store(list(urls) or default_urls(), chunks, vectors, reps,
                           echo=lambda m: click.echo(m, err=True))
     click.echo(format_table(records, COLUMNS))
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(records, indent=1))
+    write_json(json_out, records)
 
 
 @bench.command("faults")
@@ -415,9 +412,7 @@ def bench_faults_cmd(c: Ctx, rounds: int, checkpoint_dir: str | None, json_out: 
                            checkpoint_dir or str(local.home() / "checkpoints"), restart,
                            echo=lambda m: click.echo(m, err=True))
     click.echo(format_table(records, COLUMNS))
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(records, indent=1))
+    write_json(json_out, records)
 
 
 @bench.command("train")
@@ -445,9 +440,7 @@ def bench_train(c: Ctx, worker_counts: str, target_accuracy: float, dataset: str
                         echo=lambda m: click.echo(m, err=True))
     from emnist.bench.train import COLUMNS
     click.echo(format_table(records, COLUMNS))
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(records, indent=1))
+    write_json(json_out, records)
 
 
 # Commands kept in their own modules: bench run/report and build/deploy attach themselves to

@@ -63,3 +63,15 @@ def local_gateway(tmp: Path, env: Mapping[str, str], stack: Path = ROOT / "emnis
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def start_together(procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Processes that print "ready" then wait for a line on stdin: release them at once,
+    then require that each exits 0."""
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        assert p.wait(timeout) == 0

@@ -8,6 +8,7 @@ from emnist.store import CorruptValue, open_kv
 from emnist.store.keys import key_for
 from emnist.store.stateful import stateful
 from tests.conftest import MEMCACHED_URL, REDIS_URL
+from tests.servers import start_together
 
 
 def test_loads_before_and_persists_after(kv, run_id):
@@ -80,13 +81,7 @@ def test_concurrent_calls_lose_no_update(url, run_id, redis_kv):
     procs = [subprocess.Popen([sys.executable, "-c", COUNTER, url, run_id, "100"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    for p in procs:
-        assert p.wait(120) == 0
+    start_together(procs)
 
     @stateful("count", kv=open_kv(url), run_id=run_id)
     def read(*, count):

@@ -7,6 +7,7 @@ import pytest
 from emnist.store import CorruptValue, MissingState, ParameterStore, StoreError, codec, open_kv
 from emnist.store.keys import key_for
 from tests.conftest import BINARY_URL, MEMCACHED_URL, REDIS_URL
+from tests.servers import start_together
 
 DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "uint16",
           "uint32", "uint64", "bool"]
@@ -132,13 +133,7 @@ def _concurrent_pushes(url, run_id, mode, workers=4, pushes=50):
     procs = [subprocess.Popen([sys.executable, "-c", PUSHER, url, run_id, str(w), str(pushes),
                                mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for w in range(workers)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    for p in procs:
-        assert p.wait(120) == 0
+    start_together(procs)
     out = np.empty(3000, dtype=np.float32)
     ps.fetch(out)
     return out, pushes * sum(range(1, workers + 1))
