@@ -37,6 +37,21 @@ def json_body(event: Any) -> dict[str, Any]:
     return data
 
 
+def typed_body(event: Any, fields: dict[str, type], required: tuple[str, ...] = ()
+               ) -> dict[str, Any]:
+    """The JSON body, with only ``fields`` (name -> JSON type) and the ``required`` ones."""
+    request = json_body(event)
+    for name, value in request.items():
+        if name not in fields:
+            raise BadRequest(f"{name}: unknown field; known: {', '.join(fields)}")
+        if not isinstance(value, fields[name]) or isinstance(value, bool):
+            raise BadRequest(f"{name}: must be of type {fields[name].__name__}, got {value!r}")
+    for name in required:
+        if name not in request:
+            raise BadRequest(f"{name}: required")
+    return request
+
+
 def respond(status: int, body: Any) -> dict[str, Any]:
     return {"statusCode": status, "body": body, "headers": {"Content-Type": "application/json"}}
 

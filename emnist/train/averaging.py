@@ -40,9 +40,6 @@ class Averaging:
         return self.store.key("avgdone", r, w)
 
     # -- the worker loop's interface ------------------------------------------------------
-    def record(self, update: np.ndarray) -> None:
-        pass  # the parameters themselves are what gets averaged
-
     def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
         if step % self.every == 0:
             self.average(params, step // self.every)

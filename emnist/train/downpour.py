@@ -111,8 +111,12 @@ class Exchange:
             return
         job, self._job = self._job, None
         if job.result():  # re-raises the exchange's error here, on the training thread
-            np.add(self._fresh, self.pending(params), out=params)
-            self.base, self._fresh = self._fresh, self.base
+            self._apply(params)
+
+    def _apply(self, params: np.ndarray) -> None:
+        """The fetched global vector arrived: params = fresh + what is still pending."""
+        np.add(self._fresh, self.pending(params), out=params)
+        self.base, self._fresh = self._fresh, self.base
 
     def start(self, params: np.ndarray, push: bool, fetch: bool) -> None:
         self.settle(params)
@@ -131,9 +135,8 @@ class Exchange:
             return fetch
 
         if self._pool is None:
-            job()
-            self._job = _done(fetch)
-            self.settle(params)
+            if job():
+                self._apply(params)
         else:
             self._job = self._pool.submit(job)
 
@@ -150,9 +153,6 @@ class Exchange:
             self._pool.shutdown(wait=True)
 
     # -- the worker loop's interface ------------------------------------------------------
-    def record(self, update: np.ndarray) -> None:
-        pass  # pending is params - base: nothing to add up per minibatch
-
     def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
         push, fetch = step % self.n_push == 0, step % self.n_fetch == 0
         if push or fetch:
@@ -161,8 +161,3 @@ class Exchange:
     def end_iteration(self, params: np.ndarray) -> None:
         self.flush(params)
 
-
-def _done(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f

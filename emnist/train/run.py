@@ -60,10 +60,9 @@ def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, An
 
 
 def _launch(state: dict[str, Any], start_worker: StartWorker | None, only: list[int]) -> None:
-    for w in only:
-        if start_worker:
-            start_worker({"run_id": state["run_id"], "worker_id": w,
-                          "store_url": state["config"]["store_url"]})
+    for w in only if start_worker else ():
+        start_worker({"run_id": state["run_id"], "worker_id": w,
+                      "store_url": state["config"]["store_url"]})
 
 
 def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = None,

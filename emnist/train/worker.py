@@ -73,7 +73,6 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
                                               shard_y[at:at + bs])
                 grad *= -alpha
                 params += grad
-                ex.record(grad)
                 st.step, st.offset, st.samples = st.step + 1, st.offset + 1, st.samples + bs
                 ex.after_step(params, st.step, st.offset)
                 if ex.stop:

@@ -27,7 +27,7 @@ except ImportError:  # in the image, configuration.copy places the package besid
 import numpy as np
 
 from emnist.data import DataError
-from emnist.faas import BadRequest, environment, error, json_body, kv_for
+from emnist.faas import BadRequest, environment, error, kv_for, typed_body
 from emnist.model import MLP, MLPShape, to_float
 from emnist.p2p.split import BatchCache
 from emnist.store import StoreError, codec
@@ -49,15 +49,8 @@ class NotFound(LookupError):
 
 
 def _parse(event) -> dict:
-    req = json_body(event)
-    for name, value in req.items():
-        if name not in FIELDS:
-            raise BadRequest(f"{name}: unknown field; known: {', '.join(FIELDS)}")
-        if not isinstance(value, FIELDS[name]) or isinstance(value, bool):
-            raise BadRequest(f"{name}: must be of type {FIELDS[name].__name__}, got {value!r}")
+    req = typed_body(event, FIELDS, ("inputs", "hidden", "classes"))
     for name in ("inputs", "hidden", "classes"):
-        if name not in req:
-            raise BadRequest(f"{name}: required")
         if req[name] < 1:
             raise BadRequest(f"{name}: must be >= 1, got {req[name]}")
     if ("params_key" in req) == ("params" in req):

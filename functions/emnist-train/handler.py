@@ -16,7 +16,7 @@ try:
 except ImportError:  # in the image, configuration.copy places the package beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from emnist.faas import BadRequest, environment, error, json_body, kv_for, respond
+from emnist.faas import BadRequest, environment, error, kv_for, respond, typed_body
 from emnist.gateway.client import GatewayClient
 from emnist.store import MissingState, StoreError
 from emnist.train.config import ConfigError, TrainConfig
@@ -24,19 +24,6 @@ from emnist.train.run import UnknownRun, ensure_run, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
 FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict}
-
-
-def _parse(event) -> dict:
-    request = json_body(event)
-    for name, value in request.items():
-        if name not in FIELDS:
-            raise BadRequest(f"{name}: unknown field; known: {', '.join(FIELDS)}")
-        if not isinstance(value, FIELDS[name]) or isinstance(value, bool):
-            raise BadRequest(f"{name}: must be of type {FIELDS[name].__name__}, got {value!r}")
-    for name in ("run_id", "worker_id"):
-        if name not in request:
-            raise BadRequest(f"{name}: required")
-    return request
 
 
 def _next_pass(body: dict):
@@ -49,7 +36,7 @@ def handle(event, context):
     try:
         if event.method != "POST":
             return error(405, f"method {event.method} not allowed: use POST")
-        request = _parse(event)
+        request = typed_body(event, FIELDS, ("run_id", "worker_id"))
         store_url = request.get("store_url") or TrainConfig.from_sources(environment()).store_url
         kv = kv_for(store_url)
         if "config" in request:
