@@ -60,24 +60,29 @@ def test_chunks_spread_and_restart_is_reported(servers, scheme):
         ps.push(np.ones_like(params))
 
 
-def test_redis_password_from_an_openfaas_secret_file(tmp_path):
+def test_redis_password_from_an_openfaas_secret_file(tmp_path, monkeypatch):
     port = free_port()
     proc = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port",
                              str(port), "--requirepass", "s3cret", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
     try:
         wait_port(port)
-        secret = tmp_path / "redis-password"
-        secret.write_text("s3cret\n")
-        kv = open_kv(f"redis://127.0.0.1:{port}/0?password_file={secret}")
+        (tmp_path / "redis-password").write_text("s3cret\n")
+        monkeypatch.setenv("EMNIST_SECRETS_DIR", str(tmp_path))
+        kv = open_kv(f"redis://127.0.0.1:{port}/0?password_file=redis-password")
         kv.set_many({"k": b"v"})
         assert kv.get_many(["k"]) == {"k": b"v"}
         inline = open_kv(f"redis://:s3cret@127.0.0.1:{port}/0")
         assert "s3cret" not in inline.url and inline.get_many(["k"]) == {"k": b"v"}
         with pytest.raises(StoreError, match="(?i)auth"):
             open_kv(f"redis://127.0.0.1:{port}/0").get_many(["k"])
-        with pytest.raises(StoreError, match="cannot read store password"):
-            open_kv(f"redis://127.0.0.1:{port}/0?password_file={tmp_path / 'missing'}")
+        with pytest.raises(StoreError, match="secret missing is not mounted"):
+            open_kv(f"redis://127.0.0.1:{port}/0?password_file=missing")
+        # a path is never read: the attack that sent any file to any host as the password
+        (tmp_path / "private").write_text("s3cret\n")
+        for path in (str(tmp_path / "private"), "../private", "/etc/passwd", "a/b"):
+            with pytest.raises(StoreError, match="not a secret name"):
+                open_kv(f"redis://127.0.0.1:{port}/0?password_file={path}")
     finally:
         proc.terminate()
         proc.wait(10)

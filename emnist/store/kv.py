@@ -40,14 +40,15 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def read_secret(name_or_path: str) -> str:
-    """OpenFaaS mounts secrets as files under /var/openfaas/secrets/<name>."""
-    path = name_or_path if "/" in name_or_path else f"/var/openfaas/secrets/{name_or_path}"
+def read_secret(name: str) -> str:
+    """A store password from the OpenFaaS secret ``name`` (a name, never a path)."""
+    from emnist.secrets import SecretError
+    from emnist.secrets import read_secret as read
+
     try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError as e:
-        raise StoreError(f"cannot read store password from {path}: {e.strerror}") from None
+        return read(name)
+    except SecretError as e:
+        raise StoreError(f"password_file: {e}") from None
 
 
 def options(url: str) -> dict[str, str]:
