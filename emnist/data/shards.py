@@ -14,12 +14,12 @@ import os
 import shutil
 import tempfile
 import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from crc32c import crc32c
 
 from .datasets import DATASETS, dataset_files, load_dataset
 from .idx import DataError
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CRC-32C of every file's data and of the manifest, checked on open
 
 
 @dataclass(eq=False)
@@ -68,18 +68,34 @@ def source_fingerprint(dataset_name: str, root: str | os.PathLike[str] | None = 
     return h.hexdigest()[:10]
 
 
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as written: canonical JSON carrying the CRC-32C of its own content."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return _canonical({**body, "digest": f"{crc32c(_canonical(body)):08x}"})
+
+
 def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``manifest.json`` of a shard directory; DataError if absent or unreadable."""
+    """Read and check ``manifest.json`` of a shard directory; DataError if absent or altered.
+
+    The file must be exactly the canonical form of its content with a matching digest, so any
+    change to it is refused rather than trusted.
+    """
     p = Path(shard_dir) / MANIFEST
     try:
-        with open(p, encoding="utf-8") as f:
-            manifest = json.load(f)
+        raw = p.read_bytes()
+        manifest = json.loads(raw)
     except FileNotFoundError as e:
         raise DataError(f"{p}: no shard manifest (run prepare_shards first)") from e
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: unreadable shard manifest: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{p}: not a format-{FORMAT_VERSION} shard manifest")
+    if _manifest_bytes(manifest) != raw:
+        raise DataError(f"{p}: shard manifest fails its checksum (altered or damaged)")
     return manifest
 
 
@@ -105,7 +121,13 @@ def _is_complete(shard_dir: Path, expected: dict[str, Any]) -> bool:
 def _save(path: Path, arr: np.ndarray) -> dict[str, int]:
     arr = np.ascontiguousarray(arr)
     np.save(path, arr, allow_pickle=False)
-    return {"bytes": path.stat().st_size, "crc32": zlib.crc32(arr.reshape(-1).view(np.uint8))}
+    return {"bytes": path.stat().st_size, "crc32c": _file_crc(path)}
+
+
+def _file_crc(path: Path) -> int:
+    """CRC-32C of a whole file (header and data: any changed byte shows)."""
+    size = path.stat().st_size
+    return crc32c(np.memmap(path, dtype=np.uint8, mode="r")) if size else crc32c(b"")
 
 
 def prepare_shards(
@@ -119,10 +141,10 @@ def prepare_shards(
 
     The training set is permuted with ``seed`` and cut into ``workers`` contiguous parts whose
     sizes differ by at most one (``worker-<i>-{x,y}.npy``); the test set is stored whole
-    (``test-{x,y}.npy``); ``manifest.json`` records the parameters, sizes and the crc32 of each
-    array's data. Files are written into a temporary directory that is renamed into place, so
-    concurrent callers (threads or processes) only ever see a complete set; an existing
-    complete set is returned without loading any data.
+    (``test-{x,y}.npy``); ``manifest.json`` records the parameters, sizes and the CRC-32C of
+    each file (checked by every open). Files are written into a temporary directory that is
+    renamed into place, so concurrent callers (threads or processes) only ever see a complete
+    set; an existing complete set is returned without loading any data.
     """
     key = dataset_name.strip().lower()
     if key not in DATASETS:
@@ -170,8 +192,7 @@ def prepare_shards(
             "test_size": int(len(ds.test_y)),
             "files": files,
         }
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
+        (tmp / MANIFEST).write_bytes(_manifest_bytes(manifest))
         _publish(tmp, final, expected)
     finally:
         if tmp.exists():
@@ -202,13 +223,27 @@ def _publish(tmp: Path, final: Path, expected: dict[str, Any]) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _load(path: Path) -> np.ndarray:
+def _load(d: Path, name: str, manifest: dict[str, Any]) -> np.ndarray:
+    """Memory-map one array of the set after checking its size and CRC-32C against the
+    manifest: a damaged or replaced file is refused, never trained on."""
+    path = d / name
+    meta = manifest.get("files", {}).get(name)
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not listed in the shard manifest")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        if path.stat().st_size != meta.get("bytes"):
+            raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                            f"{meta.get('bytes')}")
+        if _file_crc(path) != meta.get("crc32c"):
+            raise DataError(f"{path}: fails its checksum (damaged or replaced)")
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as e:
         raise DataError(f"{path}: shard file missing") from e
-    except ValueError as e:
+    except (ValueError, OSError, EOFError, OverflowError, TypeError) as e:
         raise DataError(f"{path}: not a valid .npy file: {e}") from e
+    if arr.dtype != np.uint8 or not arr.flags.c_contiguous:
+        raise DataError(f"{path}: {arr.dtype} data where C-ordered uint8 was expected")
+    return arr
 
 
 def open_shard(shard_dir: str | os.PathLike[str], worker: int) -> Shard:
@@ -218,15 +253,15 @@ def open_shard(shard_dir: str | os.PathLike[str], worker: int) -> Shard:
     workers = int(manifest["workers"])
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} out of range 0..{workers - 1} for {d}")
-    x = _load(d / f"worker-{worker}-x.npy")
-    y = _load(d / f"worker-{worker}-y.npy")
-    if len(x) != len(y):
-        raise DataError(f"{d}: worker {worker} has {len(x)} images but {len(y)} labels")
+    x = _load(d, f"worker-{worker}-x.npy", manifest)
+    y = _load(d, f"worker-{worker}-y.npy", manifest)
+    if len(x) != len(y) or x.ndim != 2 or y.ndim != 1:
+        raise DataError(f"{d}: worker {worker} has images {x.shape} but labels {y.shape}")
     return Shard(x=x, y=y, num_classes=int(manifest["num_classes"]), worker=worker, workers=workers)
 
 
 def open_test(shard_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map the test set (x uint8 (n, 784), y uint8 (n,)) of a shard directory."""
     d = Path(shard_dir)
-    load_manifest(d)
-    return _load(d / "test-x.npy"), _load(d / "test-y.npy")
+    manifest = load_manifest(d)
+    return _load(d, "test-x.npy", manifest), _load(d, "test-y.npy", manifest)
