@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -57,13 +58,24 @@ def test_contexts_hold_template_handler_requirements_and_package(contexts):
             assert dist in reqs
 
 
+def _project_copy(dest: Path) -> Path:
+    """The stack file and what it builds from, in a directory of the test's own (the CLI
+    writes build/ next to the stack file: never into the checkout others may be using)."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in ("functions", "template", "emnist"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy2(ROOT / "emnist.yml", dest / "emnist.yml")
+    return dest / "emnist.yml"
+
+
 def test_cli_shrinkwrap_and_missing_faas_cli(tmp_path):
-    r = CliRunner().invoke(main, ["build", "--shrinkwrap", "-f", str(ROOT / "emnist.yml"),
+    stack = _project_copy(tmp_path / "project")
+    r = CliRunner().invoke(main, ["build", "--shrinkwrap", "-f", str(stack),
                                   "--registry", "ghcr.io/x", "--tag", "v9"])
     assert r.exit_code == 0, r.output
     assert "emnist-train: shrink-wrapped to" in r.output and "ghcr.io/x/emnist-train:v9" \
         in r.output
-    assert (ROOT / "build" / "emnist-train" / "function" / "emnist" / "train").is_dir()
+    assert (stack.parent / "build" / "emnist-train" / "function" / "emnist" / "train").is_dir()
     # without --shrinkwrap it needs faas-cli: one line naming it, exit 1
     r = CliRunner().invoke(main, ["build", "-f", str(ROOT / "emnist.yml")],
                            env={"PATH": str(tmp_path)})

@@ -73,10 +73,35 @@ def assert_reached(r, summary, run_dir):
     for recs in read_run(run_dir).values():
         res = [x for x in recs if x["kind"] == "result"][0]
         assert res["reached"] and res["test_accuracy"] >= 0.84 and res["refused"] == 0
-        epoch = [x for x in recs if x["kind"] == "epoch"][-1]
-        for field in ("compute_s", "send_s", "recv_s", "update_s", "bytes_sent", "loss",
-                      "val_loss", "test_accuracy", "peak_rss_mb"):
-            assert epoch[field] >= 0, field
+        assert_epochs_add_up(recs, res)
+
+
+def _total(values) -> float:
+    total = 0.0
+    for v in values:  # the peer's own order of additions: the same bits
+        total += v
+    return total
+
+
+def assert_epochs_add_up(recs: list[dict], result: dict) -> None:
+    """Each epoch record is the sum of its step records (the metrics' own accounting), the
+    phases are disjoint parts of the wall time, and the last epoch is the result."""
+    epochs = [x for x in recs if x["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == list(range(1, result["epochs"] + 1))
+    done, phases = 0, 0.0
+    for e in epochs:
+        steps = [x for x in recs if x["kind"] == "step" and x["epoch"] == e["epoch"]]
+        done += len(steps)
+        assert steps and e["steps"] == done
+        assert e["bytes_sent"] == sum(x["bytes_sent"] for x in steps) > 0
+        for phase in ("compute_s", "send_s", "recv_s", "update_s"):
+            assert e[phase] == _total(x[phase] for x in steps), phase
+        assert e["loss"] == _total(x["loss"] for x in steps) / len(steps)
+        assert e["compute_s"] > 0 and e["val_s"] > 0 and e["peak_rss_mb"] > 0
+        phases += _total(e[k] for k in ("compute_s", "send_s", "recv_s", "update_s", "val_s",
+                                          "barrier_s"))
+        assert phases <= e["t"]  # disjoint intervals of the time since the peer started
+    assert result["steps"] == done and epochs[-1]["test_accuracy"] == result["test_accuracy"]
 
 
 def test_three_peers_on_redis_reach_target_with_identical_parameters(tmp_path, split_dir):
@@ -123,13 +148,18 @@ def gateway(tmp_path_factory):
 
 def test_three_serverless_peers_reach_target(tmp_path, split_dir, gateway):
     assert gateway.replicas("emnist-grad") == 3
+    calls_before = gateway.get_function("emnist-grad")["invocationCount"]
     r, summary, run_dir = p2p_run(tmp_path, split_dir, "--serverless", "--store",
                                   MEMCACHED_URL, "--broker", REDIS_BROKER, "--batch-size", "50",
                                   "--sync-every", "2", gateway=gateway.url)
     assert_reached(r, summary, run_dir)
     assert summary["variant"] == "serverless"
     assert_identical_peers(run_dir)
-    # the gradients were computed by the function's replicas, not by the peers
+    # the gradients were computed by the function's replicas, not by the peers: one call per
+    # minibatch, two minibatches per step (a retried call counts twice)
+    steps = sum(x["kind"] == "step" for recs in read_run(run_dir).values() for x in recs)
+    calls = gateway.get_function("emnist-grad")["invocationCount"] - calls_before
+    assert calls >= 2 * steps > 0
     assert (split_dir / "batches-50" / "manifest.json").exists()
 
 
@@ -214,12 +244,10 @@ def test_a_killed_peer_makes_the_others_time_out_not_hang(tmp_path, split_dir, r
     try:
         _wait_for_steps(tmp_path / "peer-2.jsonl", 5)
         procs[2].kill()
-        t0 = time.monotonic()
-        for p in procs[:2]:
+        for p in procs[:2]:  # they end (communicate's timeout guards a hang) with an error
             out, err = p.communicate(timeout=60)
             assert p.returncode == 1, err.decode()[-2000:]
             assert "timed out after 3s" in err.decode() and "peer(s) 2" in err.decode()
-        assert time.monotonic() - t0 < 30
     finally:
         for p in procs:
             if p.poll() is None:
@@ -257,14 +285,10 @@ def test_report_plots_or_names_the_plot_extra(tmp_path, split_dir, monkeypatch):
     assert r.exit_code == 0, r.output
     assert summarize(run_dir)["epochs"] == 1
     png = tmp_path / "p2p.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        rep = CliRunner().invoke(main, ["p2p", "report", str(run_dir), "--plot", str(png)])
-        assert rep.exit_code == 0, rep.output
-        assert png.read_bytes()[:4] == b"\x89PNG"
+    # matplotlib is in the dev extra `make test` installs: no silent skip of the plot
+    rep = CliRunner().invoke(main, ["p2p", "report", str(run_dir), "--plot", str(png)])
+    assert rep.exit_code == 0, rep.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rep = CliRunner().invoke(main, ["p2p", "report", str(run_dir), "--plot", str(png)])
     assert rep.exit_code == 1 and "plot` extra" in rep.output
