@@ -2,7 +2,8 @@
 
 Everything goes through the OpenFaaS gateway API (the setup function answers status queries
 from the store), so the same code watches a run on the local gateway and on a cluster whose
-store the user's machine cannot reach.
+store the user's machine cannot reach. No request names a store: the functions use the one
+their deployment configures.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emnist.gateway.client import GatewayClient, GatewayError
+from emnist.wait import wait_until
 
 SETUP, TRAIN = "emnist-setup", "emnist-train"
 
@@ -47,14 +49,13 @@ class RunOutcome:
 
 
 def wait_replicas(gw: GatewayClient, name: str, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    """Until ``name`` has exactly ``n`` replicas, all available."""
+    def ready() -> bool:
         fn = gw.get_function(name)
-        if fn and fn.get("availableReplicas", 0) >= n and fn.get("replicas", 0) == n:
-            return
-        if time.monotonic() > deadline:
-            raise RunError(f"{name} did not reach {n} available replicas in {timeout:.0f}s")
-        time.sleep(0.1)
+        return bool(fn) and fn.get("availableReplicas", 0) >= n and fn.get("replicas", 0) == n
+
+    wait_until(ready, timeout, f"{name} did not reach {n} available replicas in {timeout:.0f}s",
+               interval=0.1, error=RunError)
 
 
 def start_run(gw: GatewayClient, config: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -66,9 +67,10 @@ def start_run(gw: GatewayClient, config: dict[str, Any]) -> tuple[dict[str, Any]
     return body, invoked
 
 
-def status(gw: GatewayClient, run_id: str, store_url: str | None = None) -> dict[str, Any]:
-    query = {"run_id": run_id, **({"store_url": store_url} if store_url else {})}
-    resp = gw.invoke(SETUP, None, method="GET", query=query, timeout=30, check=False)
+def status(gw: GatewayClient, run_id: str) -> dict[str, Any]:
+    """A run's progress, read by emnist-setup from the store its deployment names."""
+    resp = gw.invoke(SETUP, None, method="GET", query={"run_id": run_id}, timeout=30,
+                     check=False)
     body = _json(resp)
     if resp.status_code == 404:
         raise RunLost(f"status of {run_id}: {body.get('error', resp.text)}")
@@ -78,7 +80,7 @@ def status(gw: GatewayClient, run_id: str, store_url: str | None = None) -> dict
 
 
 def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: float,
-          store_url: str | None = None, interval: float = 0.25,
+          interval: float = 0.25,
           on_status: Callable[[dict[str, Any]], None] | None = None,
           recover: bool = True, max_recoveries: int = 5) -> RunOutcome:
     """Poll until every worker has a result, or fail after ``timeout`` seconds.
@@ -96,7 +98,7 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
     watching_since = time.time()
     while True:
         try:
-            st = status(gw, run_id, store_url)
+            st = status(gw, run_id)
             seen, transient = True, 0
         except RunLost as e:
             first_init = config.get("execution_type") == 1 and not seen
@@ -105,7 +107,7 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
                 continue
             if not (recover and config.get("checkpoint_url")) or len(recoveries) >= max_recoveries:
                 raise
-            resume(gw, run_id, store_url, config["checkpoint_url"])
+            resume(gw, run_id, config["checkpoint_url"])
             recoveries.append(f"{time.time():.3f} restored from checkpoint: {e}")
             watching_since = time.time()
             continue
@@ -129,8 +131,7 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
                 stale = not (p or {}).get("done") and st["now"] - last > 3 * lease
                 if stale and time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
                     relaunched[w] = time.monotonic()
-                    gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w,
-                                            **({"store_url": store_url} if store_url else {})})
+                    gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
                     recoveries.append(f"{time.time():.3f} relaunched stale worker {w}")
         if time.monotonic() > deadline:
             missing = [w for w, r in enumerate(st["results"]) if r is None]
@@ -139,11 +140,10 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
         time.sleep(interval)
 
 
-def resume(gw: GatewayClient, run_id: str, store_url: str | None = None,
+def resume(gw: GatewayClient, run_id: str,
            checkpoint_url: str | None = None) -> tuple[dict[str, Any], float]:
     """emnist-setup's resume: relaunch unfinished workers, restoring a lost run first."""
-    body = {"resume": run_id, **({"store_url": store_url} if store_url else {}),
-            **({"checkpoint_url": checkpoint_url} if checkpoint_url else {})}
+    body = {"resume": run_id, **({"checkpoint_url": checkpoint_url} if checkpoint_url else {})}
     return start_run(gw, body)
 
 

@@ -37,17 +37,17 @@ def pid_of(hostname: str) -> int:
     raise LookupError(f"no process with HOSTNAME={hostname}")
 
 
-def timed_run(gw: GatewayClient, config: dict[str, Any], store_url: str,
+def timed_run(gw: GatewayClient, config: dict[str, Any],
               fault: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One run; ``fault(run_id)`` is called from a thread once worker 0 finished 2 passes."""
     gw.scale(TRAIN, config["number_of_workers"])
     wait_replicas(gw, TRAIN, config["number_of_workers"])
-    state, invoked = start_run(gw, {**config, "store_url": store_url})
+    state, invoked = start_run(gw, config)
     if fault is not None:
         def inject() -> None:
             while True:
                 try:
-                    p = status(gw, state["run_id"], store_url)["progress"][0]
+                    p = status(gw, state["run_id"])["progress"][0]
                 except RunError:  # the store may still be settling after the last fault
                     time.sleep(0.05)
                     continue
@@ -56,7 +56,7 @@ def timed_run(gw: GatewayClient, config: dict[str, Any], store_url: str,
                     return
                 time.sleep(0.02)
         threading.Thread(target=inject, daemon=True).start()
-    out = watch(gw, state, invoked, timeout=600, store_url=store_url)
+    out = watch(gw, state, invoked, timeout=600)
     return {"seconds": out.seconds, "reached": out.reached, "run_id": out.run_id,
             "iterations": max(r["iterations"] for r in out.results),
             "recoveries": len(out.recoveries)}
@@ -76,7 +76,7 @@ def restart_memcached(pidfile: Path, start: Callable[[], None]) -> Callable[[str
     return fault
 
 
-def bench_faults(gw: GatewayClient, store_url: str, rounds: int, checkpoint_dir: str,
+def bench_faults(gw: GatewayClient, rounds: int, checkpoint_dir: str,
                  restart: Callable[[str], None],
                  echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     records = []
@@ -85,7 +85,7 @@ def bench_faults(gw: GatewayClient, store_url: str, rounds: int, checkpoint_dir:
             echo(f"type {etype} {algorithm} ...")
             cfg = {"number_of_workers": 2, "target_accuracy": 0.84, "execution_type": etype,
                    "algorithm": algorithm}
-            runs = [timed_run(gw, cfg, store_url) for _ in range(rounds)]
+            runs = [timed_run(gw, cfg) for _ in range(rounds)]
             records.append({"case": f"type {etype} {algorithm}", "execution_type": etype,
                             "algorithm": algorithm, "target_accuracy": 0.84,
                             "seconds_to_target": median(r["seconds"] for r in runs),
@@ -99,7 +99,7 @@ def bench_faults(gw: GatewayClient, store_url: str, rounds: int, checkpoint_dir:
              ("slow + checkpoints + memcached restart", ckpt, restart)]
     for name, cfg, fault in cases:
         echo(f"{name} ...")
-        runs = [timed_run(gw, cfg, store_url, fault) for _ in range(rounds)]
+        runs = [timed_run(gw, cfg, fault) for _ in range(rounds)]
         records.append({"case": name, "target_accuracy": 0.84,
                         "seconds_to_target": median(r["seconds"] for r in runs),
                         "seconds_rounds": [round(r["seconds"], 3) for r in runs],

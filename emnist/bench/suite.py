@@ -97,15 +97,12 @@ def deploy_variant(gw: GatewayClient, variant: Variant, *, use_kubectl: bool | N
 
 
 def run_variant(gw: GatewayClient, variant: Variant, round_no: int, *,
-                config: Mapping[str, Any], store_url: str | None, timeout: float,
+                config: Mapping[str, Any], timeout: float,
                 provider: str = "", namespace: str = k8s.FUNCTIONS_NAMESPACE) -> dict[str, Any]:
     """One timed run of a deployed variant; the record appended to the results file."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    body = dict(config)
-    if store_url:
-        body["store_url"] = store_url
-    state, invoked = start_run(gw, body)
-    out = watch(gw, state, invoked, timeout=timeout, store_url=store_url)
+    state, invoked = start_run(gw, dict(config))  # no store: the variant's deployment has one
+    out = watch(gw, state, invoked, timeout=timeout)
     nodes = _nodes(provider, namespace)
     workers = []
     for r in sorted(out.results, key=lambda r: r["worker_id"]):
@@ -131,8 +128,8 @@ def _append(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def run_suite(gw: GatewayClient, paths: list[str], *, rounds: int, results: Path,
-              env: Mapping[str, str], config: Mapping[str, Any], store_url: str | None,
-              timeout: float, warmup: int = 0, use_kubectl: bool | None = None,
+              env: Mapping[str, str], config: Mapping[str, Any], timeout: float,
+              warmup: int = 0, use_kubectl: bool | None = None,
               namespace: str = k8s.FUNCTIONS_NAMESPACE,
               echo: Callable[[str], None] = print) -> tuple[int, int]:
     """Every variant, ``rounds`` timed runs each (after ``warmup`` untimed ones).
@@ -159,8 +156,8 @@ def run_suite(gw: GatewayClient, paths: list[str], *, rounds: int, results: Path
             label = f"warm-up {r + warmup}" if r < 1 else f"round {r}/{rounds}"
             t0 = time.monotonic()
             try:
-                rec = run_variant(gw, v, r, config=config, store_url=store_url,
-                                  timeout=timeout, provider=provider, namespace=namespace)
+                rec = run_variant(gw, v, r, config=config, timeout=timeout,
+                                  provider=provider, namespace=namespace)
             except (RunError, GatewayError, OSError, ValueError) as e:
                 echo(f"   {label}: FAILED after {time.monotonic() - t0:.1f}s: {e}")
                 if r >= 1:

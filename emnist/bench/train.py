@@ -59,11 +59,11 @@ def median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_train(run: Callable[[dict[str, Any]], Any], worker_counts: list[int], target: float,
-                dataset: str, n_fetch: int, n_push: int, store_url: str, rounds: int = 3,
+                dataset: str, n_fetch: int, n_push: int, rounds: int = 3,
                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Median of ``rounds`` timed runs per configuration, after one untimed warm-up each."""
     base = {"target_accuracy": target, "dataset": dataset, "n_fetch": n_fetch,
-            "n_push": n_push, "store_url": store_url}
+            "n_push": n_push}  # no store: the functions use their deployment's
     cfg = TrainConfig(**base)
     echo("plain loop: warm-up, then timed rounds ...")
     plain_record(cfg)  # shard preparation, page cache

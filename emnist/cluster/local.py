@@ -1,7 +1,8 @@
 """The embedded default: a local memcached and the local gateway as background processes.
 
-State (pids, URLs, logs) lives in ``$EMNIST_HOME`` (default ``~/.cache/emnist``) so `emnist
-down` can stop what `emnist up` started, and nothing else.
+State (pids, URLs, logs) lives in the cache directory (:func:`emnist.paths.cache_dir`) so
+`emnist down` can stop what `emnist up` started, and nothing else: each process is recorded
+with its command line and start time, and a record that no longer matches its pid is stale.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+
+from emnist.cluster import procs
+from emnist.paths import cache_dir
+from emnist.wait import wait_until
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class LocalStackError(RuntimeError):
@@ -25,9 +31,14 @@ class LocalStackError(RuntimeError):
 
 
 def home() -> Path:
-    path = Path(os.environ.get("EMNIST_HOME") or Path.home() / ".cache" / "emnist")
+    path = cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def is_loopback(url: str) -> bool:
+    """True for a URL on this machine's loopback (the local stack the CLI may manage)."""
+    return urlsplit(url if "://" in url else f"//{url}").hostname in LOOPBACK
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -56,18 +67,23 @@ def ensure_memcached(url: str, memory_mb: int = 256) -> str | None:
     host, port = parts.hostname or "127.0.0.1", parts.port or 11211
     if port_open(host, port):
         return None
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise LocalStackError(f"memcached at {host}:{port} is not reachable")
+    if host not in LOOPBACK:
+        raise LocalStackError(f"memcached at {host}:{port} is not reachable (the local stack "
+                              "starts memcached only on 127.0.0.1)")
     binary = shutil.which("memcached")
     if binary is None:
         raise LocalStackError("memcached is not installed: run `sudo apt-get install memcached` "
                               "(Debian/Ubuntu package `memcached`), or pass --store URL")
-    pidfile = home() / "memcached.pid"
+    state = home()
+    pidfile = state / "memcached.pid"
+    pidfile.unlink(missing_ok=True)
     args = [binary, "-d", "-l", host, "-p", str(port), "-m", str(memory_mb), "-P", str(pidfile)]
     if os.geteuid() == 0:
         args += ["-u", "root"]
     subprocess.run(args, check=True)
-    _wait(lambda: port_open(host, port), 10, f"memcached did not start on {host}:{port}")
+    wait_until(lambda: port_open(host, port) and pidfile.exists() and pidfile.stat().st_size,
+               10, f"memcached did not start on {host}:{port}", error=LocalStackError)
+    procs.write_record(state / "memcached.proc.json", int(pidfile.read_text()), args)
     return f"started memcached on {host}:{port}"
 
 
@@ -77,65 +93,97 @@ def start_gateway(stack: Path, port: int, env: dict[str, str], replicas: list[st
     state_dir = home()
     ready = state_dir / "gateway.json"
     ready.unlink(missing_ok=True)
-    log = open(state_dir / "gateway.log", "ab")
+    log_path = state_dir / "gateway.log"
     args = [sys.executable, "-m", "emnist.gateway.server", "--stack", str(stack),
             "--port", str(port), "--ready-file", str(ready)]
     for r in replicas:
         args += ["--replicas", r]
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **env}, start_new_session=True,
-                            cwd=stack.parent)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **env},
+                                start_new_session=True, cwd=stack.parent)
+    procs.write_record(state_dir / "gateway.proc.json", proc.pid, args)
 
     def is_ready() -> bool:
         if proc.poll() is not None:
-            tail = (state_dir / "gateway.log").read_text(errors="replace")[-2000:]
+            tail = log_path.read_text(errors="replace")[-2000:]
             raise LocalStackError(f"the gateway exited with {proc.returncode}:\n{tail}")
         return ready.exists() and ready.stat().st_size > 0
 
-    _wait(is_ready, timeout, f"the gateway did not become ready in {timeout:.0f}s "
-          f"(log: {state_dir / 'gateway.log'})")
+    wait_until(is_ready, timeout, f"the gateway did not become ready in {timeout:.0f}s "
+               f"(log: {log_path})", error=LocalStackError)
     return json.loads(ready.read_text())
 
 
+# what each managed process leaves behind: its record, and the file it writes itself
+MANAGED = {"gateway": ("gateway.proc.json", "gateway.json"),
+           "memcached": ("memcached.proc.json", "memcached.pid")}
+
+
+def managed_pid(name: str) -> int | None:
+    """The pid of the ``name`` process `up` started, if its record still matches it."""
+    rec = procs.read_record(home() / MANAGED[name][0])
+    return rec["pid"] if rec and procs.matches(rec) else None
+
+
 def stop_all() -> list[str]:
-    """Stop the gateway (which stops its replicas) and the memcached that `up` started."""
+    """Stop the gateway (which stops its replicas) and the memcached that `up` started.
+
+    A process is signalled only when its record still matches it (same pid, command line and
+    start time); a stale record is removed with a message and nothing is killed.
+    """
     done = []
     state = home()
-    for name, path in (("gateway", state / "gateway.json"), ("memcached", state / "memcached.pid")):
-        if not path.exists():
+    for name, (record_name, own_name) in MANAGED.items():
+        record, own = state / record_name, state / own_name
+        if not record.exists() and not own.exists():
             continue
-        text = path.read_text().strip()
-        pid = json.loads(text)["pid"] if path.suffix == ".json" else int(text or 0)
-        if pid and _terminate(pid):
-            done.append(f"stopped {name} (pid {pid})")
-        path.unlink(missing_ok=True)
+        rec = procs.read_record(record)
+        if rec is not None and procs.matches(rec):
+            _terminate(rec["pid"])
+            done.append(f"stopped {name} (pid {rec['pid']})")
+        else:
+            pid = _pid_in(own)
+            if rec is not None:
+                why = f"pid {rec['pid']} is no longer the {name} `emnist up` started"
+            elif pid:
+                why = f"nothing records pid {pid} as the {name} `emnist up` started"
+            else:
+                why = f"no {name} process is recorded"
+            done.append(f"stale {name} state in {state} ({why}): removed it, stopped nothing")
+        record.unlink(missing_ok=True)
+        own.unlink(missing_ok=True)
     return done
 
 
-def _terminate(pid: int, grace: float = 10) -> bool:
+def _pid_in(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+        pid = json.loads(text)["pid"] if path.suffix == ".json" else int(text)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:  # our own child: reap it
+            return True
+    except ChildProcessError:
+        pass  # not our child; init reaps it
+    return procs.identity(pid) is None
+
+
+def _terminate(pid: int, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds (the caller checked it is ours)."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+        return
+    try:
+        wait_until(lambda: _gone(pid), grace, f"pid {pid} ignored SIGTERM")
+    except TimeoutError:
         try:
-            if os.waitpid(pid, os.WNOHANG)[0]:  # our own child: reap it
-                return True
-        except ChildProcessError:
-            pass  # not our child; init reaps it
-        try:
-            os.kill(pid, 0)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    return True
-
-
-def _wait(ok, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise LocalStackError(message)
-        time.sleep(0.05)
+            pass

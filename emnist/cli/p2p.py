@@ -1,49 +1,33 @@
-"""CLI: `emnist data split`, `emnist p2p peer|run|report` (registered on emnist.cli.main)."""
+"""`emnist p2p peer|run|report`: peer-to-peer training over a broker, with or without
+serverless gradients (emnist-grad)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import time
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-from emnist import cli
-from emnist.data import DataError
+from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option, write_json
+from emnist.cli.stack import bring_up, local_location
+from emnist.cluster import local
+from emnist.p2p.launch import launch_peers
+from emnist.paths import cache_dir
+from emnist.runner import wait_replicas
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
-DEFAULT_OUT = Path(os.environ.get("EMNIST_HOME") or Path.home() / ".cache" / "emnist")
 GRAD = "emnist-grad"
+# how `p2p run` starts each peer: this CLI's `p2p peer` in a fresh interpreter
+PEER_COMMAND = [sys.executable, "-m", "emnist.cli", "p2p", "peer"]
 
 
-def p2p_friendly(fn):
-    """Like cli.friendly, for the p2p errors too: one stderr line, exit 1."""
-    from emnist.p2p.broker import BrokerError
-    from emnist.p2p.peer import PeerTimeout
-    from emnist.p2p.report import PlotUnavailable
-    from emnist.p2p.serverless import GradFunctionError
-    expected = (*cli.EXPECTED, BrokerError, PeerTimeout, PlotUnavailable, GradFunctionError,
-                DataError)
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except expected as e:
-            ctx = click.get_current_context().find_object(cli.Ctx)
-            if ctx is not None and ctx.debug:
-                raise
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
-    return wrapper
+def default_data_root() -> Path:
+    return cache_dir() / "p2p-data"
 
 
 def _sync_every(value: str) -> int:
@@ -58,33 +42,6 @@ def _sync_every(value: str) -> int:
     return n
 
 
-# -- data ----------------------------------------------------------------------------------------
-@click.group()
-def data() -> None:
-    """Datasets: partitions for peer-to-peer training."""
-
-
-@data.command("split")
-@click.option("--peers", type=click.IntRange(1), required=True, help="Number of peers.")
-@click.option("--batches", "batch_size", type=click.IntRange(1), default=None,
-              help="Also write per-batch files of this size (for emnist-grad).")
-@click.option("--dataset", default="fashion-mnist", show_default=True)
-@click.option("--dataset-dir", default=None, help="Where the dataset files are.")
-@click.option("--out", default=str(DEFAULT_OUT / "p2p-data"), show_default=True,
-              help="Local directory to write the split under (serve it over HTTP for remote "
-                   "functions).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-fraction", type=float, default=1 / 12, show_default=True,
-              help="Part of each peer's data held out for validation.")
-@p2p_friendly
-def split_cmd(peers: int, batch_size: int | None, dataset: str, dataset_dir: str | None,
-              out: str, seed: int, val_fraction: float) -> None:
-    """Partition a dataset for N peers (and per-batch files); prints the split's location."""
-    from emnist.p2p.split import split
-    click.echo(split(dataset, dataset_dir, peers, out, seed, val_fraction, batch_size))
-
-
-# -- p2p -----------------------------------------------------------------------------------------
 @click.group()
 def p2p() -> None:
     """Peer-to-peer training over a broker, with or without serverless gradients."""
@@ -126,18 +83,19 @@ def peer_options(fn):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--serverless", is_flag=True,
                      help="Compute each minibatch's gradient with the emnist-grad function."),
-        cli.STORE_OPT,
+        store_option,
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _peer_config(c: cli.Ctx, run_id: str, rank: int, size: int, data_loc: str,
+def _peer_config(c: Ctx, run_id: str, rank: int, size: int, data_loc: str,
                  metrics_dir: str | None, kw: dict[str, Any]):
     from emnist.p2p.peer import PeerConfig
     return PeerConfig(
-        run_id=run_id, rank=rank, size=size, data=data_loc, broker_url=kw["broker"],
+        run_id=run_id, rank=rank, size=size, data=local_location(data_loc),
+        broker_url=kw["broker"],
         compression=kw["compression"], qsgd_levels=kw["qsgd_levels"],
         topk_ratio=kw["topk_ratio"], batch_size=kw["batch_size"],
         sync_every=_sync_every(kw["sync_every"]), lr=kw["lr"], hidden=kw["hidden_size"],
@@ -156,9 +114,9 @@ def _peer_config(c: cli.Ctx, run_id: str, rank: int, size: int, data_loc: str,
               help="The split's location (`emnist data split`): a directory or URL prefix.")
 @click.option("--metrics-dir", default=None, help="Write peer-<rank>.jsonl metrics here.")
 @peer_options
-@cli.pass_ctx
-@p2p_friendly
-def peer(c: cli.Ctx, rank: int, size: int, run_id: str, data_loc: str,
+@pass_ctx
+@friendly
+def peer(c: Ctx, rank: int, size: int, run_id: str, data_loc: str,
          metrics_dir: str | None, **kw) -> None:
     """Run one peer (the others run the same command with their --rank)."""
     from emnist.p2p.peer import run_peer
@@ -167,50 +125,15 @@ def peer(c: cli.Ctx, rank: int, size: int, run_id: str, data_loc: str,
     run_peer(_peer_config(c, run_id, rank, size, data_loc, metrics_dir, kw))
 
 
-def _ensure_gateway(c: cli.Ctx, stack: str, store: str, replicas: int) -> bool:
-    started = cli.bring_up(c, stack, store, (f"{GRAD}={replicas}",))
-    gw = c.client()
-    if gw.get_function(GRAD) is None:
+def _ensure_gateway(c: Ctx, stack: str, store: str, replicas: int, data_loc: str) -> bool:
+    started = bring_up(c, stack, store, (f"{GRAD}={replicas}",), data_roots=[data_loc])
+    if c.gw.get_function(GRAD) is None:
         raise click.ClickException(f"the gateway at {c.gateway} has no {GRAD} function: "
                                    "deploy emnist.yml (emnist up, or faas-cli deploy)")
-    if gw.replicas(GRAD) < replicas:
-        gw.scale(GRAD, replicas)
-        from emnist.runner import wait_replicas
-        wait_replicas(gw, GRAD, replicas)
+    if c.gw.replicas(GRAD) < replicas:
+        c.gw.scale(GRAD, replicas)
+        wait_replicas(c.gw, GRAD, replicas)
     return started
-
-
-def launch_peers(c: cli.Ctx, run_id: str, size: int, data_loc: str, out_dir: Path,
-                 argv: list[str], timeout: float, echo=None) -> list[int]:
-    """Start ``size`` peer processes, wait for all; returns their exit codes."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "OPENFAAS_URL": c.gateway}
-    procs = []
-    for rank in range(size):
-        log = open(out_dir / f"peer-{rank}.log", "wb")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "emnist.p2p", "peer", "--rank", str(rank), "--size",
-             str(size), "--run-id", run_id, "--data", data_loc, "--metrics-dir", str(out_dir),
-             *argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
-        log.close()
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"run {run_id}: peers still running after "
-                                           f"{timeout:g}s; stopped them")
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs]
 
 
 def _argv(kw: dict[str, Any]) -> list[str]:
@@ -232,10 +155,10 @@ def _argv(kw: dict[str, Any]) -> list[str]:
               help="An existing split's location; default: split --dataset locally.")
 @click.option("--dataset", default="fashion-mnist", show_default=True)
 @click.option("--dataset-dir", default=None, help="Where the dataset files are.")
-@click.option("--data-root", default=str(DEFAULT_OUT / "p2p-data"), show_default=True,
-              help="Where to write the split.")
-@click.option("--out", default=str(DEFAULT_OUT / "p2p-runs"), show_default=True,
-              help="Metrics go to OUT/RUN_ID/.")
+@click.option("--data-root", default=None,
+              help="Where to write the split [default: the cache's p2p-data/].")
+@click.option("--out", default=None,
+              help="Metrics go to OUT/RUN_ID/ [default: the cache's p2p-runs/].")
 @click.option("--run-id", default=None, help="Default: p2p-<time>-<random>.")
 @click.option("--grad-replicas", type=click.IntRange(1), default=3, show_default=True,
               help="emnist-grad replicas (serverless).")
@@ -243,13 +166,13 @@ def _argv(kw: dict[str, Any]) -> list[str]:
               help="Seconds before the peers are stopped.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the summary.")
 @click.option("--down", is_flag=True, help="Stop the local stack afterwards if this started it.")
-@cli.STACK_OPT
+@stack_option
 @peer_options
-@cli.pass_ctx
-@p2p_friendly
-def run(c: cli.Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: str | None,
-        data_root: str, out: str, run_id: str | None, grad_replicas: int, run_timeout: float,
-        json_out: str | None, down: bool, stack: str, **kw) -> None:
+@pass_ctx
+@friendly
+def run(c: Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: str | None,
+        data_root: str | None, out: str | None, run_id: str | None, grad_replicas: int,
+        run_timeout: float, json_out: str | None, down: bool, stack: str, **kw) -> None:
     """Start N local peers, wait for them, print the run's summary."""
     from emnist.p2p.broker import open_broker
     from emnist.p2p.report import summarize, table
@@ -257,21 +180,24 @@ def run(c: cli.Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: 
     run_id = run_id or time.strftime("p2p-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     _peer_config(c, run_id, 0, size, data_loc or ".", None, kw)  # validate before starting
     if data_loc is None:
-        data_loc = str(split(dataset, dataset_dir, size, data_root, kw["seed"],
+        data_loc = str(split(dataset, dataset_dir, size, data_root or default_data_root(),
+                             kw["seed"],
                              batch_size=kw["batch_size"] if kw["serverless"] else None))
     elif kw["serverless"] and not data_loc.startswith(("http://", "https://")):
         write_batches(Path(data_loc), kw["batch_size"])
+    data_loc = local_location(data_loc)
     started = False
     if kw["serverless"]:
-        started = _ensure_gateway(c, stack, kw["store"], grad_replicas)
-    out_dir = Path(out) / run_id
+        started = _ensure_gateway(c, stack, kw["store"], grad_replicas, data_loc)
+    out_dir = Path(out or cache_dir() / "p2p-runs") / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"run {run_id}: {size} peers ({'serverless' if kw['serverless'] else 'p2p'}, "
                f"{kw['compression']}, {kw['broker'].split('://')[0]}); metrics in {out_dir}",
                err=True)
     t0 = time.monotonic()
     try:
-        codes = launch_peers(c, run_id, size, data_loc, out_dir, _argv(kw), run_timeout)
+        codes = launch_peers(PEER_COMMAND, run_id, size, data_loc, out_dir, _argv(kw),
+                             run_timeout, {**os.environ, "OPENFAAS_URL": c.gateway})
     finally:
         try:
             broker = open_broker(kw["broker"], run_id, 0, size)
@@ -280,15 +206,12 @@ def run(c: cli.Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: 
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the run's outcome
             click.echo(f"warning: broker cleanup failed: {e}", err=True)
         if down and started:
-            from emnist.cluster import local
             local.stop_all()
     wall = time.monotonic() - t0
     summary = summarize(out_dir)
     summary.update(run_id=run_id, wall_s=wall, exit_codes=codes)
     click.echo(table([summary]))
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(summary, indent=1))
+    write_json(json_out, summary)
     failed = [r for r, code in enumerate(codes) if code != 0]
     if failed:
         tails = []
@@ -310,15 +233,14 @@ def run(c: cli.Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: 
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Write the PNG plots here (needs the `plot` extra: matplotlib).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the rows.")
-@cli.pass_ctx
-@p2p_friendly
-def report(c: cli.Ctx, runs: tuple[str, ...], plot_out: str | None,
+@pass_ctx
+@friendly
+def report(c: Ctx, runs: tuple[str, ...], plot_out: str | None,
            json_out: str | None) -> None:
     """Compare runs (metrics directories): table, and PNG plots with --plot."""
     from emnist.p2p.report import plot, summarize, table
     rows = [summarize(r) for r in runs]
     click.echo(table(rows))
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=1))
+    write_json(json_out, rows)
     if plot_out:
         click.echo(f"plots written to {plot(rows, plot_out)}")

@@ -1,20 +1,17 @@
-"""`emnist build` and `emnist deploy`: function images and OpenFaaS on Kubernetes.
-
-These commands attach themselves to the CLI's group when imported (emnist/cli.py imports this
-module at its end).
-"""
+"""`emnist build` and `emnist deploy`: function images, and OpenFaaS on Kubernetes (or the
+local stack)."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
-from functools import wraps
 from pathlib import Path
 
 import click
 
-from emnist.cli import STACK_OPT, STORE_OPT, Ctx, bring_up, friendly, main, pass_ctx
+from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option
+from emnist.cli.stack import bring_up, print_functions
 from emnist.cluster import build as builder
 from emnist.cluster import k8s
 from emnist.gateway.client import deploy_request
@@ -22,29 +19,14 @@ from emnist.gateway.stack import load_stack
 
 PASSWORD_ENV = "EMNIST_STORE_PASSWORD"
 
-
-def cluster_errors(fn):
-    """kubectl/faas-cli failures as one stderr line and exit 1 (traceback with --debug)."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (k8s.KubectlError, builder.BuildError) as e:
-            obj = click.get_current_context().find_object(Ctx)
-            if obj is not None and obj.debug:
-                raise
-            raise click.ClickException(str(e)) from e
-    return wrapper
-
-
 REGISTRY_OPT = click.option("--registry", envvar="REGISTRY", default=None,
                             help="Image prefix, e.g. ghcr.io/you (env REGISTRY; the stack's "
                                  "${REGISTRY:-docker.io/emnist}).")
 TAG_OPT = click.option("--tag", envvar="TAG", default=None, help="Image tag (env TAG; latest).")
 
 
-@main.command()
-@STACK_OPT
+@click.command()
+@stack_option
 @click.option("--shrinkwrap", is_flag=True,
               help="Only write build/<fn>/ contexts (no Docker, no faas-cli).")
 @click.option("--push", is_flag=True, help="Push the images after building (faas-cli push).")
@@ -53,7 +35,6 @@ TAG_OPT = click.option("--tag", envvar="TAG", default=None, help="Image tag (env
 @click.option("--filter", "only", multiple=True, metavar="NAME", help="Only these functions.")
 @pass_ctx
 @friendly
-@cluster_errors
 def build(c: Ctx, stack: str, shrinkwrap: bool, push: bool, registry: str | None,
           tag: str | None, only: tuple[str, ...]) -> None:
     """Build the function images (faas-cli build), or only their contexts (--shrinkwrap)."""
@@ -85,11 +66,11 @@ def _password(value: str | None, path: str | None) -> str | None:
     return value or None
 
 
-@main.command()
+@click.command()
 @click.option("--target", type=click.Choice(["k8s", "local"]), default="k8s", show_default=True,
               help="k8s: stores via kubectl + functions via the gateway; local: `emnist up`.")
-@STACK_OPT
-@STORE_OPT
+@stack_option
+@store_option
 @click.option("--namespace", default=k8s.FUNCTIONS_NAMESPACE, show_default=True,
               help="Namespace of the stores (the functions are always in openfaas-fn).")
 @click.option("--manifests", default="deploy/k8s", show_default=True,
@@ -105,7 +86,6 @@ def _password(value: str | None, path: str | None) -> str | None:
               help="Print every manifest and gateway request; change nothing.")
 @pass_ctx
 @friendly
-@cluster_errors
 def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifests: str,
            store_password: str | None, store_password_file: str | None, skip_stores: bool,
            registry: str | None, tag: str | None, dry_run: bool) -> None:
@@ -115,10 +95,8 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
             click.echo(f"would start memcached for {store} if nothing answers there, and the "
                        f"local gateway for {stack} at {c.gateway} if none runs (= emnist up)")
             return
-        bring_up(c, stack, store, ())
-        for fn in c.client().list_functions():
-            click.echo(f"{fn['name']}: {fn.get('availableReplicas', 0)}/{fn['replicas']} "
-                       "replicas")
+        bring_up(c, stack, store)
+        print_functions(c)
         return
     spec = load_stack(stack, builder.image_env(os.environ, registry, tag))
     password = _password(store_password, store_password_file)
@@ -147,7 +125,7 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
         return
     if objs:
         click.echo(k8s.apply(objs).rstrip())
-    gw = c.client()
+    gw = c.gw
     for body in requests_:
         gw.deploy(body)
         click.echo(f"deployed {body['service']} ({body['image']}) to {c.gateway}")

@@ -1,0 +1,207 @@
+"""`emnist bench ...`: benchmarks (results written to files, never timed tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from emnist.bench import suite
+from emnist.bench.results import format_table
+from emnist.cli.base import (
+    DEFAULT_STORE,
+    Ctx,
+    friendly,
+    pass_ctx,
+    stack_option,
+    store_option,
+    write_json,
+)
+from emnist.cli.functions import namespace_option
+from emnist.cli.stack import bring_up, local_location
+from emnist.cli.train import run_training
+from emnist.cluster import local
+
+DEFAULT_RESULTS = "results/bench-suite.jsonl"
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (results written to files, never timed tests)."""
+
+
+@bench.command("store")
+@click.option("--store", "urls", multiple=True, envvar="EMNIST_BENCH_STORES",
+              help="Store URL to measure (repeatable); default: local memcached (text, and "
+                   "binary if pylibmc is installed) and Redis.")
+@click.option("--chunk-bytes", default="65536,262144,393216,524288", show_default=True,
+              help="Comma-separated chunk sizes.")
+@click.option("--scale", "scales", default="1,10", show_default=True,
+              help="Vector sizes as multiples of the 784-100-47 model (333 KB).")
+@click.option("--reps", type=click.IntRange(10), default=300, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
+@friendly
+def bench_store_cmd(urls: tuple[str, ...], chunk_bytes: str, scales: str, reps: int,
+                    json_out: str | None) -> None:
+    """Fetch and atomic-push latency and MB/s per backend, against raw loopback TCP."""
+    from emnist.bench.store import COLUMNS, REFERENCE, bench_store, default_urls
+    chunks = [int(x) for x in chunk_bytes.split(",") if x.strip()]
+    vectors = [int(float(x) * REFERENCE) for x in scales.split(",") if x.strip()]
+    records = bench_store(list(urls) or default_urls(), chunks, vectors, reps,
+                          echo=lambda m: click.echo(m, err=True))
+    click.echo(format_table(records, COLUMNS))
+    write_json(json_out, records)
+
+
+@bench.command("faults")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--checkpoint-dir", default=None, help="Default: $EMNIST_HOME/checkpoints.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
+@stack_option
+@store_option
+@pass_ctx
+@friendly
+def bench_faults_cmd(c: Ctx, rounds: int, checkpoint_dir: str | None, json_out: str | None,
+                     stack: str, store: str) -> None:
+    """Time to 0.84 per execution type x algorithm; cost of a SIGKILL and a memcached restart."""
+    from emnist.bench.faults import COLUMNS, bench_faults, restart_memcached
+    checkpoint_dir = local_location(checkpoint_dir or str(local.home() / "checkpoints"))
+    bring_up(c, stack, store, checkpoint_roots=[checkpoint_dir])
+    if local.managed_pid("memcached") is None:
+        raise local.LocalStackError("bench faults restarts the memcached `emnist up` started; "
+                                    "stop yours (or `emnist down`) so `up` starts its own")
+    restart = restart_memcached(local.home() / "memcached.pid",
+                                lambda: local.ensure_memcached(store))
+    records = bench_faults(c.gw, rounds, checkpoint_dir, restart,
+                           echo=lambda m: click.echo(m, err=True))
+    click.echo(format_table(records, COLUMNS))
+    write_json(json_out, records)
+
+
+@bench.command("train")
+@click.option("--workers", "worker_counts", default="1,2", show_default=True,
+              help="Comma-separated worker counts for the emnist runs.")
+@click.option("--target-accuracy", type=float, default=0.85, show_default=True)
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--n-fetch", type=int, default=10, show_default=True)
+@click.option("--n-push", type=int, default=10, show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed runs per configuration (the median is reported).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
+@stack_option
+@store_option
+@pass_ctx
+@friendly
+def bench_train(c: Ctx, worker_counts: str, target_accuracy: float, dataset: str, n_fetch: int,
+                n_push: int, rounds: int, json_out: str | None, stack: str, store: str) -> None:
+    """A plain numpy loop against `emnist train` with 1..N workers, same model and data."""
+    from emnist.bench.train import COLUMNS
+    from emnist.bench.train import bench_train as run_bench
+    counts = [int(x) for x in worker_counts.split(",") if x.strip()]
+    records = run_bench(lambda cfg: run_training(c, cfg, stack=stack, store=store, timeout=600,
+                                                 progress=False),
+                        counts, target_accuracy, dataset, n_fetch, n_push, rounds,
+                        echo=lambda m: click.echo(m, err=True))
+    click.echo(format_table(records, COLUMNS))
+    write_json(json_out, records)
+
+
+def _overrides(items: tuple[str, ...], target: float | None) -> dict:
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    if target is not None:
+        out["target_accuracy"] = target
+    return out
+
+
+@bench.command("run")
+@click.argument("stacks", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed runs per stack variant.")
+@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True,
+              help="Untimed runs per variant first.")
+@click.option("--results", default=DEFAULT_RESULTS, show_default=True,
+              type=click.Path(dir_okay=False), help="JSON-lines file the records append to.")
+@click.option("--timeout", type=float, default=1800, show_default=True,
+              help="Seconds one run may take before it counts as failed.")
+@click.option("--target-accuracy", type=float, default=None,
+              help="Override the variants' target accuracy.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a training setting in every run (JSON value), repeatable.")
+@click.option("--store", envvar="STORE_URL", default=None,
+              help="Store URL the variants are deployed with (env STORE_URL; a local stack "
+                   f"this starts: {DEFAULT_STORE}; else the stacks' default).")
+@click.option("--local-stack", default="emnist.yml", show_default=True,
+              help="Stack the local gateway starts with when none answers on 127.0.0.1.")
+@click.option("--down", is_flag=True, help="Stop the local stack afterwards if this started it.")
+@click.option("--kubectl/--no-kubectl", "use_kubectl", default=None,
+              help="Scale with kubectl (default: only above 5 workers on a real OpenFaaS).")
+@namespace_option
+@pass_ctx
+@friendly
+def bench_run(c: Ctx, stacks: tuple[str, ...], rounds: int, warmup: int, results: str,
+              timeout: float, target_accuracy: float | None, sets: tuple[str, ...],
+              store: str | None, local_stack: str, down: bool, use_kubectl: bool | None,
+              namespace: str) -> None:
+    """Deploy each stack variant, run it --rounds times, append the records to --results."""
+    config = _overrides(sets, target_accuracy)
+    started = False
+    if local.is_loopback(c.gateway):
+        store = store or DEFAULT_STORE
+        started = bring_up(c, local_stack, store)
+    env = {**os.environ, **({"STORE_URL": store} if store else {})}
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        done, failed = suite.run_suite(
+            c.gw, list(stacks), rounds=rounds, results=Path(results), env=env,
+            config=config, timeout=timeout, warmup=warmup,
+            use_kubectl=use_kubectl, namespace=namespace, echo=echo)
+    finally:
+        if down and started:
+            local.stop_all()
+    click.echo(f"{done} runs recorded in {results}" + (f", {failed} failed" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
+@bench.command("report")
+@click.option("--results", default=DEFAULT_RESULTS, show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="JSON-lines results file.")
+@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
+              help="Write PNG plots here [default: plots/ beside the results file].")
+@click.option("--no-plots", is_flag=True, help="Only print the tables.")
+@click.option("--stack", "only", multiple=True, help="Only these stacks (names), repeatable.")
+@pass_ctx
+@friendly
+def bench_report(c: Ctx, results: str, plots_dir: str | None, no_plots: bool,
+                 only: tuple[str, ...]) -> None:
+    """Tables of a results file (per round; mean and std across rounds) and PNG plots."""
+    records, bad = suite.load_records(results)
+    if only:
+        records = [r for r in records if r["stack"] in only]
+    if bad:
+        click.echo(f"note: {bad} unreadable lines in {results} were skipped", err=True)
+    if not records:
+        raise click.ClickException(f"no benchmark records in {results}")
+    click.echo(suite.report(records))
+    if no_plots:
+        return
+    from emnist.bench import plots
+    out = Path(plots_dir) if plots_dir else Path(results).parent / "plots"
+    try:
+        paths = plots.write_plots(records, out)
+    except plots.PlotUnavailable as e:
+        click.echo(f"plots skipped: {e}", err=True)
+        return
+    click.echo("plots: " + ", ".join(str(p) for p in paths))
