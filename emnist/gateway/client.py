@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
+from emnist.secrets import SecretError, read_secret
+from emnist.wait import wait_until
+
 from .stack import FunctionSpec
 
-__all__ = ["DEFAULT_URL", "GatewayClient", "GatewayError", "deploy_request"]
+__all__ = ["DEFAULT_URL", "GatewayClient", "GatewayError", "auth_from_env", "deploy_request"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 NAMESPACE = "openfaas-fn"
@@ -53,23 +55,40 @@ def deploy_request(fn: FunctionSpec) -> dict[str, Any]:
     return body
 
 
-def _auth_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
+def auth_from_env(env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """Gateway credentials: ``$OPENFAAS_USER``/``$OPENFAAS_PASSWORD`` (user default admin),
+    else the secrets ``basic-auth-user``/``basic-auth-password`` if mounted (in a function);
+    None when neither is there. The one place the project reads gateway credentials."""
+    env = os.environ if env is None else env
     password = env.get("OPENFAAS_PASSWORD")
-    return (env.get("OPENFAAS_USER") or "admin", password) if password else None
+    if password:
+        return (env.get("OPENFAAS_USER") or "admin", password)
+    try:
+        password = read_secret("basic-auth-password", env)
+    except SecretError:
+        return None
+    if not password:
+        return None
+    try:
+        user = read_secret("basic-auth-user", env)
+    except SecretError:
+        user = ""
+    return (user or env.get("OPENFAAS_USER") or "admin", password)
 
 
 class GatewayClient:
     """A small client for the OpenFaaS gateway API.
 
     ``url`` defaults to ``$OPENFAAS_URL`` then ``http://127.0.0.1:8080``; ``auth`` defaults to
-    ``("admin", $OPENFAAS_PASSWORD)`` when that variable is set. ``timeout`` bounds every
-    ``/system`` call; invocations wait as long as the function runs unless given a timeout.
+    :func:`auth_from_env` (the environment, else the mounted basic-auth secrets). ``timeout``
+    bounds every ``/system`` call; invocations wait as long as the function runs unless given
+    a timeout.
     """
 
     def __init__(self, url: str | None = None, auth: tuple[str, str] | None = None,
                  timeout: float = 30.0) -> None:
         self.url = (url or os.environ.get("OPENFAAS_URL") or DEFAULT_URL).rstrip("/")
-        self.auth = auth if auth is not None else _auth_from_env(os.environ)
+        self.auth = auth if auth is not None else auth_from_env(os.environ)
         self.timeout = timeout
         self.session = requests.Session()
         if urlsplit(self.url).hostname in ("127.0.0.1", "localhost", "::1"):
@@ -200,9 +219,6 @@ class GatewayClient:
 
     def wait_healthy(self, timeout: float = 30.0, interval: float = 0.1) -> None:
         """Poll ``/healthz`` until it answers or raise :class:`GatewayError` after timeout."""
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
-            if time.monotonic() > deadline:
-                raise GatewayError(0, f"the gateway at {self.url} did not become healthy "
-                                      f"within {timeout:g}s; run `emnist up` to start it")
-            time.sleep(interval)
+        wait_until(self.healthy, timeout, f"the gateway at {self.url} did not become healthy "
+                   f"within {timeout:g}s; run `emnist up` to start it", interval,
+                   error=lambda m: GatewayError(0, m))

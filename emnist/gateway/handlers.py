@@ -1,31 +1,37 @@
 """The gateway's REST endpoints: one small handler per endpoint, each given the Gateway,
-wired to paths in one table (``ROUTES``), with the OpenFaaS gateway's response shapes."""
+wired to paths in one table (``ROUTES``), with the OpenFaaS gateway's response shapes.
+
+(``/function/*`` is served by the fast path in :mod:`.wsgi`; everything else is here.)
+"""
 
 from __future__ import annotations
 
-import hmac
+import base64
+import binascii
 import json
 import logging
 import platform
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urlsplit
 
-import requests
 from flask import Response, request
 
-from .supervisor import NAMESPACE, NoReplicaError, ReplicaError, parse_timestamp
+from .logs import NAMESPACE, parse_timestamp
+from .proxy import HOP_BY_HOP, QueueFull
+from .secretstore import SecretStoreError
+from .state import Gateway
+from .supervisor import ReplicaError
+from .validate import BadRequest, valid_service
 
-if TYPE_CHECKING:
-    from .server import Gateway
+__all__ = ["MAX_CALLBACK_URL", "PROXY_METHODS", "ROUTES", "BadRequest", "json_required"]
 
 log = logging.getLogger("emnist.gateway")
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
-RESPONSE_SKIP = HOP_BY_HOP | {"date", "server"}
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+MAX_CALLBACK_URL = 2048
+MAX_TAIL = 100_000
 
 
 def _version() -> str:
@@ -37,10 +43,6 @@ def _version() -> str:
         return "dev"
 
 
-class BadRequest(ValueError):
-    """A request body the API rejects with 400."""
-
-
 def _text(body: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
     return Response(body, status=status, mimetype="text/plain", headers=dict(headers or {}))
 
@@ -49,76 +51,74 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, mimetype="application/json")
 
 
+def json_required() -> Response | None:
+    """415 unless the body is declared ``application/json`` (what faas-cli always sends)."""
+    if request.mimetype != "application/json":
+        return _text("Content-Type must be application/json", 415)
+    return None
+
+
 def _body_json() -> dict[str, Any]:
     try:
-        data = json.loads(request.get_data() or b"null")
-    except ValueError as e:
-        raise BadRequest(f"invalid JSON body: {e}") from e
+        data = json.loads(request.get_data() or b"null",
+                          parse_constant=lambda c: _refuse_constant(c))
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"invalid JSON body: {e}" if isinstance(e, json.JSONDecodeError)
+                         else "invalid JSON body") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def namespace_ok(ns: str | None) -> bool:
     return ns in (None, "", NAMESPACE)
 
 
-def split_name(name: str) -> tuple[str, str]:
+def _not_found(name: str) -> Response:
     base, _, ns = name.partition(".")
-    return base, ns
+    return _text(f"error finding function {base[:63]}.{(ns or NAMESPACE)[:63]}: not found", 404)
 
 
-def _proxy_headers(call_id: str) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for k, v in request.headers.items():
-        if k.lower() not in HOP_BY_HOP:
-            headers[k] = f"{headers[k]}, {v}" if k in headers else v
-    headers["X-Call-Id"] = call_id
-    headers["X-Forwarded-Host"] = request.host
-    if request.remote_addr:
-        headers["X-Forwarded-For"] = request.remote_addr
+def _proxy_headers(call_id: str) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in request.headers.items()
+               if k.lower() not in HOP_BY_HOP and k.lower() != "x-call-id"]
+    headers.append(("X-Call-Id", call_id))
+    if "X-Forwarded-Host" not in request.headers:
+        headers.append(("X-Forwarded-Host", request.host))
+    if "X-Forwarded-For" not in request.headers and request.remote_addr:
+        headers.append(("X-Forwarded-For", request.remote_addr))
     return headers
 
 
 def _raw_rest(prefix: str, name: str) -> str:
     """The path after ``/<prefix>/<name>``, still percent-encoded as the client sent it."""
-    raw = request.environ.get("REQUEST_URI") or quote(request.path)
-    raw = raw.split("?", 1)[0]
+    raw = (request.environ.get("REQUEST_URI") or quote(request.path)).split("?", 1)[0]
     head = f"/{prefix}/{name}"
     rest = raw[len(head):] if raw.startswith(head) else quote(request.path[len(head):])
     return rest if rest.startswith("/") else "/" + rest
 
 
-def _not_found(name: str) -> Response:
-    base, ns = split_name(name)
-    return _text(f"error finding function {base}.{ns or NAMESPACE}: not found", 404)
+def callback_error(url: str) -> str | None:
+    """Why an ``X-Callback-Url`` is refused: http(s) with a host, at most 2 KiB."""
+    if len(url) > MAX_CALLBACK_URL:
+        return f"X-Callback-Url: longer than {MAX_CALLBACK_URL} characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "X-Callback-Url: not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "X-Callback-Url: only http:// and https:// URLs with a host are allowed"
+    if parts.username is not None or parts.password is not None:
+        return "X-Callback-Url: credentials in the URL are not allowed"
+    return None
 
 
 # -- endpoint handlers: one per endpoint, each given the Gateway --------------------------------
-
-
-def proxy_function(gw: Gateway, name: str, rest: str = "") -> Response:
-    """``/function/<name>[.<ns>][/<path>]``: proxy the call to one replica."""
-    dep = gw.lookup(name)
-    if dep is None:
-        return _not_found(name)
-    call_id = str(uuid.uuid4())
-    try:
-        up = gw.call(dep, request.method, _raw_rest("function", name),
-                     request.query_string.decode("latin-1"), _proxy_headers(call_id),
-                     request.get_data())
-    except requests.Timeout:
-        return _text(f"function {dep.name} timed out after {dep.timeout:g}s", 504,
-                     {"X-Call-Id": call_id})
-    except (requests.RequestException, NoReplicaError, ReplicaError) as e:
-        log.error("call %s to %s failed: %s", call_id, dep.name, e)
-        return _text(f"error calling function {dep.name}: {e}", 502, {"X-Call-Id": call_id})
-    resp = Response(up.body, status=up.status, headers=up.headers)
-    if not any(k.lower() == "content-type" for k, _ in up.headers):
-        del resp.headers["Content-Type"]
-    resp.headers["X-Call-Id"] = call_id
-    resp.headers["X-Duration-Seconds"] = f"{up.duration:f}"
-    return resp
 
 
 def async_function(gw: Gateway, name: str, rest: str = "") -> Response:
@@ -126,12 +126,20 @@ def async_function(gw: Gateway, name: str, rest: str = "") -> Response:
     dep = gw.lookup(name)
     if dep is None:
         return _not_found(name)
+    callback = request.headers.get("X-Callback-Url")
+    if callback is not None:
+        problem = callback_error(callback)
+        if problem:
+            return _text(problem, 400)
     call_id = str(uuid.uuid4())
-    gw.queue.submit(
-        gw.call_async, dep.name, request.method, _raw_rest("async-function", name),
-        request.query_string.decode("latin-1"), _proxy_headers(call_id), request.get_data(),
-        call_id, request.headers.get("X-Callback-Url"),
-    )
+    body = request.get_data()
+    target = _raw_rest("async-function", name)
+    query = request.query_string.decode("latin-1")
+    try:
+        gw.queue.submit((dep.name, request.method, target + ("?" + query if query else ""),
+                         _proxy_headers(call_id), body, call_id, callback), len(body))
+    except QueueFull as e:
+        return _text(str(e), 429)
     return Response(b"", status=202, headers={"X-Call-Id": call_id})
 
 
@@ -142,14 +150,23 @@ def list_functions(gw: Gateway) -> Response:
     return _json([dep.status() for dep in list(gw.functions.values())])
 
 
+def _replica_failure(name: str, e: ReplicaError) -> Response:
+    log.error("%s", e)  # the full story (stderr tail) stays in the gateway's log
+    return _text(f"function {name} did not become healthy: see `faas-cli logs {name}`", 500)
+
+
 def deploy_function(gw: Gateway) -> Response:
     """``POST`` (create, or update in place) and ``PUT`` (update) ``/system/functions``."""
+    refused = json_required()
+    if refused:
+        return refused
     try:
-        dep = gw.deploy(_body_json(), create=request.method == "POST")
+        data = _body_json()
+        dep = gw.deploy(data, create=request.method == "POST")
     except BadRequest as e:
         return _text(str(e), 400)
     except ReplicaError as e:
-        return _text(str(e), 500)
+        return _replica_failure(str(data.get("service")), e)
     if dep is None:
         return _text("function not found", 404)
     return _text("", 202)
@@ -157,6 +174,9 @@ def deploy_function(gw: Gateway) -> Response:
 
 def delete_function(gw: Gateway) -> Response:
     """``DELETE /system/functions`` with ``{"functionName", "namespace"}``."""
+    refused = json_required()
+    if refused:
+        return refused
     try:
         data = _body_json()
     except BadRequest as e:
@@ -176,7 +196,10 @@ def get_function(gw: Gateway, name: str) -> Response:
 
 
 def scale_function(gw: Gateway, name: str) -> Response:
-    """``POST /system/scale-function/<name>`` (no 1..5 clamp here; 0 is allowed)."""
+    """``POST /system/scale-function/<name>`` (0..--max-replicas; CE clamps to 1..5)."""
+    refused = json_required()
+    if refused:
+        return refused
     try:
         data = _body_json()
     except BadRequest as e:
@@ -188,9 +211,11 @@ def scale_function(gw: Gateway, name: str) -> Response:
     if dep is None:
         return _not_found(name)
     try:
-        dep.replicas.scale(replicas)
+        gw.scale(dep, replicas)
+    except BadRequest as e:
+        return _text(str(e), 400)
     except ReplicaError as e:
-        return _text(str(e), 500)
+        return _replica_failure(dep.name, e)
     return _text("", 202)
 
 
@@ -200,45 +225,63 @@ def function_logs(gw: Gateway) -> Response:
     name = args.get("name")
     if not name:
         return _text("name is required", 400)
+    if len(name) > 127 or len(args.get("instance", "")) > 253 or len(args.get("since", "")) > 64:
+        return _text("name, instance or since is too long", 400)
     dep = gw.lookup(name) if namespace_ok(args.get("namespace")) else None
     if dep is None:
         return _not_found(name)
     try:
         tail = int(args["tail"]) if args.get("tail") else None
         since = parse_timestamp(args["since"]) if args.get("since") else None
-    except ValueError as e:
-        return _text(f"invalid tail or since: {e}", 400)
+    except (ValueError, OverflowError):
+        return _text("tail must be an integer and since an RFC3339 time", 400)
+    if tail is not None and tail > MAX_TAIL:
+        return _text(f"tail: at most {MAX_TAIL}", 400)
     follow = args.get("follow", "").lower() in ("1", "true", "yes")
     instance = args.get("instance") or None
     buf = dep.replicas.logbuf
     cursor = buf.cursor
     backlog = [ln for ln in buf.lines(since, tail if tail and tail > 0 else None, instance)
                if ln.seq <= cursor]  # tail <= 0 means unlimited, as in faas-provider
+    if follow and not gw.follows.acquire(blocking=False):
+        return _text(f"too many log followers (at most {gw.max_follows})", 429)
     disconnected = request.environ.get("waitress.client_disconnected")
 
     def generate() -> Any:
-        if follow:
-            yield "\n"  # whitespace (fine for NDJSON readers) so the headers go out now
-        for ln in backlog:
-            yield json.dumps(ln.to_dict()) + "\n"
-        after = cursor
-        while follow and not gw.closing.is_set() and gw.functions.get(dep.name) is dep:
-            if disconnected is not None and disconnected():
-                return
-            for ln in buf.wait(after, 0.5):
-                after = ln.seq
-                if instance is None or ln.instance == instance:
-                    yield json.dumps(ln.to_dict()) + "\n"
+        try:
+            if follow:
+                yield "\n"  # whitespace (fine for NDJSON readers) so the headers go out now
+            for ln in backlog:
+                yield json.dumps(ln.to_dict()) + "\n"
+            after = cursor
+            while follow and not gw.closing.is_set() and gw.functions.get(dep.name) is dep:
+                if disconnected is not None and disconnected():
+                    return
+                for ln in buf.wait(after, 0.5):
+                    after = ln.seq
+                    if instance is None or ln.instance == instance:
+                        yield json.dumps(ln.to_dict()) + "\n"
+        finally:
+            if follow:
+                gw.follows.release()
 
     return Response(generate(), status=200, mimetype="application/x-ndjson")
 
 
 def system_info(gw: Gateway) -> Response:
-    """``GET /system/info``."""
+    """``GET /system/info``: the gateway's shape to a client, the provider's to a gateway.
+
+    faas-cli reads ``{"provider": {...}, "version": {...}, "arch"}`` (GatewayInfo); a real
+    OpenFaaS gateway in front of us (we are then its provider) reads ProviderInfo
+    ``{"provider": "<name>", "orchestration", "version"}`` and fails on the other shape. A
+    gateway's proxied request carries X-Forwarded-For and X-Forwarded-Host; a client's does not.
+    """
     version = {"sha": "local", "release": _version()}
-    return _json({"provider": {"provider": "emnist-local", "orchestration": "process",
-                               "version": version},
-                  "version": version, "arch": platform.machine()})
+    provider = {"provider": "emnist-local", "orchestration": "process", "version": version}
+    headers = request.headers
+    if headers.get("X-Forwarded-For") and headers.get("X-Forwarded-Host"):
+        return _json(provider)
+    return _json({"provider": provider, "version": version, "arch": platform.machine()})
 
 
 def namespaces(gw: Gateway) -> Response:
@@ -246,28 +289,65 @@ def namespaces(gw: Gateway) -> Response:
     return _json([NAMESPACE])
 
 
+def _secret_body() -> tuple[str, bytes]:
+    data = _body_json()
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest("name: non-empty name is required")
+    if not namespace_ok(data.get("namespace")):
+        raise BadRequest(f"namespace must be: {NAMESPACE}")
+    raw = data.get("rawValue")
+    if raw:
+        if not isinstance(raw, str):
+            raise BadRequest("rawValue must be base64 text")
+        try:
+            return name, base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("rawValue must be base64 text") from None
+    value = data.get("value", "")
+    if not isinstance(value, str):
+        raise BadRequest("value must be a string")
+    return name, value.encode("utf-8")
+
+
+def secrets(gw: Gateway) -> Response:
+    """``/system/secrets``: GET lists names (never values); POST creates, PUT replaces,
+    DELETE removes (202, like faas-netes; 409 if it exists, 404 if it does not)."""
+    if request.method == "GET":
+        if not namespace_ok(request.args.get("namespace")):
+            return _text(f"namespace must be: {NAMESPACE}", 400)
+        return _json([{"name": n, "namespace": NAMESPACE} for n in gw.secrets.names()])
+    refused = json_required()
+    if refused:
+        return refused
+    try:
+        if request.method == "DELETE":
+            data = _body_json()
+            name = data.get("name")
+            if not isinstance(name, str) or not name:
+                raise BadRequest("name: non-empty name is required")
+            gw.secrets.delete(name)
+        else:
+            name, value = _secret_body()
+            (gw.secrets.create if request.method == "POST" else gw.secrets.replace)(name, value)
+    except BadRequest as e:
+        return _text(str(e), 400)
+    except SecretStoreError as e:
+        return _text(str(e), e.status)
+    return _text("", 202)
+
+
 def healthz(gw: Gateway) -> Response:
     """``GET /healthz``."""
     return _text("OK", 200)
 
 
-def check_auth(gw: Gateway) -> Response | None:
-    """Basic auth on ``/system/*`` only (never on /function, /async-function, /healthz)."""
-    if gw.auth is None or not request.path.startswith("/system/"):
-        return None
-    auth = request.authorization
-    if auth is not None and auth.type == "basic":
-        user_ok = hmac.compare_digest((auth.username or "").encode(), gw.auth[0].encode())
-        pw_ok = hmac.compare_digest((auth.password or "").encode(), gw.auth[1].encode())
-        if user_ok and pw_ok:
-            return None
-    return _text("Unauthorized", 401, {"WWW-Authenticate": 'Basic realm="Restricted"'})
+def valid_function_name(name: str) -> bool:
+    base, _, ns = name.partition(".")
+    return valid_service(base) and ns in ("", NAMESPACE)
 
 
 ROUTES: list[tuple[str, Callable[..., Response], list[str]]] = [
-    ("/function/<name>", proxy_function, PROXY_METHODS),
-    ("/function/<name>/", proxy_function, PROXY_METHODS),
-    ("/function/<name>/<path:rest>", proxy_function, PROXY_METHODS),
     ("/async-function/<name>", async_function, ["POST"]),
     ("/async-function/<name>/", async_function, ["POST"]),
     ("/async-function/<name>/<path:rest>", async_function, ["POST"]),
@@ -279,5 +359,6 @@ ROUTES: list[tuple[str, Callable[..., Response], list[str]]] = [
     ("/system/logs", function_logs, ["GET"]),
     ("/system/info", system_info, ["GET"]),
     ("/system/namespaces", namespaces, ["GET"]),
+    ("/system/secrets", secrets, ["GET", "POST", "PUT", "DELETE"]),
     ("/healthz", healthz, ["GET"]),
 ]

@@ -21,10 +21,10 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from .logs import NAMESPACE, LogBuffer, LogLine, format_timestamp, parse_timestamp
 from .stack import FunctionSpec
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "replica_env",
 ]
 
-NAMESPACE = "openfaas-fn"
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "SYSTEMROOT",
                    "PYTHONPATH", "VIRTUAL_ENV")
 # Kubernetes' rand.String alphabet (no vowels, no confusable characters).
@@ -59,89 +58,6 @@ class NoReplicaError(RuntimeError):
     """No healthy replica could be found in time to serve a call."""
 
 
-def format_timestamp(t_ns: int) -> str:
-    """RFC3339Nano in UTC, the timestamp format of OpenFaaS log messages."""
-    secs, ns = divmod(t_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns:09d}Z"
-
-
-def parse_timestamp(text: str) -> int:
-    """Nanoseconds since the epoch from an RFC3339 timestamp (any precision, any offset)."""
-    s = text.strip().replace("z", "Z")
-    frac_ns = 0
-    if "." in s:
-        head, rest = s.split(".", 1)
-        digits = ""
-        while rest and rest[0].isdigit():
-            digits, rest = digits + rest[0], rest[1:]
-        frac_ns = int((digits + "000000000")[:9]) if digits else 0
-        s = head + rest
-    if s.endswith("Z"):
-        s = s[:-1] + "+00:00"
-    dt = datetime.fromisoformat(s)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp()) * 1_000_000_000 + frac_ns
-
-
-@dataclass
-class LogLine:
-    """One line a replica printed, shaped like faas-provider's logs.Message."""
-
-    name: str
-    namespace: str
-    instance: str
-    timestamp: str
-    text: str
-    stream: str = "stdout"
-    t_ns: int = 0
-    seq: int = 0
-
-    def to_dict(self) -> dict[str, str]:
-        """The JSON object sent on ``/system/logs``."""
-        return {"name": self.name, "namespace": self.namespace, "instance": self.instance,
-                "timestamp": self.timestamp, "text": self.text}
-
-
-class LogBuffer:
-    """Bounded, thread-safe log store that readers can follow by sequence number."""
-
-    def __init__(self, limit: int = 10000) -> None:
-        self._lines: deque[LogLine] = deque(maxlen=max(1, limit))
-        self._cond = threading.Condition()
-        self._seq = 0
-
-    @property
-    def cursor(self) -> int:
-        """Sequence number of the newest line; pass it to :meth:`wait` to get later ones."""
-        with self._cond:
-            return self._seq
-
-    def append(self, line: LogLine) -> None:
-        with self._cond:
-            self._seq += 1
-            line.seq = self._seq
-            self._lines.append(line)
-            self._cond.notify_all()
-
-    def lines(self, since: int | None = None, tail: int | None = None,
-              instance: str | None = None) -> list[LogLine]:
-        """Lines newer than ``since`` (ns since epoch), for ``instance``, the last ``tail``."""
-        with self._cond:
-            out = [ln for ln in self._lines
-                   if (since is None or ln.t_ns >= since)
-                   and (not instance or ln.instance == instance)]
-        if tail is not None and tail >= 0:
-            out = out[len(out) - tail:] if tail else []
-        return out
-
-    def wait(self, after: int, timeout: float) -> list[LogLine]:
-        """Lines with a sequence number above ``after``, waiting up to ``timeout`` for one."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._seq > after, timeout=timeout)
-            return [ln for ln in self._lines if ln.seq > after]
-
-
 @dataclass(eq=False)
 class Replica:
     """One running replica process."""
@@ -156,6 +72,14 @@ class Replica:
     stopping: bool = False
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
     readers: list[threading.Thread] = field(default_factory=list)
+    pool: deque = field(default_factory=deque)  # idle keep-alive connections (gateway proxy)
+
+    def close_pool(self) -> None:
+        while True:
+            try:
+                self.pool.pop().close()
+            except IndexError:
+                return
 
     @property
     def pid(self) -> int:
@@ -180,15 +104,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def replica_env(spec: FunctionSpec, base_env: Mapping[str, str], hostname: str,
                 parent_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment of one replica: a minimal base + base_env + the function's environment."""
+    """Environment of one replica: a minimal base, the function's environment, then the
+    provider's settings (``base_env``, ``HOSTNAME``), which the function's cannot override."""
     parent = os.environ if parent_env is None else parent_env
     env = {k: parent[k] for k in PASSTHROUGH_ENV if k in parent}
     # The watchdog module (and the project's own package) must be importable in the replica.
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if _PACKAGE_ROOT not in paths:
         env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])
+    env.update(spec.environment)  # validated by the gateway: never PATH, PYTHON*, LD_*, ...
     env.update(base_env)
-    env.update(spec.environment)
     env["HOSTNAME"] = hostname
     return env
 
@@ -459,15 +384,12 @@ class ReplicaSet:
                 r.process.wait()
             # Also reap anything the handler started in the replica's process group.
             _signal_group(r.process, signal.SIGKILL)
+            r.close_pool()
 
     def _read(self, replica: Replica, pipe: IO[bytes], stream: str) -> None:
         for raw in iter(pipe.readline, b""):
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            t_ns = time.time_ns()
-            self.logbuf.append(LogLine(
-                name=self.name, namespace=NAMESPACE, instance=replica.hostname,
-                timestamp=format_timestamp(t_ns), text=text, stream=stream, t_ns=t_ns,
-            ))
+            self.logbuf.write(self.name, replica.hostname, text, stream)
             if stream == "stderr":
                 replica.stderr_tail.append(text)
             if self.echo is not None:
@@ -484,6 +406,7 @@ class ReplicaSet:
                 return
             self._replicas.remove(replica)
             self._lock.notify_all()
+        replica.close_pool()
         if not replica.stopping:
             log.warning("replica %s of %s exited with code %s; replacing it", replica.hostname,
                         self.name, replica.process.returncode)

@@ -2,7 +2,13 @@
 
 ``python -m emnist.gateway.watchdog --handler DIR --port PORT`` imports DIR as the package
 ``function`` and serves ``function.handler.handle(event, context)`` with Flask on waitress, so a
-handler behaves the same here as in the OpenFaaS image. ``/_/health`` answers like of-watchdog.
+handler behaves the same here as in the OpenFaaS image. It also plays of-watchdog's part:
+``/_/health``; ``exec_timeout`` (default 10s, as of-watchdog) answers 504 with an empty body
+when the handler takes longer (the handler thread runs on, as the upstream process does under
+of-watchdog); a ``write_timeout`` shorter than that is a deadline too (of-watchdog would close
+the connection instead); ``read_timeout`` closes connections idle or stalled that long
+(waitress's ``channel_timeout``: waitress has no per-request read deadline); ``max_inflight``
+answers 429 beyond it; status lines carry Go's reason phrases.
 """
 
 from __future__ import annotations
@@ -16,13 +22,22 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-__all__ = ["Context", "Event", "create_app", "format_response", "load_handler", "main"]
+from .httpstatus import go_status_middleware, status_line
+from .stack import parse_duration
+
+__all__ = ["Context", "Event", "WatchdogLimits", "create_app", "format_response",
+           "load_handler", "main", "watchdog_app"]
+
+DEFAULT_TIMEOUT = 10.0  # of-watchdog's default read/write/exec timeouts
 
 METHODS = ["GET", "PUT", "POST", "PATCH", "DELETE"]
 
@@ -108,14 +123,110 @@ def create_app(handle: Callable[[Event, Context], Any]) -> Flask:
     def call_handler(path: str) -> Any:
         try:
             return format_response(handle(Event(), Context()))
-        except Exception as e:  # noqa: BLE001 - a handler error must not kill the replica
-            traceback.print_exc(file=sys.stderr)
-            return Response(f"{type(e).__name__}: {e}", status=500, mimetype="text/plain")
+        except Exception:  # noqa: BLE001 - a handler error must not kill the replica
+            traceback.print_exc(file=sys.stderr)  # into the function's logs, not the answer
+            return Response("Internal Server Error", status=500, mimetype="text/plain")
 
     app.add_url_rule("/_/health", "health", health, methods=["GET"])
     app.add_url_rule("/", "call_handler", call_handler, defaults={"path": ""}, methods=METHODS)
     app.add_url_rule("/<path:path>", "call_handler", call_handler, methods=METHODS)
     return app
+
+
+def _seconds(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return max(0.0, parse_duration(raw))
+    except ValueError:
+        print(f"watchdog: ignoring invalid {key}={raw!r}", file=sys.stderr)
+        return default
+
+
+@dataclass(frozen=True)
+class WatchdogLimits:
+    """of-watchdog's settings, read from the function's environment."""
+
+    exec_timeout: float = DEFAULT_TIMEOUT  # 0: none
+    read_timeout: float = DEFAULT_TIMEOUT
+    write_timeout: float = DEFAULT_TIMEOUT
+    max_inflight: int = 0  # 0: no limit
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WatchdogLimits:
+        try:
+            inflight = max(0, int(env.get("max_inflight") or 0))
+        except ValueError:
+            inflight = 0
+        return cls(_seconds(env, "exec_timeout", DEFAULT_TIMEOUT),
+                   _seconds(env, "read_timeout", DEFAULT_TIMEOUT),
+                   _seconds(env, "write_timeout", DEFAULT_TIMEOUT), inflight)
+
+    @property
+    def deadline(self) -> float:
+        """Seconds a handler may take before the answer is 504 (0: no deadline)."""
+        positive = [t for t in (self.exec_timeout, self.write_timeout) if t > 0]
+        return min(positive) if positive else 0.0
+
+
+def watchdog_app(app: Callable[..., Iterable[bytes]], limits: WatchdogLimits,
+                 threads: int = 8) -> Callable[..., Iterable[bytes]]:
+    """Wrap the handler's WSGI app with of-watchdog's max_inflight and exec_timeout."""
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="handler")
+    lock = threading.Lock()
+    inflight = [0]
+    deadline = limits.deadline
+
+    def run(environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        captured: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]],
+                           exc_info: Any = None) -> Callable[[bytes], None]:
+            captured[:] = [status, headers]
+            return lambda _data: None
+
+        result = app(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return captured[0], captured[1], body
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/_/health":
+            return app(environ, start_response)
+        with lock:
+            if limits.max_inflight and inflight[0] >= limits.max_inflight:
+                text = ("Concurrent request limit exceeded. Max concurrent requests: "
+                        f"{limits.max_inflight}\n").encode()
+                start_response(status_line(429), [("Content-Type", "text/plain; charset=utf-8"),
+                                                  ("Content-Length", str(len(text)))])
+                return [text]
+            inflight[0] += 1
+        start = time.perf_counter()
+        try:
+            if not deadline:
+                status, headers, body = run(environ)
+            else:
+                try:
+                    status, headers, body = pool.submit(run, environ).result(deadline)
+                except FutureTimeout:
+                    print(f"Upstream HTTP killed due to exec_timeout: {deadline:g}s",
+                          file=sys.stderr, flush=True)
+                    start_response(status_line(504), [
+                        ("Content-Length", "0"),
+                        ("X-Duration-Seconds", f"{time.perf_counter() - start:f}")])
+                    return []
+            start_response(status, headers)
+            return [body]
+        finally:
+            with lock:
+                inflight[0] -= 1
+
+    return go_status_middleware(wrapped)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -157,7 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from waitress import serve
 
     threads = int(os.environ.get("WAITRESS_THREADS", "8"))
-    serve(create_app(handler.handle), host=args.host, port=args.port, threads=threads)
+    limits = WatchdogLimits.from_env(os.environ)
+    app = watchdog_app(create_app(handler.handle), limits, threads)
+    serve(app, host=args.host, port=args.port, threads=threads, send_bytes=1,
+          channel_timeout=limits.read_timeout or 120, ident="emnist-watchdog",
+          clear_untrusted_proxy_headers=False)
     return 0
 
 
