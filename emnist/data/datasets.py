@@ -3,8 +3,8 @@
 Roots: an explicit ``root`` wins; otherwise ``$EMNIST_DATA_DIR/<family>`` when the variable is
 set (family is ``mnist``, ``fashion-mnist`` or ``emnist``; EMNIST files are also looked for
 directly in ``$EMNIST_DATA_DIR``, their names being unambiguous); otherwise Debian's
-``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST and ``~/.cache/emnist/<family>`` for
-the rest. Nothing is ever downloaded.
+``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST and ``<cache>/<family>`` for the rest
+(:func:`emnist.paths.cache_dir`). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from emnist.paths import cache_dir
 
 from .idx import DataError, read_idx
 
@@ -85,7 +87,7 @@ def default_roots(name: str) -> list[Path]:
         return [base / fam, base] if fam == "emnist" else [base / fam]
     if fam == "fashion-mnist":
         return [FASHION_DEBIAN_ROOT]
-    return [Path.home() / ".cache" / "emnist" / fam]
+    return [cache_dir() / fam]
 
 
 def _mnist_like_files(name: str, root: Path | None) -> list[Path]:
@@ -100,7 +102,7 @@ def _mnist_like_files(name: str, root: Path | None) -> list[Path]:
         if name == "fashion-mnist"
         else f" (place the four IDX .gz files there or set {DATA_DIR_ENV})"
     )
-    raise DataError(f"{name}: missing {', '.join(missing)}{hint}")
+    raise DataError(f"{name}: missing {', '.join(missing)}{hint}", missing=True)
 
 
 def dataset_files(name: str, root: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -123,7 +125,7 @@ def dataset_files(name: str, root: str | os.PathLike[str] | None = None) -> list
                 return find_emnist_files(split, cand)
             except DataError as e:
                 errors.append(str(e))
-        raise DataError("; ".join(errors))
+        raise DataError("; ".join(errors), missing=True)
     return _mnist_like_files(key, r)
 
 

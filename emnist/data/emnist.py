@@ -83,7 +83,8 @@ def find_emnist_files(split: str, root: str | os.PathLike[str]) -> list[Path]:
     raise DataError(
         f"EMNIST split {split!r} not found under {r}; looked for "
         + ", ".join(str(p) for p in tried)
-        + " (the IDX release needs all four emnist-<split>-*-ubyte.gz files)"
+        + " (the IDX release needs all four emnist-<split>-*-ubyte.gz files)",
+        missing=True,
     )
 
 

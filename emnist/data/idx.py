@@ -33,7 +33,17 @@ _CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): c for c, dt in IDX
 
 
 class DataError(Exception):
-    """A data file is missing, malformed or inconsistent; the message names the file."""
+    """A data file is missing, malformed or inconsistent; the message names the file.
+
+    The message is for logs (it carries paths). For a function's caller: ``field`` names the
+    setting that points at the data (when known), ``missing`` says the files are absent rather
+    than malformed, and ``public`` (optional) is a message with no path or content in it.
+    """
+
+    def __init__(self, message: str, field: str | None = None, missing: bool = False,
+                 public: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.missing, self.public = field, missing, public
 
 
 def _open(path: Path) -> BinaryIO:

@@ -12,14 +12,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from crc32c import crc32c
+
+from emnist.publish import publish_dir, temp_dir_for
 
 from .datasets import DATASETS, dataset_files, load_dataset
 from .idx import DataError
@@ -89,7 +89,8 @@ def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raw = p.read_bytes()
         manifest = json.loads(raw)
     except FileNotFoundError as e:
-        raise DataError(f"{p}: no shard manifest (run prepare_shards first)") from e
+        raise DataError(f"{p}: no shard manifest (run prepare_shards first)",
+                        missing=True) from e
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: unreadable shard manifest: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
@@ -152,7 +153,13 @@ def prepare_shards(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir)
-    fingerprint = source_fingerprint(key, root)
+    try:
+        fingerprint = source_fingerprint(key, root)
+    except DataError as e:
+        e.field = e.field or "dataset_dir"
+        raise
+    except OSError as e:  # a source file vanished or is unreadable
+        raise DataError(f"{key}: cannot read its source files: {e}", field="dataset_dir") from e
     final = out / f"{key}-w{workers}-s{seed}-{fingerprint}"
     expected = {
         "format": FORMAT_VERSION,
@@ -164,17 +171,30 @@ def prepare_shards(
     if _is_complete(final, expected):
         return final
 
-    ds = load_dataset(key, root)
+    try:
+        ds = load_dataset(key, root)
+    except DataError as e:
+        e.field = e.field or "dataset_dir"
+        raise
+    except OSError as e:
+        raise DataError(f"{key}: cannot read its source files: {e}", field="dataset_dir") from e
     n = len(ds.train_y)
     if n < workers:
-        raise ValueError(f"{key} has {n} training samples, fewer than {workers} workers")
+        raise DataError(f"{key} has {n} training samples, fewer than {workers} workers",
+                        field="number_of_workers",
+                        public=f"{key} has {n} training samples, fewer than {workers} workers")
     perm = np.random.default_rng(seed).permutation(n)
     sizes = shard_sizes(n, workers)
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out))
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide shards from workers running as other users
+        return _write_shards(ds, perm, sizes, out, final, expected)
+    except OSError as e:  # not writable, full, ...: the shard location's problem
+        raise DataError(f"{out}: cannot write shards: {e}", field="data_location") from e
+
+
+def _write_shards(ds: Any, perm: np.ndarray, sizes: list[int], out: Path, final: Path,
+                  expected: dict[str, Any]) -> Path:
+    tmp = temp_dir_for(final)
+    try:
         files: dict[str, dict[str, int]] = {}
         start = 0
         for i, size in enumerate(sizes):
@@ -193,34 +213,11 @@ def prepare_shards(
             "files": files,
         }
         (tmp / MANIFEST).write_bytes(_manifest_bytes(manifest))
-        _publish(tmp, final, expected)
+        publish_dir(tmp, final, lambda d: _is_complete(d, expected))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _publish(tmp: Path, final: Path, expected: dict[str, Any]) -> None:
-    """Rename ``tmp`` to ``final``; if another caller got there first, keep theirs."""
-    try:
-        os.rename(tmp, final)
-        return
-    except OSError:
-        if _is_complete(final, expected):
-            return  # a concurrent caller published an identical set
-    # ``final`` exists but is stale or damaged: move it aside, then take its place.
-    aside = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(final, aside)
-    except FileNotFoundError:
-        pass
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not _is_complete(final, expected):
-            raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _load(d: Path, name: str, manifest: dict[str, Any]) -> np.ndarray:
@@ -238,7 +235,7 @@ def _load(d: Path, name: str, manifest: dict[str, Any]) -> np.ndarray:
             raise DataError(f"{path}: fails its checksum (damaged or replaced)")
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as e:
-        raise DataError(f"{path}: shard file missing") from e
+        raise DataError(f"{path}: shard file missing", missing=True) from e
     except (ValueError, OSError, EOFError, OverflowError, TypeError) as e:
         raise DataError(f"{path}: not a valid .npy file: {e}") from e
     if arr.dtype != np.uint8 or not arr.flags.c_contiguous:

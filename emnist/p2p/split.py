@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import numpy as np
 import requests
 
 from emnist.data import DATASETS, DataError, load_dataset, shard_sizes
+from emnist.publish import publish_dir, temp_dir_for
 from emnist.store import codec
 
 MANIFEST = "manifest.json"
@@ -44,15 +43,8 @@ def _write(path: Path, arr: np.ndarray) -> int:
     return len(data)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` into place; if a concurrent caller got there first, keep theirs."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _has_manifest(d: Path) -> bool:
+    return (d / MANIFEST).exists()
 
 
 def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
@@ -74,9 +66,7 @@ def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
         if n < 2 * peers:
             raise ValueError(f"{key} has {n} training samples, too few for {peers} peers")
         perm = np.random.default_rng(seed).permutation(n)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out))
-        tmp.chmod(0o755)
+        tmp = temp_dir_for(final)
         manifest: dict[str, Any] = {
             "format": FORMAT, "dataset": key, "peers": peers, "seed": seed,
             "val_fraction": val_fraction, "num_classes": int(ds.num_classes),
@@ -98,7 +88,7 @@ def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
         _write(tmp / "test-x", ds.test_x)
         _write(tmp / "test-y", ds.test_y)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _publish(tmp, final)
+        publish_dir(tmp, final, _has_manifest)
     if batch_size:
         write_batches(final, batch_size)
     return final
@@ -113,8 +103,7 @@ def write_batches(split_dir: Path, batch_size: int) -> Path:
         return final
     loc = Location(str(split_dir))
     man = loc.manifest()
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-batches-{batch_size}-", dir=split_dir))
-    tmp.chmod(0o755)
+    tmp = temp_dir_for(final)
     counts = []
     for r in range(man["peers"]):
         x, y = loc.array(f"peer-{r}/train-x"), loc.array(f"peer-{r}/train-y")
@@ -125,7 +114,7 @@ def write_batches(split_dir: Path, batch_size: int) -> Path:
         counts.append(count)
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "batch_size": batch_size,
                                             "counts": counts}))
-    _publish(tmp, final)
+    publish_dir(tmp, final, _has_manifest)
     return final
 
 
@@ -136,10 +125,10 @@ def batch_name(batch_size: int, rank: int, b: int) -> str:
 class Location:
     """Read files of a split from a local directory or an http(s) URL prefix."""
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, max_bytes: int = 4 << 30) -> None:
         self.url = url.rstrip("/")
         self.remote = self.url.startswith(("http://", "https://"))
-        self.timeout = timeout
+        self.timeout, self.max_bytes = timeout, max_bytes
         self._session = requests.Session() if self.remote else None
         if self._session is not None:
             self._session.trust_env = False
@@ -148,20 +137,35 @@ class Location:
         return f"Location({self.url!r})"
 
     def read(self, name: str) -> bytes:
+        """The file's bytes; DataError (``missing`` when absent) naming the path in its
+        message only (callers facing a request show neither path nor content)."""
         if not self.remote:
             path = Path(self.url) / name
             try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                raise DataError(f"{path}: missing (run `emnist data split`)") from None
+                with open(path, "rb") as f:
+                    data = f.read(self.max_bytes + 1)
+            except (FileNotFoundError, NotADirectoryError):
+                raise DataError(f"{path}: missing (run `emnist data split`)",
+                                missing=True) from None
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+            if len(data) > self.max_bytes:
+                raise DataError(f"{path}: larger than {self.max_bytes} bytes")
+            return data
         url = f"{self.url}/{name}"
         try:
-            resp = self._session.get(url, timeout=self.timeout)
+            with self._session.get(url, timeout=self.timeout, stream=True) as resp:
+                if resp.status_code != 200:
+                    raise DataError(f"{url}: HTTP {resp.status_code}",
+                                    missing=resp.status_code in (404, 410))
+                data = bytearray()
+                for piece in resp.iter_content(1 << 16):
+                    data += piece
+                    if len(data) > self.max_bytes:
+                        raise DataError(f"{url}: larger than {self.max_bytes} bytes")
+                return bytes(data)
         except requests.RequestException as e:
             raise DataError(f"{url}: cannot read ({type(e).__name__}: {e})") from None
-        if resp.status_code != 200:
-            raise DataError(f"{url}: HTTP {resp.status_code}")
-        return resp.content
 
     def manifest(self, sub: str = "") -> dict[str, Any]:
         name = f"{sub}/{MANIFEST}" if sub else MANIFEST
@@ -205,12 +209,15 @@ def load_partition(location: str, rank: int) -> Partition:
 
 
 class BatchCache:
-    """A byte-bounded LRU of decoded batch files, shared by a function replica's threads."""
+    """A byte-bounded LRU of decoded batch files, shared by a function replica's threads; it
+    keeps at most ``max_locations`` locations' HTTP sessions (also LRU)."""
 
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, max_bytes: int = 64 << 20, max_locations: int = 16,
+                 max_file: int = 64 << 20) -> None:
         self.max_bytes, self.size = max_bytes, 0
+        self.max_locations, self.max_file = max_locations, max_file
         self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._locations: dict[str, Location] = {}
+        self._locations: OrderedDict[str, Location] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, location: str, name: str) -> np.ndarray:
@@ -219,7 +226,11 @@ class BatchCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-            loc = self._locations.setdefault(location, Location(location))
+            loc = self._locations.pop(location, None) or Location(location,
+                                                                  max_bytes=self.max_file)
+            self._locations[location] = loc
+            while len(self._locations) > self.max_locations:
+                self._locations.popitem(last=False)
         arr = loc.array(name)
         with self._lock:
             self._items[key] = arr

@@ -7,15 +7,49 @@ right JSON type. Every failure names the field, so a handler can answer 400 with
 
 from __future__ import annotations
 
-import os
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
+
+from emnist import policy
+from emnist.paths import cache_dir
 
 EXECUTION_TYPES = (1, 2, 3)  # 1: one function does all; 2: one call per pass; 3: setup + loops
 ALGORITHMS = ("downpour", "averaging")
 UPDATE_MODES = ("atomic", "overwrite")
+
+
+# name: (lowest, highest, lowest excluded); every number is finite and inside its range.
+LIMITS: dict[str, tuple[float, float, bool]] = {
+    "alpha": (0, 100, True),
+    "iterations": (1, 100_000, False),
+    "hidden_size": (1, 1_000_000, False),  # and the model within max_params (emnist.policy)
+    "pixels_per_image": (1, 1 << 20, False),
+    "num_labels": (1, 100_000, False),
+    "dropout_percent": (0, 1, False),  # below 1 (checked on its own)
+    "batch_size": (1, 65_536, False),
+    "number_of_workers": (1, policy.HARD_MAX_WORKERS, False),  # and within max_workers
+    "n_fetch": (1, 1_000_000, False),
+    "n_push": (1, 1_000_000, False),
+    "target_accuracy": (0, 1, True),
+    "push_threshold": (0, 1e6, False),
+    "push_top_k": (0, 1_000_000, False),
+    "sync_interval": (0, 3600, True),
+    "average_every": (1, 1_000_000, False),
+    "barrier_timeout": (0, 86_400, True),
+    "max_seconds": (0, 30 * 86_400, False),
+    "patience": (0, 100_000, False),
+    "min_delta": (0, 1e6, False),
+    "lease_seconds": (0, 86_400, True),
+    "checkpoint_every": (1, 100_000, False),
+    "chunk_bytes": (4, 900 * 1024, False),
+    "seed": (0, 2**32 - 1, False),
+}
+TEXT_FIELDS = ("store_url", "dataset", "dataset_dir", "data_location", "algorithm", "update",
+               "local_store_url", "checkpoint_url")
+MAX_TEXT = 4096
 
 
 class ConfigError(ValueError):
@@ -25,8 +59,7 @@ class ConfigError(ValueError):
 
 
 def default_data_location() -> str:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(cache) / "emnist" / "shards")
+    return str(cache_dir() / "shards")
 
 
 @dataclass(frozen=True)
@@ -66,42 +99,47 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("alpha", "iterations", "hidden_size", "pixels_per_image", "batch_size",
-                    "n_fetch", "n_push", "chunk_bytes", "sync_interval", "average_every",
-                    "barrier_timeout", "lease_seconds", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("num_labels", "number_of_workers"):
+        for name, (low, high, low_open) in LIMITS.items():
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(name, f"must be >= 1, got {value}")
-        if not 0.0 <= self.dropout_percent < 1.0:
-            raise ConfigError("dropout_percent", f"must be in [0, 1), got {self.dropout_percent}")
-        if not 0.0 < self.target_accuracy <= 1.0:
-            raise ConfigError("target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
-        for name in ("seed", "push_threshold", "push_top_k", "max_seconds", "patience",
-                     "min_delta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.chunk_bytes % 4 or self.chunk_bytes > 900 * 1024:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(name, f"must be a number, got {show(value)}")
+            if not math.isfinite(value) or not (low < value if low_open else low <= value) \
+                    or value > high:
+                raise ConfigError(name, f"must be {_range(low, high, low_open)}, got "
+                                  f"{show(value)}")
+        for name in TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
+                raise ConfigError(name, f"must be a string of at most {MAX_TEXT} characters")
+        if self.dropout_percent >= 1.0:
+            raise ConfigError("dropout_percent", f"must be in [0, 1), got "
+                              f"{show(self.dropout_percent)}")
+        if self.chunk_bytes % 4:
             raise ConfigError("chunk_bytes", "must be a multiple of 4 and at most 921600 "
                               "(memcached's item limit is 1 MB)")
         choices = {"execution_type": EXECUTION_TYPES, "algorithm": ALGORITHMS,
                    "update": UPDATE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(name, f"must be one of {list(allowed)}, got "
-                                  f"{getattr(self, name)!r}")
+                raise ConfigError(name, f"must be one of {json.dumps(list(allowed))}, got "
+                                  f"{show(getattr(self, name))}")
         from emnist.data import DATASETS  # local: keeps config importable without data deps
         if self.dataset not in DATASETS:
-            raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; "
+            raise ConfigError("dataset", f"unknown dataset {show(self.dataset)}; "
                               f"known: {', '.join(DATASETS)}")
         schemes = ("memcached://", "memcached+binary://", "redis://")
         if not self.store_url.startswith(schemes):
             raise ConfigError("store_url", f"must start with one of {', '.join(schemes)}")
         if self.local_store_url and not self.local_store_url.startswith((*schemes, "local://")):
             raise ConfigError("local_store_url", "must be a store URL or local://")
+
+    @property
+    def num_params(self) -> int:
+        """The model's size: from num_labels, else the dataset's known class count."""
+        classes = self.num_labels or dataset_classes(self.dataset)
+        return (self.pixels_per_image + 1) * self.hidden_size + (self.hidden_size + 1) * classes
 
     @property
     def shard_location(self) -> str:
@@ -128,6 +166,43 @@ class TrainConfig:
             values[name] = _check_json(name, _kind(name), raw)
         return cls(**values)
 
+    @classmethod
+    def from_request(cls, env: Mapping[str, str], request: Mapping[str, Any] | None = None,
+                     ignore: tuple[str, ...] = ()) -> TrainConfig:
+        """``from_sources`` under the operator's policy (emnist.policy): a request may name
+        only the stores and places the environment allows, and no config may exceed the
+        environment's ``max_params`` and ``max_workers``."""
+        own = cls.from_sources(env)
+        cfg = cls.from_sources(env, request, ignore)
+        given = {k for k in (request or {}) if k not in ignore}
+        if "store_url" in given:
+            policy.check_store_url(env, "store_url", cfg.store_url, own.store_url)
+        if "local_store_url" in given and cfg.local_store_url:
+            policy.check_store_url(env, "local_store_url", cfg.local_store_url,
+                                   own.local_store_url, extra_schemes=("local",))
+        if "checkpoint_url" in given:
+            policy.check_checkpoint_url(env, cfg.checkpoint_url, own.checkpoint_url)
+        if "data_location" in given:
+            policy.check_data_location(env, "data_location", cfg.data_location,
+                                       own.data_location)
+        if "dataset_dir" in given and cfg.dataset_dir is not None:
+            policy.check_data_location(env, "dataset_dir", cfg.dataset_dir, own.dataset_dir)
+        cfg.check_caps(env)
+        return cfg
+
+    def check_caps(self, env: Mapping[str, str], workers: int | None = None) -> None:
+        """The model size and worker count against the operator's caps (before allocating)."""
+        cap = policy.max_params(env)
+        if self.num_params > cap:
+            raise ConfigError("hidden_size", f"the model would have {self.num_params} "
+                              f"parameters, more than max_params ({cap}) in the function's "
+                              "environment")
+        workers = workers if workers is not None else self.number_of_workers
+        top = policy.max_workers(env)
+        if workers is not None and workers > top:
+            raise ConfigError("number_of_workers", f"at most {top} (max_workers in the "
+                              f"function's environment), got {workers}")
+
 
 FIELD_KINDS: dict[str, tuple[type, bool]] = {}  # name -> (type, optional)
 for _f in fields(TrainConfig):
@@ -142,16 +217,23 @@ def _kind(name: str) -> tuple[type, bool]:
 
 def _parse_env(name: str, kind: tuple[type, bool], raw: str) -> Any:
     typ, _ = kind
+    text = raw.strip()
     if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
+        if text.lower() in ("1", "true", "yes", "on"):
             return True
-        if raw.lower() in ("0", "false", "no", "off"):
+        if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(name, f"environment value {raw!r} is not a boolean (true/false)")
+        raise ConfigError(name, f"environment value {show(raw)} is not a boolean (true/false)")
+    if typ is str:
+        return raw
     try:
-        return typ(raw)
-    except ValueError:
-        raise ConfigError(name, f"environment value {raw!r} is not a {typ.__name__}") from None
+        value = typ(text)
+    except (ValueError, OverflowError):
+        raise ConfigError(name, f"environment value {show(raw)} is not "
+                          f"{_TYPE_NAMES[typ]}") from None
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(name, f"environment value {show(raw)} is not a finite number")
+    return value
 
 
 def _check_json(name: str, kind: tuple[type, bool], raw: Any) -> Any:
@@ -159,7 +241,44 @@ def _check_json(name: str, kind: tuple[type, bool], raw: Any) -> Any:
     if raw is None and optional:
         return None
     if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
-        return float(raw)
+        try:
+            return float(raw)
+        except OverflowError:
+            raise ConfigError(name, "is too large") from None
     if not isinstance(raw, typ) or (isinstance(raw, bool) and typ is not bool):
-        raise ConfigError(name, f"must be of type {typ.__name__}, got {raw!r}")
+        raise ConfigError(name, f"must be {_TYPE_NAMES[typ]}, got {json_kind(raw)}")
     return raw
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (never a Python repr)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return show(value)
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """A value as JSON text, cut short (for messages: never a Python repr, never unbounded)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        text = "a non-finite number" if isinstance(value, float) else "a value"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _range(low: float, high: float, low_open: bool) -> str:
+    return f"> {show(low)} and <= {show(high)}" if low_open else \
+        f"between {show(low)} and {show(high)}"
+
+
+def dataset_classes(name: str) -> int:
+    """The class count of a known dataset (10 when the name is not an EMNIST split)."""
+    from emnist.data import EMNIST_SPLITS
+    return EMNIST_SPLITS.get(name[len("emnist-"):], 10) if name.startswith("emnist-") else 10

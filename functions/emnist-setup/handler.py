@@ -3,61 +3,101 @@
 POST a JSON object of config overrides (empty for the stack's defaults): 200 with the run
 document. POST {"resume": RUN_ID}: relaunch the run's unfinished workers, restoring the run
 from its checkpoint first if the store lost it. GET ?run_id=ID: the run's progress and results.
+
+The request is untrusted (OpenFaaS does not authenticate callers): the store, data and
+checkpoint places come from this function's environment, or from the request only where the
+environment's policy allows (emnist.policy: allowed_store_urls, data_roots, checkpoint_roots),
+and sizes are capped (max_params, max_workers).
 """
 
 import os
 import sys
+from dataclasses import replace
 
 try:
     import emnist  # noqa: F401
 except ImportError:  # in the image, configuration.copy places the package beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from emnist.faas import BadRequest, environment, error, json_body, kv_for, respond
-from emnist.gateway.client import GatewayClient, GatewayError
-from emnist.store import StoreError
-from emnist.train.config import ConfigError, TrainConfig
+from emnist import policy
+from emnist.faas import (
+    BadRequest,
+    NotFound,
+    environment,
+    error,
+    gateway_url,
+    guarded,
+    json_body,
+    log,
+    open_store,
+    respond,
+)
+from emnist.gateway.client import GatewayClient
+from emnist.store.keys import valid_run_id
+from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, new_run_id, resume_run, run_status, setup_run
 
 TRAIN_FUNCTION = "emnist-train"
+RUN_ID_RULE = "not a valid run id (1-64 letters, digits, '-' or '_')"
 
 
-def _gateway() -> GatewayClient:
-    env = environment()
-    return GatewayClient(env.get("gateway_url") or env.get("OPENFAAS_URL")
-                         or "http://gateway.openfaas:8080")
-
-
-def _status(event):
-    run_id = event.query.get("run_id")
-    store_url = event.query.get("store_url") or TrainConfig.from_sources(environment()).store_url
-    return respond(200, run_status(kv_for(store_url), run_id))
-
-
-def _string(request: dict, name: str) -> str | None:
-    value = request.pop(name, None)
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(name, "must be a string")
+def _run_id(name: str, value: object) -> str:
+    if not isinstance(value, str) or not valid_run_id(value):
+        raise BadRequest(f"{name}: {RUN_ID_RULE}")
     return value
 
 
-def _setup(event):
+def _resolved(cfg: TrainConfig, env: dict) -> TrainConfig:
+    """The config with its URLs as this provider reaches them: workers and the core open them
+    as stored (the run document records where the run really lives)."""
+    return replace(cfg, store_url=policy.resolve(env, cfg.store_url),
+                   local_store_url=policy.resolve(env, cfg.local_store_url),
+                   checkpoint_url=policy.resolve(env, cfg.checkpoint_url))
+
+
+def _status(event, env: dict):
+    run_id = _run_id("run_id", event.query.get("run_id"))
+    own = TrainConfig.from_sources(env).store_url
+    store_url = event.query.get("store_url")
+    if store_url:
+        policy.check_store_url(env, "store_url", store_url, own)
+    try:
+        return respond(200, run_status(open_store(store_url or own, env), run_id))
+    except UnknownRun:
+        raise NotFound(f"run_id: unknown run id {run_id} (not in this function's store)") \
+            from None
+
+
+def _resume(request: dict, run_id: str, env: dict, start):
+    if request.keys() - {"store_url", "checkpoint_url"}:
+        raise BadRequest("resume: takes only store_url and checkpoint_url besides the run id")
+    cfg = _resolved(TrainConfig.from_request(env, request), env)
+    try:
+        state = resume_run(open_store(cfg.store_url, env), run_id, cfg.checkpoint_url, start)
+    except UnknownRun as e:
+        log(f"resume {run_id}: {e}")
+        where = ("nor in checkpoint_url" if cfg.checkpoint_url else
+                 "and no checkpoint_url to restore it from")
+        raise NotFound(f"resume: unknown run id {run_id}: not in the store {where}") from None
+    print(f"Run {run_id} resumed: workers {state['resumed_workers']}", flush=True)
+    return respond(200, state)
+
+
+def _setup(event, env: dict):
     request = json_body(event)
-    run_id, resume = _string(request, "run_id"), _string(request, "resume")
-    gateway = _gateway()
+    run_id, resume = request.pop("run_id", None), request.pop("resume", None)
+    if run_id is not None:
+        run_id = _run_id("run_id", run_id)
+    client = GatewayClient(gateway_url(env))
 
     def start(body: dict) -> None:
-        gateway.invoke_async(TRAIN_FUNCTION, body)
+        client.invoke_async(TRAIN_FUNCTION, body)
 
     if resume is not None:
-        if request.keys() - {"store_url", "checkpoint_url"}:
-            raise BadRequest("resume takes only store_url and checkpoint_url besides the run id")
-        cfg = TrainConfig.from_sources(environment(), request)
-        state = resume_run(kv_for(cfg.store_url), resume, cfg.checkpoint_url, start)
-        print(f"Run {resume} resumed: workers {state['resumed_workers']}", flush=True)
-        return respond(200, state)
-    cfg = TrainConfig.from_sources(environment(), request)
-    workers = cfg.number_of_workers or max(1, gateway.replicas(TRAIN_FUNCTION))
+        return _resume(request, _run_id("resume", resume), env, start)
+    cfg = _resolved(TrainConfig.from_request(env, request), env)
+    workers = cfg.number_of_workers or max(1, client.replicas(TRAIN_FUNCTION))
+    cfg.check_caps(env, workers)
     if cfg.execution_type == 1:  # each train function initialises (first one) and trains
         run_id = run_id or new_run_id()
         config = {**cfg.to_dict(), "number_of_workers": workers}
@@ -66,23 +106,19 @@ def _setup(event):
                    "config": config})
         return respond(200, {"run_id": run_id, "workers": workers, "config": config,
                              "execution_type": 1})
-    state = setup_run(cfg, kv_for(cfg.store_url), workers, run_id=run_id, start_worker=start)
+    state = setup_run(cfg, open_store(cfg.store_url, env), workers, run_id=run_id,
+                      start_worker=start)
     print(f"Run {state['run_id']}: {workers} workers on {cfg.dataset}", flush=True)
     return respond(200, state)
 
 
+@guarded(data_field="data_location")
 def handle(event, context):
-    try:
-        if event.method == "GET":
-            if not event.query.get("run_id"):
-                return error(400, "GET needs ?run_id=ID (POST a config to start a run)")
-            return _status(event)
-        if event.method != "POST":
-            return error(405, f"method {event.method} not allowed: use POST or GET")
-        return _setup(event)
-    except (BadRequest, ConfigError, ValueError) as e:
-        return error(400, str(e))
-    except UnknownRun as e:
-        return error(404, str(e))
-    except (StoreError, GatewayError) as e:
-        return error(502, str(e))
+    env = environment()
+    if event.method == "GET":
+        if not event.query.get("run_id"):
+            return error(400, "run_id: GET needs ?run_id=ID (POST a config to start a run)")
+        return _status(event, env)
+    if event.method != "POST":
+        return error(405, f"method {event.method} not allowed: use POST or GET")
+    return _setup(event, env)

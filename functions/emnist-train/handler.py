@@ -5,6 +5,9 @@ emnist-setup), so every worker of a run trains alike. Execution type 3 loops unt
 this invocation; type 2 trains one pass and asks the gateway for the next invocation; type 1
 also carries "config" and the first worker to arrive initialises the run. A worker whose state
 exists resumes where it stopped.
+
+The request is untrusted: its ``store_url`` and the places in a type-1 ``config`` must be this
+function's own or allowed by its environment's policy (emnist.policy), like emnist-setup's.
 """
 
 import json
@@ -16,48 +19,70 @@ try:
 except ImportError:  # in the image, configuration.copy places the package beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from emnist.faas import BadRequest, environment, error, kv_for, respond, typed_body
+from emnist import policy
+from emnist.faas import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    environment,
+    error,
+    gateway_url,
+    guarded,
+    log,
+    open_store,
+    respond,
+    typed_body,
+)
 from emnist.gateway.client import GatewayClient
-from emnist.store import MissingState, StoreError
-from emnist.train.config import ConfigError, TrainConfig
+from emnist.store.keys import valid_run_id
+from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, ensure_run, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
 FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict}
 
 
-def _next_pass(body: dict):
-    env = environment()
-    url = env.get("gateway_url") or env.get("OPENFAAS_URL") or "http://gateway.openfaas:8080"
+def _next_pass(body: dict, env: dict):
+    url = gateway_url(env)
     return lambda: GatewayClient(url).invoke_async("emnist-train", body)
 
 
-def handle(event, context):
+def _train(event, context, env: dict):
+    request = typed_body(event, FIELDS, ("run_id", "worker_id"))
+    run_id, worker_id = request["run_id"], request["worker_id"]
+    if not valid_run_id(run_id):
+        raise BadRequest("run_id: not a valid run id (1-64 letters, digits, '-' or '_')")
+    top = policy.max_workers(env)
+    if not 0 <= worker_id < top:
+        raise BadRequest(f"worker_id: must be between 0 and {top - 1} (max_workers)")
+    own = TrainConfig.from_sources(env).store_url
+    store_url = request.get("store_url") or own
+    if "store_url" in request:
+        policy.check_store_url(env, "store_url", store_url, own)
+    kv = open_store(store_url, env)
+    if "config" in request:
+        cfg = TrainConfig.from_request(env, request["config"])
+        if cfg.execution_type != 1 or not cfg.number_of_workers:
+            raise BadRequest("config: only for execution_type 1, with number_of_workers")
+        ensure_run(cfg, kv, cfg.number_of_workers, run_id)
+    body = {k: v for k, v in request.items() if k != "config"}
     try:
-        if event.method != "POST":
-            return error(405, f"method {event.method} not allowed: use POST")
-        request = typed_body(event, FIELDS, ("run_id", "worker_id"))
-        store_url = request.get("store_url") or TrainConfig.from_sources(environment()).store_url
-        kv = kv_for(store_url)
-        if "config" in request:
-            cfg = TrainConfig.from_sources(environment(), request["config"])
-            if cfg.execution_type != 1 or not cfg.number_of_workers:
-                raise BadRequest("config: only for execution_type 1, with number_of_workers")
-            ensure_run(cfg, kv, cfg.number_of_workers, request["run_id"])
-        body = {k: v for k, v in request.items() if k != "config"}
-        st, record = train_worker(kv, request["run_id"], request["worker_id"],
-                                  context.hostname, next_pass=_next_pass(body))
-    except (BadRequest, ConfigError, ValueError) as e:
-        return error(400, str(e))
-    except UnknownRun as e:
-        return error(404, str(e))
+        st, record = train_worker(kv, run_id, worker_id, context.hostname,
+                                  next_pass=_next_pass(body, env))
+    except UnknownRun:
+        raise NotFound(f"run_id: unknown run id {run_id} (not in this function's store)") \
+            from None
     except (WorkerBusy, LeaseLost) as e:
-        print(f"worker {request['worker_id']}: {e}", file=sys.stderr, flush=True)
-        return error(409, str(e))
-    except (MissingState, StoreError) as e:
-        print(f"store error: {e}", file=sys.stderr, flush=True)
-        return error(502, str(e))
+        log(f"worker {worker_id}: {e}")
+        raise Conflict(f"worker_id: {e}") from None
     if st.done:
         print(st.summary_line(), flush=True)
         print(json.dumps({"emnist_result": record}), flush=True)
     return respond(200, record)
+
+
+@guarded(data_field="run_id")
+def handle(event, context):
+    if event.method != "POST":
+        return error(405, f"method {event.method} not allowed: use POST")
+    return _train(event, context, environment())
