@@ -141,7 +141,8 @@ def test_three_peers_with_topk(tmp_path, split_dir):
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """The real stack file (with emnist-grad) on a gateway at a free port."""
-    env = {"STORE_URL": MEMCACHED_URL, "GRAD_REPLICAS": "3", "TRAIN_REPLICAS": "1"}
+    env = {"STORE_URL": MEMCACHED_URL, "GRAD_REPLICAS": "3", "TRAIN_REPLICAS": "1",
+           "DATA_ROOTS": str(tmp_path_factory.getbasetemp())}  # where the splits are
     with local_gateway(tmp_path_factory.mktemp("gw"), env) as gw:
         yield gw
 
@@ -204,7 +205,7 @@ def test_grad_function_computes_the_batch_gradient(split_dir, gateway, run_id):
     ({"params_key": "k", "hidden": "100"}, 400, "hidden"),
     ({"params_key": "k", "bogus": 1}, 400, "bogus"),
     ({"params_key": "k", "batch": "../../etc/passwd"}, 400, "batch"),
-    ({"params_key": "k", "batch": "batches-50/peer-0/99999"}, 400, "missing"),
+    ({"params_key": "k", "batch": "batches-50/peer-0/99999"}, 404, "missing"),
     ({"params": "not base64!"}, 400, "base64"),
     ({"params": base64.b64encode(codec.encode(np.zeros(5, np.float32))).decode()}, 400,
      "shape"),
