@@ -102,7 +102,6 @@ def start_gateway(stack: Path, port: int, env: dict[str, str], replicas: list[st
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **env},
                                 start_new_session=True, cwd=stack.parent)
-    procs.write_record(state_dir / "gateway.proc.json", proc.pid, args)
 
     def is_ready() -> bool:
         if proc.poll() is not None:
@@ -110,8 +109,14 @@ def start_gateway(stack: Path, port: int, env: dict[str, str], replicas: list[st
             raise LocalStackError(f"the gateway exited with {proc.returncode}:\n{tail}")
         return ready.exists() and ready.stat().st_size > 0
 
-    wait_until(is_ready, timeout, f"the gateway did not become ready in {timeout:.0f}s "
-               f"(log: {log_path})", error=LocalStackError)
+    try:
+        wait_until(is_ready, timeout, f"the gateway did not become ready in {timeout:.0f}s "
+                   f"(log: {log_path})", error=LocalStackError)
+        procs.write_record(state_dir / "gateway.proc.json", proc.pid, args)
+    except BaseException:
+        if proc.poll() is None:  # ours for sure (we hold it): never leave it unrecorded
+            _terminate(proc.pid)
+        raise
     return json.loads(ready.read_text())
 
 

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from emnist.wait import wait_until
+
 __all__ = ["identity", "matches", "read_record", "write_record"]
 
 
@@ -28,11 +30,19 @@ def identity(pid: int) -> dict[str, Any] | None:
             "start": int(fields[19])}
 
 
-def write_record(path: Path, pid: int, launched: list[str], **extra: Any) -> None:
-    """Record the process ``launched`` (its argv) as ``pid``, with its current start time."""
-    ident = identity(pid)
-    record = {"pid": pid, "cmdline": [str(a) for a in launched],
-              "start": ident["start"] if ident else None, **extra}
+def write_record(path: Path, pid: int, launched: list[str], timeout: float = 5.0,
+                 **extra: Any) -> None:
+    """Record the process ``launched`` (its argv) as ``pid``, with its start time.
+
+    Right after exec the kernel may show an empty command line for a moment, so this waits
+    (up to ``timeout``) until the process shows ``launched``; ProcessLookupError if it never
+    does (it exited, or it is not what was launched).
+    """
+    argv = [str(a) for a in launched]
+    ident = wait_until(lambda: (i := identity(pid)) and i["cmdline"] == argv and i, timeout,
+                       f"pid {pid} does not run {argv[0]}", interval=0.01,
+                       error=ProcessLookupError)
+    record = {"pid": pid, "cmdline": argv, "start": ident["start"], **extra}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
