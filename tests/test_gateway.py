@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from emnist.gateway.stack import (
     substitute,
 )
 from emnist.gateway.supervisor import ReplicaError, ReplicaSet
+from tests.gateway_tools import CallbackReceiver, GatewayProcess, pid_alive, wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gateway"
 STACK = FIXTURES / "stack.yml"
@@ -39,92 +37,6 @@ HOSTNAME_RE = re.compile(r"^[a-z0-9-]+-[0-9a-f]{5}-[a-z0-9]{5}$")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (Linux /proc, else kill(0))."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-
-def children(pid: int) -> set[int]:
-    """Direct child pids of ``pid`` (Linux /proc scan)."""
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.add(int(entry.name))
-    return out
-
-
-class GatewayProcess:
-    """``python -m emnist.gateway.server`` started on port 0 for a test."""
-
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.ready_file = tmp / "ready.json"
-        self.log_path = tmp / "gateway.log"
-        full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("OPENFAAS_PASSWORD", "OPENFAAS_URL")}
-        full_env.update(env or {})
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "emnist.gateway.server", "--stack", str(STACK),
-             "--port", "0", "--ready-file", str(self.ready_file),
-             "--state-dir", str(tmp / "state"), *args],
-            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None,
-                     timeout=30, what="gateway ready file")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log_path.read_text()}")
-            info = json.loads(self.ready_file.read_text())
-        except BaseException:
-            self.stop()
-            raise
-        self.url: str = info["url"]
-        assert info["pid"] == self.proc.pid
-
-    def replica_pids(self) -> set[int]:
-        return children(self.proc.pid)
-
-    def stop(self, sig: int = signal.SIGTERM) -> set[int]:
-        """Stop the gateway; returns the replica pids it had (all must be gone after)."""
-        pids = self.replica_pids() if self.proc.poll() is None else set()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return pids
 
 
 @pytest.fixture(scope="module")
@@ -421,36 +333,6 @@ def test_scale_bad_requests(gateway: GatewayProcess, http: requests.Session) -> 
     assert http.post(url, json=[1]).status_code == 400
     assert http.post(gateway.url + "/system/scale-function/nope",
                      json={"serviceName": "nope", "replicas": 1}).status_code == 404
-
-
-class CallbackReceiver:
-    """A tiny HTTP server on port 0 that records every POST it gets."""
-
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        received: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
-        self.received = received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                received.put((dict(self.headers.items()), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cb"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_async_invocation_calls_back(client: GatewayClient, gateway: GatewayProcess,

@@ -62,7 +62,7 @@ def listen(gateway: Gateway, host: str = "127.0.0.1", port: int = 8080,
         clear_untrusted_proxy_headers=False,  # pass X-Forwarded-* on, as OpenFaaS does
         send_bytes=1,  # answer from the worker thread at once, not on the next loop turn
     )
-    bound_port = server.effective_port
+    bound_port = int(server.effective_port)
     url = f"http://127.0.0.1:{bound_port}" if host in ("127.0.0.1", "0.0.0.0", "::", "") \
         else f"http://{host}:{bound_port}"
     gateway.set_url(url, bound_port)

@@ -47,6 +47,7 @@ __all__ = ["AUTH_ANNOTATION", "DEFAULT_ALIASES", "Deployment", "Gateway", "funct
 log = logging.getLogger("emnist.gateway")
 
 DEFAULT_TIMEOUT = 300.0
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # A function with this annotation gets the gateway's credentials as the secrets basic-auth-user
 # and basic-auth-password (as if it listed them), e.g. emnist-setup for its replica-count lookup.
 AUTH_ANNOTATION = "emnist/gateway-auth"
@@ -185,16 +186,19 @@ class Gateway:
         return env
 
     def template_fprocess(self, lang: str) -> str:
-        """``fprocess`` of the stack's ``template/<lang>/template.yml`` ("" if none)."""
+        """``fprocess`` of ``template/<lang>/template.yml`` ("" if none): beside the stack, in
+        the working directory (where faas-cli reads it) or in this project's checkout."""
         if lang not in self._templates:
-            path = self.stack.path.parent / "template" / lang / "template.yml"
             value = ""
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            for base in (self.stack.path.parent, Path.cwd(), _PROJECT_ROOT):
+                try:
+                    path = base / "template" / lang / "template.yml"
+                    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+                except (OSError, yaml.YAMLError):
+                    continue
                 if isinstance(data, dict) and isinstance(data.get("fprocess"), str):
                     value = data["fprocess"]
-            except (OSError, yaml.YAMLError):
-                pass
+                    break
             self._templates[lang] = value
         return self._templates[lang]
 
