@@ -19,16 +19,18 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from emnist.policy import PolicyError, resolve
-from emnist.store import KV, StoreError, open_kv
-from emnist.train.config import ConfigError, json_kind
+from emnist.store import KV, StoreError, open_kv, redact
+from emnist.train.config import ConfigError, TrainConfig, json_kind
 
 _local = threading.local()
 MAX_BODY = 8 << 20  # bytes of request body a function reads (emnist-grad's inline data fits)
 DEFAULT_GATEWAY = "http://gateway.openfaas:8080"
 INTERNAL = "internal error (see the function's logs)"
+URL_FIELDS = ("store_url", "local_store_url", "checkpoint_url")
 
 
 class RequestError(Exception):
@@ -199,6 +201,21 @@ def open_store(url: str, env: Mapping[str, str]) -> KV:
 def gateway_url(env: Mapping[str, str]) -> str:
     """The gateway functions call (``gateway_url``, else ``OPENFAAS_URL``), alias-resolved."""
     return resolve(env, env.get("gateway_url") or env.get("OPENFAAS_URL") or DEFAULT_GATEWAY)
+
+
+def resolved_config(cfg: TrainConfig, env: Mapping[str, str]) -> TrainConfig:
+    """``cfg`` with its URLs as this provider reaches them: the core opens them as stored, so
+    the run document records where the run really lives."""
+    return replace(cfg, **{f: resolve(env, getattr(cfg, f)) for f in URL_FIELDS})
+
+
+def redacted(doc: dict[str, Any]) -> dict[str, Any]:
+    """A run document for the caller: passwords in its config's URLs replaced by ``***``."""
+    config = doc.get("config")
+    if not isinstance(config, dict):
+        return doc
+    return {**doc, "config": {**config, **{f: redact(config[f]) for f in URL_FIELDS
+                                           if isinstance(config.get(f), str)}}}
 
 
 def environment() -> dict[str, str]:

@@ -128,8 +128,10 @@ def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: st
                   roots_env: str, schemes: tuple[str, ...], own_env: str = "") -> str:
     if not isinstance(value, str) or len(value) > MAX_URL:
         raise PolicyError(field, f"must be a path or URL of at most {MAX_URL} characters")
-    if value == "" or value == configured:
-        return value  # the function's own setting (or none)
+    if value == "":
+        raise PolicyError(field, "must not be empty")
+    if value == configured:
+        return value  # the function's own setting
     roots = env_list(env, roots_env)
     allow = (f"a request may name only places under {roots_env} (set in the function's "
              "environment)")

@@ -131,3 +131,8 @@ def test_number_of_workers_is_capped_by_max_workers():
 def test_bad_policy_caps_in_the_environment_are_refused(raw):
     with pytest.raises(PolicyError, match="^max_params: "):
         TrainConfig.from_request({"max_params": raw})
+
+
+def test_an_empty_dataset_dir_means_the_default_not_the_current_directory():
+    assert TrainConfig.from_sources({}, {"dataset_dir": ""}).dataset_dir is None
+    assert TrainConfig.from_request({}, {"dataset_dir": ""}).dataset_dir is None

@@ -20,11 +20,11 @@ import pytest
 import requests
 
 from emnist import policy
-from emnist.faas import guarded
+from emnist.faas import guarded, redacted, resolved_config
 from emnist.hostaliases import ALIASES_ENV
 from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.store import codec
-from emnist.train.config import FIELD_KINDS
+from emnist.train.config import FIELD_KINDS, TrainConfig
 from tests.conftest import MEMCACHED_URL
 from tests.servers import local_gateway
 
@@ -172,7 +172,7 @@ def test_paths_must_resolve_inside_a_root(tmp_path):
 
 def test_checkpoint_urls_must_be_under_a_checkpoint_root(tmp_path):
     env = {"checkpoint_roots": f"{tmp_path},redis://127.0.0.1:6379/3"}
-    ok = [str(tmp_path / "ck"), f"file://{tmp_path}/ck", "redis://127.0.0.1:6379/3", ""]
+    ok = [str(tmp_path / "ck"), f"file://{tmp_path}/ck", "redis://127.0.0.1:6379/3"]
     for value in ok:
         assert policy.check_checkpoint_url(env, value, "") == value
     for value in ("/var/tmp/ck", f"file://host{tmp_path}", "redis://127.0.0.1:6379/4",
@@ -181,6 +181,8 @@ def test_checkpoint_urls_must_be_under_a_checkpoint_root(tmp_path):
             policy.check_checkpoint_url(env, value, "")
     with pytest.raises(policy.PolicyError, match="checkpoint_roots"):
         policy.check_checkpoint_url({}, str(tmp_path), "")
+    with pytest.raises(policy.PolicyError, match="^checkpoint_url: must not be empty"):
+        policy.check_checkpoint_url(env, "", "")
     assert policy.check_checkpoint_url({}, "/srv/ck", "/srv/ck") == "/srv/ck"
 
 
@@ -331,6 +333,33 @@ def test_a_store_failure_is_502_without_exception_text(fn_env):
     assert "Error" not in msg and str(port) not in msg
 
 
+def test_a_damaged_checkpoint_in_an_allowed_root_is_a_409_naming_checkpoint_url(fn_env,
+                                                                                 tmp_path):
+    fn_env(checkpoint_roots=str(tmp_path))
+    (tmp_path / "lost-run.ckpt").write_bytes(b"\x10" + b"garbage /etc/shadow" * 3)
+    status, msg = error_of(SETUP, {"resume": "lost-run", "checkpoint_url": str(tmp_path)})
+    assert status == 409 and msg.startswith("checkpoint_url: the checkpoint of run lost-run")
+    assert str(tmp_path) not in msg and "shadow" not in msg
+    status, msg = error_of(SETUP, {"resume": "other-run", "checkpoint_url": str(tmp_path)})
+    assert status == 404 and msg.startswith("resume: unknown run id other-run")
+    assert str(tmp_path) not in msg
+
+
+def test_answers_carry_no_store_password_and_configs_are_alias_resolved():
+    doc = {"run_id": "r", "config": {"store_url": "redis://:hunter2@db:6379/0",
+                                      "local_store_url": "", "checkpoint_url": "/srv/ck"}}
+    out = redacted(doc)
+    assert out["config"]["store_url"] == "redis://:***@db:6379/0"
+    assert "hunter2" not in json.dumps(out) and doc["config"]["store_url"].count("hunter2")
+    env = {ALIASES_ENV: "memcached.openfaas-fn:11211=127.0.0.1:1,redis.openfaas-fn:6379="
+                        "127.0.0.1:2"}
+    cfg = resolved_config(TrainConfig(store_url="memcached://memcached.openfaas-fn:11211",
+                                      local_store_url="memcached://memcached.openfaas-fn:11211",
+                                      checkpoint_url="redis://redis.openfaas-fn:6379/1"), env)
+    assert (cfg.store_url, cfg.local_store_url, cfg.checkpoint_url) == (
+        "memcached://127.0.0.1:1", "memcached://127.0.0.1:1", "redis://127.0.0.1:2/1")
+
+
 # -- emnist-train --------------------------------------------------------------------------
 def test_train_refuses_request_stores_and_type1_config_places(fn_env, trap, tmp_path):
     url = trap_url(trap)
@@ -385,6 +414,8 @@ def test_grad_batch_errors_show_no_path_or_content(fn_env, tmp_path):
     assert status == 400 and msg.startswith("data: ")  # a symlink out of the root
     for batch in ("../secret", "/etc/passwd", "a/../../b", "x" * 65):
         assert error_of(GRAD, {**body, "batch": batch})[0] == 400
+    status, msg = error_of(GRAD, {**body, "data": "", "batch": "secret"})
+    assert status == 400 and msg.startswith("data: ")  # "" is not the current directory
 
 
 def test_grad_computes_from_an_allowed_data_root(fn_env, tmp_path):

@@ -164,6 +164,8 @@ class TrainConfig:
             if name not in FIELD_KINDS:
                 raise ConfigError(name, f"unknown field; known: {', '.join(sorted(FIELD_KINDS))}")
             values[name] = _check_json(name, _kind(name), raw)
+        if values.get("dataset_dir") == "":
+            values["dataset_dir"] = None  # "" is no directory (not the current one)
         return cls(**values)
 
     @classmethod
@@ -180,9 +182,9 @@ class TrainConfig:
         if "local_store_url" in given and cfg.local_store_url:
             policy.check_store_url(env, "local_store_url", cfg.local_store_url,
                                    own.local_store_url, extra_schemes=("local",))
-        if "checkpoint_url" in given:
+        if "checkpoint_url" in given and cfg.checkpoint_url:
             policy.check_checkpoint_url(env, cfg.checkpoint_url, own.checkpoint_url)
-        if "data_location" in given:
+        if "data_location" in given and cfg.data_location:
             policy.check_data_location(env, "data_location", cfg.data_location,
                                        own.data_location)
         if "dataset_dir" in given and cfg.dataset_dir is not None:

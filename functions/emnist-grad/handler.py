@@ -144,7 +144,7 @@ def _load_params(req: dict, n: int, env: dict) -> np.ndarray:
 
 def _data(req: dict, env: dict) -> str:
     own = env.get("data_location") or ""
-    if "data" not in req:
+    if not req.get("data"):
         if not own:
             raise BadRequest("data: required with batch (none in the environment)")
         return own

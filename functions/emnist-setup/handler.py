@@ -12,7 +12,6 @@ and sizes are capped (max_params, max_workers).
 
 import os
 import sys
-from dataclasses import replace
 
 try:
     import emnist  # noqa: F401
@@ -22,6 +21,7 @@ except ImportError:  # in the image, configuration.copy places the package besid
 from emnist import policy
 from emnist.faas import (
     BadRequest,
+    Conflict,
     NotFound,
     environment,
     error,
@@ -30,9 +30,12 @@ from emnist.faas import (
     json_body,
     log,
     open_store,
+    redacted,
+    resolved_config,
     respond,
 )
 from emnist.gateway.client import GatewayClient
+from emnist.store import CorruptValue
 from emnist.store.keys import valid_run_id
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, new_run_id, resume_run, run_status, setup_run
@@ -47,14 +50,6 @@ def _run_id(name: str, value: object) -> str:
     return value
 
 
-def _resolved(cfg: TrainConfig, env: dict) -> TrainConfig:
-    """The config with its URLs as this provider reaches them: workers and the core open them
-    as stored (the run document records where the run really lives)."""
-    return replace(cfg, store_url=policy.resolve(env, cfg.store_url),
-                   local_store_url=policy.resolve(env, cfg.local_store_url),
-                   checkpoint_url=policy.resolve(env, cfg.checkpoint_url))
-
-
 def _status(event, env: dict):
     run_id = _run_id("run_id", event.query.get("run_id"))
     own = TrainConfig.from_sources(env).store_url
@@ -62,7 +57,7 @@ def _status(event, env: dict):
     if store_url:
         policy.check_store_url(env, "store_url", store_url, own)
     try:
-        return respond(200, run_status(open_store(store_url or own, env), run_id))
+        return respond(200, redacted(run_status(open_store(store_url or own, env), run_id)))
     except UnknownRun:
         raise NotFound(f"run_id: unknown run id {run_id} (not in this function's store)") \
             from None
@@ -71,7 +66,7 @@ def _status(event, env: dict):
 def _resume(request: dict, run_id: str, env: dict, start):
     if request.keys() - {"store_url", "checkpoint_url"}:
         raise BadRequest("resume: takes only store_url and checkpoint_url besides the run id")
-    cfg = _resolved(TrainConfig.from_request(env, request), env)
+    cfg = resolved_config(TrainConfig.from_request(env, request), env)
     try:
         state = resume_run(open_store(cfg.store_url, env), run_id, cfg.checkpoint_url, start)
     except UnknownRun as e:
@@ -79,8 +74,12 @@ def _resume(request: dict, run_id: str, env: dict, start):
         where = ("nor in checkpoint_url" if cfg.checkpoint_url else
                  "and no checkpoint_url to restore it from")
         raise NotFound(f"resume: unknown run id {run_id}: not in the store {where}") from None
+    except CorruptValue as e:
+        log(f"resume {run_id}: {e}")
+        raise Conflict(f"checkpoint_url: the checkpoint of run {run_id} is damaged (details "
+                       "in the function's logs)") from None
     print(f"Run {run_id} resumed: workers {state['resumed_workers']}", flush=True)
-    return respond(200, state)
+    return respond(200, redacted(state))
 
 
 def _setup(event, env: dict):
@@ -95,7 +94,7 @@ def _setup(event, env: dict):
 
     if resume is not None:
         return _resume(request, _run_id("resume", resume), env, start)
-    cfg = _resolved(TrainConfig.from_request(env, request), env)
+    cfg = resolved_config(TrainConfig.from_request(env, request), env)
     workers = cfg.number_of_workers or max(1, client.replicas(TRAIN_FUNCTION))
     cfg.check_caps(env, workers)
     if cfg.execution_type == 1:  # each train function initialises (first one) and trains
@@ -104,12 +103,12 @@ def _setup(event, env: dict):
         for w in range(workers):
             start({"run_id": run_id, "worker_id": w, "store_url": cfg.store_url,
                    "config": config})
-        return respond(200, {"run_id": run_id, "workers": workers, "config": config,
-                             "execution_type": 1})
+        return respond(200, redacted({"run_id": run_id, "workers": workers, "config": config,
+                                      "execution_type": 1}))
     state = setup_run(cfg, open_store(cfg.store_url, env), workers, run_id=run_id,
                       start_worker=start)
     print(f"Run {state['run_id']}: {workers} workers on {cfg.dataset}", flush=True)
-    return respond(200, state)
+    return respond(200, redacted(state))
 
 
 @guarded(data_field="data_location")

@@ -30,6 +30,7 @@ from emnist.faas import (
     guarded,
     log,
     open_store,
+    resolved_config,
     respond,
     typed_body,
 )
@@ -61,7 +62,7 @@ def _train(event, context, env: dict):
         policy.check_store_url(env, "store_url", store_url, own)
     kv = open_store(store_url, env)
     if "config" in request:
-        cfg = TrainConfig.from_request(env, request["config"])
+        cfg = resolved_config(TrainConfig.from_request(env, request["config"]), env)
         if cfg.execution_type != 1 or not cfg.number_of_workers:
             raise BadRequest("config: only for execution_type 1, with number_of_workers")
         ensure_run(cfg, kv, cfg.number_of_workers, run_id)
