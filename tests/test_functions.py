@@ -86,6 +86,12 @@ def test_result_line_has_the_original_shape(gateway):
     ({"dataset": "cifar-10"}, "dataset"),
     ({"num_labels": 47, "dataset": "synthetic", "number_of_workers": 1}, "num_labels"),
     ({"run_id": "has spaces", "dataset": "synthetic", "number_of_workers": 1}, "run id"),
+    ('{"alpha": NaN}', "NaN"),
+    ({"hidden_size": 1_000_000, "number_of_workers": 1}, "max_params"),
+    ({"number_of_workers": 100_000}, "max_workers"),
+    ({"store_url": "ftp://files:21"}, "store_url"),
+    ({"store_url": "memcached://10.9.9.9:11211"}, "allowed_store_urls"),
+    ({"dataset_dir": "/etc", "number_of_workers": 1}, "data_roots"),
 ])
 def test_setup_rejects_bad_requests_with_400(gateway, body, field):
     r = _call(gateway, "emnist-setup", body)
