@@ -5,7 +5,7 @@ functions without authentication, so every body and query is untrusted: JSON is 
 (no NaN/Infinity, bounded size and depth), every location a request names passes the operator's
 policy (emnist.policy), and :func:`guarded` turns every failure into a 4xx naming the field or
 a generic 5xx, with the details (paths, exception text, tracebacks) only in the function's
-stderr log. Clients are built lazily, once per process and thread, for URLs resolved through
+stderr log. Store handles are built lazily, one per process and URL, for URLs resolved through
 the provider's host aliases.
 """
 
@@ -16,17 +16,15 @@ import json
 import math
 import os
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from emnist.policy import PolicyError, resolve
-from emnist.store import KV, StoreError, open_kv, redact
+from emnist.store import KV, StoreError, redact, shared_kv
 from emnist.train.config import ConfigError, TrainConfig, json_kind
 
-_local = threading.local()
 MAX_BODY = 8 << 20  # bytes of request body a function reads (emnist-grad's inline data fits)
 DEFAULT_GATEWAY = "http://gateway.openfaas:8080"
 INTERNAL = "internal error (see the function's logs)"
@@ -185,12 +183,9 @@ def guarded(data_field: str = "dataset_dir") -> Callable[[Callable], Callable]:
 
 
 def kv_for(url: str) -> KV:
-    cache = getattr(_local, "kv", None)
-    if cache is None:
-        cache = _local.kv = {}
-    if url not in cache:
-        cache[url] = open_kv(url)
-    return cache[url]
+    """The process's one thread-safe handle for ``url``, shared by waitress's request threads
+    (``emnist.store.shared_kv``: a bounded registry)."""
+    return shared_kv(url)
 
 
 def open_store(url: str, env: Mapping[str, str]) -> KV:

@@ -2,7 +2,9 @@
 
 from emnist.store.codec import CorruptValue
 from emnist.store.kv import KV, StoreError, open_kv, redact
+from emnist.store.outcome import OutcomeUnknown, claim
 from emnist.store.params import MissingState, ParameterStore
+from emnist.store.shared import shared_kv
 
-__all__ = ["KV", "CorruptValue", "MissingState", "ParameterStore", "StoreError", "open_kv",
-           "redact"]
+__all__ = ["KV", "CorruptValue", "MissingState", "OutcomeUnknown", "ParameterStore",
+           "StoreError", "claim", "open_kv", "redact", "shared_kv"]

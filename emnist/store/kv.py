@@ -4,6 +4,9 @@ Backends move opaque bytes (already carrying the codec header); what the bytes m
 parameter store's business. ``update_many`` is the one atomic primitive: a read-modify-write
 per key that never loses a concurrent writer's change (memcached gets/cas, Redis WATCH/MULTI);
 it also reads the ``read`` keys in its first round trip and returns (retries, their values).
+
+Every backend is thread-safe (one handle serves all of a process's threads: ``shared_kv``),
+and none repeats a write whose reply was lost (``emnist.store.outcome``).
 """
 
 from __future__ import annotations

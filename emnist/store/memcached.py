@@ -1,8 +1,14 @@
-"""memcached through pymemcache: one server, or several with rendezvous hashing."""
+"""memcached through pymemcache: one server, or several with rendezvous hashing.
+
+Thread-safe: each command borrows a client from a pool (pymemcache clients are not). Reads,
+sets and deletes are retried once on a fresh connection when one broke (a restarted server);
+cas and add never are: ``emnist.store.outcome`` settles a lost reply by reading the key back.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import pymemcache.client.base
@@ -11,12 +17,15 @@ from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from emnist.store.kv import StoreError, Updater, options
+from emnist.store.outcome import MAX_CONFLICTS, Lost, add_once, cas_loop
+from emnist.store.pool import Pool
 
-MAX_RETRIES = 10_000
+MAX_RETRIES = MAX_CONFLICTS
 # pymemcache reads values in RECV_SIZE pieces (4 KB): a 256 KB chunk took 64 recv calls and
 # their joins. 64 KB pieces halve a full fetch (measured: 0.49 -> 0.30 ms for 333 KB, 4.5 ->
 # 2.6 ms for 3.3 MB) and speed pushes up too; larger pieces gained nothing more.
 RECV_SIZE = 64 * 1024
+_BROKEN = (OSError, MemcacheUnexpectedCloseError)  # the connection, not the command, failed
 
 
 def parse_servers(url: str) -> list[tuple[str, int]]:
@@ -42,62 +51,77 @@ class MemcachedKV:
         servers = parse_servers(url)
         kw = dict(connect_timeout=timeout, timeout=timeout, no_delay=True, default_noreply=False)
         if len(servers) == 1:
-            self.client = Client(servers[0], **kw)
-        else:
-            self.client = HashClient(servers, retry_attempts=1, dead_timeout=1, **kw)
+            def make() -> Any:
+                return Client(servers[0], **kw)
+        else:  # a failed client is dropped, so HashClient never hides a dead server
+            def make() -> Any:
+                return HashClient(servers, retry_attempts=1, dead_timeout=1, **kw)
+        self._pool: Pool[Any] = Pool(make, lambda c: c.close())
 
-    def _call(self, op, *args, **kw):
-        """One retry on a fresh connection when the old one broke (a restarted server): every
-        operation here is safe to repeat (a repeated cas or add fails and is retried above)."""
+    def _run(self, name: str, args: tuple, kw: dict) -> Any:
+        c = self._pool.take()
+        try:
+            out = getattr(c, name)(*args, **kw)
+        except _BROKEN:
+            self._pool.drop(c, broken=True)
+            raise
+        except BaseException:
+            self._pool.drop(c)
+            raise
+        self._pool.give(c)
+        return out
+
+    def _idempotent(self, name: str, *args: Any, **kw: Any) -> Any:
+        """Reads, sets, deletes: safe to send again, once, on a fresh connection."""
         for attempt in (1, 2):
             try:
-                return op(*args, **kw)
-            except (OSError, MemcacheUnexpectedCloseError) as e:
-                self.client.close()
+                return self._run(name, args, kw)
+            except _BROKEN as e:
                 if attempt == 2:
                     raise StoreError(f"memcached at {self.url} unreachable: {e!r}") from None
             except MemcacheError as e:
-                self.client.close()
                 raise StoreError(f"memcached at {self.url}: {e!r}") from None
 
+    def _once(self, name: str, *args: Any, **kw: Any) -> Any:
+        """cas and add: sent once; a broken connection is ``Lost`` (maybe executed)."""
+        try:
+            return self._run(name, args, kw)
+        except _BROKEN:
+            raise Lost from None
+        except MemcacheError as e:
+            raise StoreError(f"memcached at {self.url}: {e!r}") from None
+
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        return self._call(self.client.get_many, keys)
+        return self._idempotent("get_many", keys)
 
     def set_many(self, values: Mapping[str, bytes]) -> None:
-        failed = self._call(self.client.set_many, dict(values), expire=self.ttl, noreply=False)
+        failed = self._idempotent("set_many", dict(values), expire=self.ttl, noreply=False)
         if failed:
             raise StoreError(f"memcached refused to store {sorted(failed)[:5]}")
 
     def add(self, key: str, value: bytes) -> bool:
-        return bool(self._call(self.client.add, key, value, expire=self.ttl, noreply=False))
+        return add_once(key, value, self.url,
+                        lambda: bool(self._once("add", key, value, expire=self.ttl,
+                                                noreply=False)),
+                        lambda: self._idempotent("get", key))
 
     def update_many(self, keys: Iterable[str], fn: Updater,
                     read: Iterable[str] = ()) -> tuple[int, dict[str, bytes]]:
         """gets + cas per key, retrying only the keys another writer changed meanwhile."""
-        pending, retries, extra = list(keys), 0, list(read)
-        first: dict[str, bytes] = {}
-        while pending:
-            got = self._call(self.client.gets_many, pending + extra)
-            first = {k: got[k][0] for k in extra if k in got} if extra else first
-            extra = []
-            again = []
-            for key in pending:
-                value, token = got.get(key, (None, None))
-                new = fn(key, value)
-                if token is None:
-                    ok = self._call(self.client.add, key, new, expire=self.ttl, noreply=False)
-                else:
-                    ok = self._call(self.client.cas, key, new, token, expire=self.ttl)
-                if not ok:
-                    again.append(key)
-            retries += len(again)
-            if retries > MAX_RETRIES:
-                raise StoreError(f"gave up after {retries} cas conflicts on {again[:3]}")
-            pending = again
-        return retries, first
+        def gets(pending: list[str], extra: list[str]) -> tuple[dict, dict]:
+            got = self._idempotent("gets_many", pending + extra)
+            return got, {k: got[k][0] for k in extra if k in got}
+
+        def write(key: str, new: bytes, token: Any) -> bool:
+            if token is None:
+                return bool(self._once("add", key, new, expire=self.ttl, noreply=False))
+            return bool(self._once("cas", key, new, token, expire=self.ttl, noreply=False))
+
+        return cas_loop(keys, fn, read, self.url, gets, write)
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        self._call(self.client.delete_many, list(keys), noreply=False)
+        self._idempotent("delete_many", list(keys), noreply=False)
 
     def close(self) -> None:
-        self.client.close()
+        """Close idle connections; the handle stays usable (threads may still share it)."""
+        self._pool.clear()

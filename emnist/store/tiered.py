@@ -25,28 +25,13 @@ from emnist.store.kv import KV, StoreError
 from emnist.store.params import MODES, MissingState, ParameterStore, PushStats
 
 
-class Locked:
-    """A KV shared by the training thread and the syncer (clients are not thread-safe)."""
-
-    def __init__(self, kv: KV) -> None:
-        self.kv, self.url, self._lock = kv, kv.url, threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        op = getattr(self.kv, name)
-
-        def locked(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return op(*args, **kwargs)
-        return locked
-
-
 class TieredStore:
     """Duck-types ``ParameterStore`` for the training loop (fetch, push, documents)."""
 
     def __init__(self, global_kv: KV, local_kv: KV, run_id: str,
                  sync_interval: float = 0.05) -> None:
-        self.g = ParameterStore(Locked(global_kv), run_id)  # type: ignore[arg-type]
-        self.local = Locked(local_kv)
+        self.g = ParameterStore(global_kv, run_id)  # both KVs are thread-safe: the syncer
+        self.local = local_kv  # and the training thread use them directly
         self.interval = sync_interval
         self.run_id = run_id
         self.syncs, self.bytes_synced = 0, 0

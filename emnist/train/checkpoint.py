@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from emnist.store import codec, open_kv
+from emnist.store import codec, shared_kv
 from emnist.store.keys import key_for
 from emnist.store.kv import KV
 
@@ -45,7 +45,7 @@ class Checkpoints:
     def __init__(self, url: str) -> None:
         self.url = url
         scheme = urlsplit(url).scheme
-        self.kv: KV | None = open_kv(url) if scheme == "redis" else None
+        self.kv: KV | None = shared_kv(url) if scheme == "redis" else None
         self.dir = None if self.kv else Path(urlsplit(url).path if scheme == "file" else url)
 
     def write(self, run_id: str, docs: dict[str, Any], params: np.ndarray) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from emnist.data import open_shard, open_test, prepare_shards
 from emnist.model import MLPShape, init_params
-from emnist.store import KV, MissingState, ParameterStore, open_kv
+from emnist.store import KV, MissingState, ParameterStore, claim, shared_kv
 from emnist.store.tiered import TieredStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
@@ -84,7 +84,7 @@ def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
     """Execution type 1: whichever worker arrives first initialises the run; the others
     wait for it. Idempotent."""
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
-    if kv.add(store.key("init-claim"), b"1"):
+    if claim(kv, store.key("init-claim")):
         state, shape = _describe(cfg, workers, run_id)
         store.init(init_params(shape, cfg.seed))
         store.put_doc("run", state)
@@ -172,12 +172,12 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
             s.iteration % cfg.checkpoint_every == 0
         if cfg.checkpoint_url and due:
             last_ckpt[0] = s.iteration
-            if kv.add(store.key("ckpt-claim", s.iteration), b"1"):  # one writer per pass
+            if claim(kv, store.key("ckpt-claim", s.iteration)):  # one writer per pass
                 write_checkpoint(store, state, cfg.checkpoint_url)
 
     tier = None
     if cfg.local_store_url:
-        tier = TieredStore(kv, open_kv(cfg.local_store_url), run_id, cfg.sync_interval)
+        tier = TieredStore(kv, shared_kv(cfg.local_store_url), run_id, cfg.sync_interval)
         tier.attach()
     try:
         if not st.done:
