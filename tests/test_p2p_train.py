@@ -224,7 +224,7 @@ def _start_peers(tmp_path, split_dir, run_id, *extra):
     procs = []
     for rank in range(3):
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "emnist.p2p", "peer", "--rank", str(rank), "--size", "3",
+            [sys.executable, "-m", "emnist.cli", "p2p", "peer", "--rank", str(rank), "--size", "3",
              "--run-id", run_id, "--data", str(split_dir), "--metrics-dir", str(tmp_path),
              "--broker", REDIS_BROKER, "--timeout", "3", "--lr", "0.3", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT))
