@@ -19,6 +19,7 @@ from typing import Any
 
 from emnist.gateway.client import GatewayClient
 from emnist.runner import TRAIN, RunError, start_run, status, wait_replicas, watch
+from emnist.wait import wait_until
 
 SLOW = {"alpha": 0.02, "target_accuracy": 0.84, "number_of_workers": 2, "lease_seconds": 1.0,
         "iterations": 200}
@@ -62,16 +63,20 @@ def timed_run(gw: GatewayClient, config: dict[str, Any],
             "recoveries": len(out.recoveries)}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def restart_memcached(pidfile: Path, start: Callable[[], None]) -> Callable[[str], None]:
     def fault(_hostname: str) -> None:
         pid = int(pidfile.read_text())
         os.kill(pid, signal.SIGKILL)
-        while True:
-            try:
-                os.kill(pid, 0)
-                time.sleep(0.01)
-            except ProcessLookupError:
-                break
+        wait_until(lambda: not _alive(pid), 10, f"memcached (pid {pid}) survived SIGKILL",
+                   interval=0.01)
         start()
     return fault
 

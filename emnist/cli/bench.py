@@ -35,8 +35,9 @@ def bench() -> None:
 
 @bench.command("store")
 @click.option("--store", "urls", multiple=True, envvar="EMNIST_BENCH_STORES",
-              help="Store URL to measure (repeatable); default: local memcached (text, and "
-                   "binary if pylibmc is installed) and Redis.")
+              help="Store URL to measure (repeatable; env EMNIST_BENCH_STORES, space-"
+                   "separated); default: local memcached (text, and binary if pylibmc is "
+                   "installed) and Redis.")
 @click.option("--chunk-bytes", default="65536,262144,393216,524288", show_default=True,
               help="Comma-separated chunk sizes.")
 @click.option("--scale", "scales", default="1,10", show_default=True,

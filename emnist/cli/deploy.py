@@ -71,8 +71,10 @@ def _password(value: str | None, path: str | None) -> str | None:
               help="k8s: stores via kubectl + functions via the gateway; local: `emnist up`.")
 @stack_option
 @store_option
-@click.option("--namespace", default=k8s.FUNCTIONS_NAMESPACE, show_default=True,
-              help="Namespace of the stores (the functions are always in openfaas-fn).")
+@click.option("--namespace", envvar="EMNIST_STORES_NAMESPACE",
+              default=k8s.FUNCTIONS_NAMESPACE, show_default=True,
+              help="Namespace of the stores (env EMNIST_STORES_NAMESPACE; the functions are "
+                   "always in openfaas-fn).")
 @click.option("--manifests", default="deploy/k8s", show_default=True,
               type=click.Path(file_okay=False), help="Directory of store manifests.")
 @click.option("--store-password", envvar=PASSWORD_ENV, default=None,
