@@ -43,9 +43,6 @@ class Ctx:
             self._gw = GatewayClient(self.gateway, auth=auth_from_env())
         return self._gw
 
-    def client(self) -> GatewayClient:
-        return self.gw
-
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
