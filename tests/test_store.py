@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -145,10 +146,70 @@ def test_concurrent_atomic_pushes_lose_nothing(url, run_id, redis_kv):
     assert np.all(out == expected)
 
 
-def test_overwrite_mode_can_lose_updates(run_id):
-    # the original's read-add-write: concurrent pushes overwrite each other
-    out, expected = _concurrent_pushes(MEMCACHED_URL, run_id, "overwrite", workers=4, pushes=200)
-    assert out.min() < expected
+class Interleaved:
+    """A KV whose pushers each read, then wait until the other has read too, then write:
+    two pushes interleaved as read 1, read 2, write 1, write 2, every time."""
+
+    def __init__(self, kv, barrier: threading.Barrier) -> None:
+        self.kv, self.url, self.barrier = kv, kv.url, barrier
+
+    def get_many(self, keys):
+        return self.kv.get_many(keys)
+
+    def set_many(self, values):  # overwrite mode: the write after its read
+        self.barrier.wait()
+        self.kv.set_many(values)
+
+    def update_many(self, keys, fn, read=()):  # atomic mode: between the read and the cas
+        first = [True]
+
+        def gated(key, old):
+            if first[0]:
+                first[0] = False
+                self.barrier.wait()
+            return fn(key, old)
+        return self.kv.update_many(keys, gated, read)
+
+
+def _interleaved_pushes(url, run_id, mode):
+    ParameterStore(open_kv(url), run_id, chunk_bytes=4096).init(np.zeros(1000, np.float32))
+    barrier = threading.Barrier(2, timeout=30)
+    deltas = [np.full(1000, 1, np.float32), np.full(1000, 10, np.float32)]
+    stats, errors = [], []
+
+    def push(delta):
+        try:
+            ps = ParameterStore(Interleaved(open_kv(url), barrier), run_id)  # a client each
+            ps.attach()
+            stats.append(ps.push(delta, mode))
+        except BaseException as e:  # re-raised on the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=push, args=(d,)) for d in deltas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    out = np.empty(1000, np.float32)
+    ParameterStore(open_kv(url), run_id, num_params=1000, chunk_bytes=4096).fetch(out)
+    return out, stats
+
+
+@pytest.mark.parametrize("url", [MEMCACHED_URL, BINARY_URL, REDIS_URL])
+def test_overwrite_mode_loses_an_interleaved_update(url, run_id):
+    """The original's read-add-write: the second write replaces the first one's sum."""
+    out, _ = _interleaved_pushes(url, run_id, "overwrite")
+    assert np.all(out == 1) or np.all(out == 10)  # one of the two updates is gone
+
+
+@pytest.mark.parametrize("url", [MEMCACHED_URL, BINARY_URL, REDIS_URL])
+def test_atomic_mode_keeps_both_interleaved_updates(url, run_id):
+    out, stats = _interleaved_pushes(url, run_id, "atomic")
+    assert np.all(out == 11)
+    assert sorted(s.retries for s in stats) == [0, 1]  # the second cas saw the first, re-read
 
 
 def test_unknown_scheme_is_refused():
