@@ -1,6 +1,6 @@
 """``@stateful``: load named state before a call, persist what the call returns after it.
 
-    @stateful("weights", "steps", kv=lambda: open_kv(url), run_id=lambda event, ctx: ...)
+    @stateful("weights", "steps", kv=lambda: shared_kv(url), run_id=lambda event, ctx: ...)
     def handle(event, context, *, weights, steps):
         ...
         return response, {"steps": (steps or 0) + 1}

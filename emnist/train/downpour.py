@@ -40,8 +40,8 @@ class Exchange:
     ``pending`` is never accumulated step by step: it is ``params - base``, where ``base`` is
     what the store already has of the local copy (the last fetched global vector, plus the
     chunks pushed since). That costs a few vector operations per exchange instead of one per
-    minibatch. Only this object touches the store while training runs, so a client that is
-    not thread-safe is never used from two threads at once.
+    minibatch. With ``overlap`` the exchange thread shares the store handle with the training
+    thread (lease saves, checkpoints) and any tier syncer: every store backend is thread-safe.
     """
 
     def __init__(self, store: ParameterStore, cfg: TrainConfig, res: WorkerState,
