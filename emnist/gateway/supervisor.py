@@ -253,7 +253,9 @@ class ReplicaSet:
         deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
         with self._lock:
             while True:
-                ready = [r for r in self._replicas if r.ready and not r.stopping and r.alive()]
+                # returncode is set by the replica's wait thread: no waitpid() per call
+                ready = [r for r in self._replicas
+                         if r.ready and not r.stopping and r.process.returncode is None]
                 if ready:
                     low = min(r.inflight for r in ready)
                     ties = [r for r in ready if r.inflight == low]
