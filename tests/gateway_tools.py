@@ -169,3 +169,18 @@ class CallbackReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def replica_urls(gw: GatewayProcess, function: str) -> list[str]:
+    """URLs of ``function``'s replica processes, read from their command lines (Linux /proc)."""
+    urls = []
+    for pid in children(gw.proc.pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        hostname = next((e[9:].decode() for e in env if e.startswith(b"HOSTNAME=")), "")
+        if b"--port" in args and hostname.startswith(function + "-"):
+            urls.append(f"http://127.0.0.1:{int(args[args.index(b'--port') + 1])}")
+    return urls

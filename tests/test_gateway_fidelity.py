@@ -19,7 +19,15 @@ import pytest
 import requests
 
 from emnist.hostaliases import parse_aliases
-from tests.gateway_tools import ROOT, CallbackReceiver, GatewayProcess, raw, wait_for, write_stack
+from tests.gateway_tools import (
+    ROOT,
+    CallbackReceiver,
+    GatewayProcess,
+    raw,
+    replica_urls,
+    wait_for,
+    write_stack,
+)
 from tests.openfaas_tools import faas_cli, faas_login
 
 PASSWORD = "s3cret-pw"
@@ -55,6 +63,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
         "plain": (PROBE, "environment:\n  exec_timeout: 30s\n"),
         "slow": (PROBE, "environment:\n  exec_timeout: 1s\n"),
         "limited": (PROBE, "environment:\n  max_inflight: 1\n  exec_timeout: 30s\n"),
+        "capped": (PROBE, "environment:\n  exec_timeout: 30s\n  write_timeout: 1s\n"),
     })
     proc = GatewayProcess(tmp, "--store", "memcached://127.0.0.1:11299",
                           "--alias", "minio.openfaas:9000=127.0.0.1:9999", stack=stack,
@@ -230,6 +239,19 @@ def test_exec_timeout_is_504_with_an_empty_body(gw: GatewayProcess) -> None:
     assert (status, reason, body) == (504, "Gateway Timeout", b"")
     assert float(headers["X-Duration-Seconds"]) >= 0.9
     assert probe(gw, "slow")["names"] == []  # the replica still serves
+
+
+def test_the_replica_itself_answers_like_of_watchdog(gw: GatewayProcess) -> None:
+    """Straight to a replica (no gateway): Go's phrases, 504 with an empty body on
+    exec_timeout, and a write_timeout shorter than exec_timeout is a deadline too."""
+    (slow,) = replica_urls(gw, "slow")
+    assert raw(slow, "GET", "/?status=201")[:2] == (201, "Created")
+    status, reason, headers, body = raw(slow, "GET", "/?sleep=3")
+    assert (status, reason, body) == (504, "Gateway Timeout", b"")
+    assert "X-Duration-Seconds" in headers
+    (capped,) = replica_urls(gw, "capped")
+    assert raw(capped, "GET", "/?sleep=3")[0] == 504
+    assert raw(capped, "GET", "/?sleep=0")[0] == 200
 
 
 def test_max_inflight_is_429(gw: GatewayProcess) -> None:

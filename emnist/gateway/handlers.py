@@ -23,7 +23,7 @@ from .proxy import HOP_BY_HOP, QueueFull
 from .secretstore import SecretStoreError
 from .state import Gateway
 from .supervisor import ReplicaError
-from .validate import BadRequest, valid_service
+from .validate import BadRequest
 
 __all__ = ["MAX_CALLBACK_URL", "PROXY_METHODS", "ROUTES", "BadRequest", "json_required"]
 
@@ -340,11 +340,6 @@ def secrets(gw: Gateway) -> Response:
 def healthz(gw: Gateway) -> Response:
     """``GET /healthz``."""
     return _text("OK", 200)
-
-
-def valid_function_name(name: str) -> bool:
-    base, _, ns = name.partition(".")
-    return valid_service(base) and ns in ("", NAMESPACE)
 
 
 ROUTES: list[tuple[str, Callable[..., Response], list[str]]] = [

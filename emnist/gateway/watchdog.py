@@ -267,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     from waitress import serve
 
-    threads = int(os.environ.get("WAITRESS_THREADS", "8"))
+    try:
+        threads = min(64, max(1, int(os.environ.get("WAITRESS_THREADS") or 8)))
+    except ValueError:
+        threads = 8
     limits = WatchdogLimits.from_env(os.environ)
     app = watchdog_app(create_app(handler.handle), limits, threads)
     serve(app, host=args.host, port=args.port, threads=threads, send_bytes=1,
