@@ -6,7 +6,8 @@ per key that never loses a concurrent writer's change (memcached gets/cas, Redis
 it also reads the ``read`` keys in its first round trip and returns (retries, their values).
 
 Every backend is thread-safe (one handle serves all of a process's threads: ``shared_kv``),
-and none repeats a write whose reply was lost (``emnist.store.outcome``).
+and none repeats a write whose reply was lost (``emnist.store.outcome``). An updater may run
+more than once per key (conflicts, a lost reply), so it must depend only on the old value.
 """
 
 from __future__ import annotations
