@@ -60,7 +60,8 @@ def call(handler, body=None, method: str = "POST", query: dict | None = None):
     if body is None:
         data = b""
     else:
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else \
+            body.encode() if isinstance(body, str) else json.dumps(body).encode()
     resp = handler.handle(Event(data, method, query), Context())
     return resp["statusCode"], resp["body"]
 
@@ -276,6 +277,11 @@ def test_checkpoint_url_outside_the_roots_is_refused_and_not_created(fn_env, tmp
 def test_non_finite_and_pathological_json_is_400(fn_env, handler, text):
     status, msg = error_of(handler, text)
     assert status == 400 and msg.startswith("body: ")
+
+
+def test_an_oversized_body_is_413(fn_env):
+    status, msg = error_of(SETUP, b"{" + b" " * (8 << 20) + b"}")
+    assert status == 413 and msg.startswith("body: larger than")
 
 
 def test_huge_model_is_refused_before_any_allocation(fn_env):

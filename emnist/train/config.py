@@ -3,6 +3,11 @@
 The original's environment names stay valid (alpha, iterations, hidden_size, ...). Values from
 the environment are strings and are parsed; values from a JSON request must already have the
 right JSON type. Every failure names the field, so a handler can answer 400 with it.
+
+Every number is finite and inside its documented range (``LIMITS``: e.g. hidden_size <=
+1,000,000, batch_size <= 65,536, iterations <= 100,000, number_of_workers <= 100,000); on top,
+``from_request`` applies the operator's policy (emnist.policy): the places a request may name,
+the model size cap ``max_params`` and the worker cap ``max_workers``.
 """
 
 from __future__ import annotations
