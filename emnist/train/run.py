@@ -72,7 +72,7 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
     state, shape = _describe(cfg, workers, run_id)
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
     if store.get_doc("run") is not None:
-        raise ConfigError("run_id", f"run {run_id!r} already exists in {kv.url}")
+        raise ConfigError("run_id", f"run {run_id} already exists in the store")
     store.init(init_params(shape, cfg.seed))
     store.put_doc("run", state)
     _launch(state, start_worker, list(range(workers)))
