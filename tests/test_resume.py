@@ -138,6 +138,7 @@ def _kill_after_a_mid_pass_save(proc: subprocess.Popen, store: ParameterStore, a
             target = clock + extra_pushes
         if target is not None and clock >= target:
             break
+        time.sleep(0.002)  # a polling interval: leaves the CPU to the worker
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     proc.stderr.close()
