@@ -95,9 +95,15 @@ class BrowserGuard:
         self.port = port
         self.hosts = {split_host(h)[0] for h in hosts if h} - {"0.0.0.0", "::", ""}
         self.origins = {o.rstrip("/").lower() for o in origins if o}
+        self._seen: dict[str, bool] = {}
 
     def host_ok(self, host: str) -> bool:
-        return is_loopback(host) or host in self.hosts
+        known = self._seen.get(host)
+        if known is None:
+            known = is_loopback(host) or host in self.hosts
+            if len(self._seen) < 256:  # bounded: a client can send any Host
+                self._seen[host] = known
+        return known
 
     def refusal(self, environ: Mapping[str, str]) -> str | None:
         """Why this WSGI request is refused (None: it may go on)."""

@@ -95,10 +95,14 @@ class Deployment:
     replicas: ReplicaSet
     created_ns: int
     invocations: int = 0
+    _timeout: tuple[dict[str, str], float] | None = None
 
     @property
     def timeout(self) -> float:
-        return function_timeout(self.spec.environment)
+        env = self.spec.environment
+        if self._timeout is None or self._timeout[0] is not env:
+            self._timeout = (env, function_timeout(env))
+        return self._timeout[1]
 
     def status(self) -> dict[str, Any]:
         """The function status object, with Go's ``omitempty`` behaviour."""
