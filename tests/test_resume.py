@@ -106,7 +106,6 @@ def test_saving_a_state_the_store_lost_is_an_error(memcached_kv, run_id):
         lease.save(st)
 
 
-
 # -- a worker process SIGKILLed at arbitrary points, resumed by new processes ----------------
 WORKER = """
 import sys
@@ -129,18 +128,28 @@ def _kill_after_a_mid_pass_save(proc: subprocess.Popen, store: ParameterStore, a
     vec = np.empty(store.num_params, dtype=np.float32)
     deadline = time.monotonic() + 120
     target = None
-    while True:
-        assert proc.poll() is None, f"worker exited early: {proc.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "the worker made no progress"
-        clock, docs = store.fetch(vec, (state_key(0),))
-        doc = docs.get(state_key(0), {})  # none until the process holds the lease
-        if target is None and doc.get("offset", 0) > 0 and doc["step"] > after:
-            target = clock + extra_pushes
-        if target is not None and clock >= target:
-            break
-        time.sleep(0.002)  # a polling interval: leaves the CPU to the worker
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL
+    try:
+        while True:
+            assert proc.poll() is None, f"worker exited early: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the worker made no progress"
+            clock, docs = store.fetch(vec, (state_key(0),))
+            doc = docs.get(state_key(0), {})  # none until the process holds the lease
+            if target is None and doc.get("offset", 0) > 0 and doc["step"] > after:
+                target = clock + extra_pushes
+            if target is not None and clock >= target:
+                break
+            time.sleep(0.002)  # a polling interval: leaves the CPU to the worker
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """A worker this test started never outlives it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
     proc.stderr.close()
 
 
@@ -209,8 +218,11 @@ def test_a_sigkilled_worker_process_resumes_from_its_last_saved_state(memcached_
         start, clock0 = saved.step, clock
 
     last = _worker(run_id, "third")
-    _, err = last.communicate(timeout=120)
-    assert last.returncode == 0, err[-2000:]
+    try:
+        _, err = last.communicate(timeout=120)
+        assert last.returncode == 0, err[-2000:]
+    finally:
+        _reap(last)
     result = store.get_doc("result:0")
     final_clock, _ = store.fetch(vec)
 
