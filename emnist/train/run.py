@@ -24,6 +24,7 @@ from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
 from emnist.train.state import Lease, WorkerState, state_key
 from emnist.train.worker import run_worker
+from emnist.wait import wait_until
 
 StartWorker = Callable[[dict[str, Any]], None]
 
@@ -89,12 +90,9 @@ def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
         store.init(init_params(shape, cfg.seed))
         store.put_doc("run", state)
         return state
-    deadline = time.monotonic() + timeout
-    while (state := store.get_doc("run")) is None:
-        if time.monotonic() > deadline:
-            raise MissingState(f"run {run_id} was claimed but not initialised in {timeout}s")
-        time.sleep(0.02)
-    return state
+    return wait_until(lambda: store.get_doc("run"), timeout,
+                      f"run {run_id} was claimed but not initialised in {timeout}s",
+                      interval=0.02, error=MissingState)
 
 
 def resume_run(kv: KV, run_id: str, checkpoint_url: str = "",
