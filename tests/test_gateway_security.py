@@ -291,3 +291,15 @@ def test_answers_carry_no_traceback_or_server_path(gw: GatewayProcess) -> None:
         assert _clean(a.text, tmp) and "<html" not in a.text.lower(), a.text
     assert answers[-1].text == "Internal Server Error"
 
+
+
+def test_an_absolute_form_target_reaches_the_function_path(gw: GatewayProcess) -> None:
+    """``GET http://host/function/x/p`` (proxy form) is routed by its path, never garbled."""
+    host, port = gw.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET http://127.0.0.1/function/dump?status=201 HTTP/1.1\r\n"
+                  b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 201 Created\r\n"), data[:200]

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, Response
 
@@ -59,9 +60,14 @@ def _request_headers(environ: dict[str, Any]) -> list[tuple[str, str]]:
 def _function_call(gw: Gateway, environ: dict[str, Any],
                    start_response: Callable[..., Any]) -> list[bytes]:
     """``/function/<name>[.<ns>][/<path>]``: proxy the call to one replica."""
-    raw = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+    raw = environ.get("REQUEST_URI") or ""
+    if not raw.startswith(_PREFIX):  # absolute-form or missing: rebuild from the decoded path
+        query = environ.get("QUERY_STRING", "")
+        raw = quote(environ.get("PATH_INFO", "")) + ("?" + query if query else "")
+    if any(c in raw for c in " \r\n\x00"):
+        return _plain(start_response, 400, "malformed request target")
     path, _, query = raw.partition("?")
-    name, slash, rest = path[len(_PREFIX):].partition("/")
+    name, _, rest = path[len(_PREFIX):].partition("/")
     dep = gw.lookup(name)
     if dep is None:
         base, _, ns = name.partition(".")
