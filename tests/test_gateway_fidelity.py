@@ -380,3 +380,17 @@ def test_the_vendored_index_py_differs_from_upstream_only_in_its_comment() -> No
     upstream = lines[0] + "".join(lines[5:])
     assert len(upstream) == 2226
     assert hashlib.sha256(upstream.encode()).hexdigest() == UPSTREAM_INDEX_SHA256
+
+
+def test_faas_cli_invoke_async(gw: GatewayProcess, cfg: Path) -> None:
+    receiver = CallbackReceiver()
+    try:
+        rc, out, err = faas_cli("invoke", "plain", "--async", "--header",
+                                f"X-Callback-Url: {receiver.url}", config_dir=cfg,
+                                gateway=gw.url, stdin="hello")
+        assert rc == 0 and "submitted asynchronously" in out + err, out + err
+        headers, body = receiver.received.get(timeout=20)
+        assert headers["X-Function-Name"] == "plain" and headers["X-Function-Status"] == "200"
+        assert json.loads(body)["names"] == []
+    finally:
+        receiver.close()
