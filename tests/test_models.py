@@ -61,6 +61,7 @@ def test_spec_round_trips_through_json_and_refuses_unknown_fields():
     doc = json.loads(json.dumps(spec.to_dict()))
     assert doc["name"] == "squeezenet1_1" and doc["mean"] == [0.4914, 0.4822, 0.4465]
     assert ModelSpec.from_dict(doc) == spec
+    assert ModelSpec("cnn", mean=np.float32([0.5]), std=np.array([0.25])).mean == (0.5,)
     with pytest.raises(ValueError, match="unknown model spec field"):
         ModelSpec.from_dict({**doc, "path": "/etc/passwd"})
     with pytest.raises(ValueError, match="must be an object"):

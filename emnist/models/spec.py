@@ -8,6 +8,7 @@ A run's config carries ``spec.to_dict()``; workers, peers and functions call
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -53,7 +54,7 @@ def _stats(name: str, value: Any, channels: int) -> tuple[float, ...] | None:
         raise ValueError(f"model {name} must be a list of {channels} numbers, got {value!r}")
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"model {name} values must be finite numbers, got {v!r}")
         out.append(float(v))
     if name == "std" and any(v <= 0 for v in out):
