@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -117,6 +118,14 @@ def _parse_replicas(values: Sequence[str]) -> dict[str, int]:
     return out
 
 
+def _own_names(host: str) -> tuple[str, ...]:
+    """Host names this gateway answers to besides loopback: the bound address, and for a
+    wildcard bind the machine's own names (other addresses: --allowed-host)."""
+    if host in ("0.0.0.0", "::", ""):
+        return tuple({socket.gethostname().lower(), socket.getfqdn().lower()})
+    return (host,)
+
+
 def _parse_alias_args(values: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values:
@@ -181,7 +190,8 @@ def main(stack_path: str, host: str, port: int, replica_args: tuple[str, ...],
             stack, base_env={}, auth=auth, queue_workers=queue_workers, queue_max=queue_max,
             echo_logs=echo_logs, max_body=max_body, max_replicas=max_replicas,
             max_functions=max_functions, state_dir=state_dir, store_url=store_url,
-            aliases=_parse_alias_args(alias_args), allowed_hosts=(*allowed_hosts, host),
+            aliases=_parse_alias_args(alias_args),
+            allowed_hosts=(*allowed_hosts, *_own_names(host)),
             allowed_origins=allowed_origins,
         )
         serve(gateway, host=host, port=port, replicas=_parse_replicas(replica_args),
