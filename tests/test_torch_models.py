@@ -183,6 +183,9 @@ def test_a_new_vector_rebinds_and_a_read_only_vector_is_accepted():
         model.loss_and_grad(a[:-1], x, y)
     with pytest.raises(ValueError, match="contiguous float32 vector"):
         model.loss_and_grad(a.astype(np.float64), x, y)
+    with pytest.raises(ValueError, match="contiguous float32 vector"):
+        model.loss_and_grad(list(a), x, y)
+    assert model.loss_and_grad(a[:], x, y)[0] == la  # a new view of the same memory
 
 
 def _plain_net(model, params: np.ndarray) -> torch.nn.Module:

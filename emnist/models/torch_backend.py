@@ -133,12 +133,12 @@ class TorchModel:
         """Make the module's parameters views of ``params`` (no-op for the bound vector)."""
         if params is self._bound:  # the common case: one vector for a worker's life
             return
-        key = (params.__array_interface__["data"][0], params.strides)
         if (not isinstance(params, np.ndarray) or params.dtype != self.dtype
                 or params.shape != (self.num_params,) or not params.flags.c_contiguous):
             raise ValueError(f"{self.spec.name} needs a contiguous {self.dtype} vector of "
                              f"{self.num_params} parameters, got {getattr(params, 'dtype', '?')}"
                              f" {getattr(params, 'shape', '?')}")
+        key = (params.__array_interface__["data"][0], params.strides)
         if key == self._key:  # another ndarray object over the same memory
             self._bound = params
             return
