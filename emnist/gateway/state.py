@@ -282,7 +282,11 @@ class Gateway:
                 self.functions[name] = dep
                 log.info("deployed %s (%d replicas)", name, rs.desired)
                 return dep
-            dep.replicas.update(spec, env, replicas=wanted)
+            try:
+                dep.replicas.update(spec, env, replicas=wanted)
+            except BaseException:  # the old replicas keep running: give back their secrets
+                self.secrets.mount(name, self._mounted_secrets(dep.request))
+                raise
             dep.request, dep.spec = req, spec
             log.info("updated %s (%d replicas)", name, dep.replicas.desired)
             return dep
