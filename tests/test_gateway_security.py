@@ -303,3 +303,13 @@ def test_an_absolute_form_target_reaches_the_function_path(gw: GatewayProcess) -
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 201 Created\r\n"), data[:200]
+
+
+def test_every_documented_function_setting_is_deployable() -> None:
+    """The allow-list's own names (training fields, policy, watchdog, threads) are never
+    mistaken for provider variables; case matters as it does to the interpreter."""
+    from emnist.gateway.validate import SAFE_ENV, provider_only
+
+    assert not [name for name in SAFE_ENV if provider_only(name)]
+    assert provider_only("PYTHONPATH") and not provider_only("pythonpath")
+    assert provider_only("http_proxy") and provider_only("HTTPS_PROXY")

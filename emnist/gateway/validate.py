@@ -37,16 +37,17 @@ SAFE_ENV: frozenset[str] = frozenset(
     (*FIELD_KINDS, *POLICY_ENV, *WATCHDOG_ENV, *THREAD_ENV, *FUNCTION_ENV)
 )
 
-# Never settable by a deploy, whatever the stack says (compared upper-cased).
+# Never settable by a deploy, whatever the stack says. Names are case-sensitive (so are the
+# interpreter's and the loader's); only the *_proxy variables are honoured in either case.
 _PROVIDER_EXACT = frozenset({
     "PATH", "HOME", "HOSTNAME", "BROWSER", "SHELL", "ENV", "BASH_ENV", "IFS", "CDPATH", "PWD",
     "OLDPWD", "TMPDIR", "TMP", "TEMP", "USER", "LOGNAME", "EDITOR", "VISUAL", "PAGER",
     "TERMINFO", "GCONV_PATH", "LOCPATH", "NLSPATH", "HOSTALIASES", "RESOLV_HOST_CONF",
     "LOCALDOMAIN", "RES_OPTIONS", "TZDIR", "SSL_CERT_FILE", "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NO_PROXY", "VIRTUAL_ENV",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "VIRTUAL_ENV",
     # of-watchdog settings that choose what runs or where it listens
-    "FPROCESS", "MODE", "UPSTREAM_URL", "HTTP_UPSTREAM_URL", "PORT", "SUPPRESS_LOCK",
-    "STATIC_PATH", "READY_PATH",
+    "fprocess", "function_process", "mode", "upstream_url", "http_upstream_url", "port",
+    "suppress_lock", "static_path", "ready_path",
 })
 _PROVIDER_PREFIXES = ("PYTHON", "LD_", "DYLD_", "EMNIST_", "OPENFAAS_", "MALLOC_", "GLIBC_",
                       "XDG_", "PIP_", "CONDA", "PERL", "RUBY", "NODE_", "JAVA_", "GIT_", "SSH_")
@@ -65,9 +66,8 @@ class BadRequest(ValueError):
 
 def provider_only(name: str) -> bool:
     """True for names the provider owns or that steer the interpreter/loader (never allowed)."""
-    upper = name.upper()
-    return (upper in _PROVIDER_EXACT or upper.startswith(_PROVIDER_PREFIXES)
-            or upper.endswith("_PROXY"))
+    return (name in _PROVIDER_EXACT or name.startswith(_PROVIDER_PREFIXES)
+            or name.lower().endswith("_proxy"))
 
 
 def allowed_env(fn: FunctionSpec) -> frozenset[str]:
