@@ -57,6 +57,22 @@ def bench_store_cmd(urls: tuple[str, ...], chunk_bytes: str, scales: str, reps: 
     write_json(json_out, records)
 
 
+@bench.command("gateway")
+@click.option("--calls", type=click.IntRange(100), default=3000, show_default=True,
+              help="Timed calls per path.")
+@click.option("--rounds", type=click.IntRange(1), default=30, show_default=True,
+              help="Interleaved rounds (direct, then through the gateway, each round).")
+@click.option("--warmup", type=click.IntRange(0), default=300, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
+@friendly
+def bench_gateway_cmd(calls: int, rounds: int, warmup: int, json_out: str | None) -> None:
+    """Invoke overhead of the local gateway: a no-op function called directly and through it."""
+    from emnist.bench.gateway import COLUMNS, run
+    records = run(calls, rounds, warmup)
+    click.echo(format_table(records, COLUMNS))
+    write_json(json_out, records)
+
+
 @bench.command("faults")
 @click.option("--rounds", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--checkpoint-dir", default=None, help="Default: $EMNIST_HOME/checkpoints.")
