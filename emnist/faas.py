@@ -204,8 +204,13 @@ def resolved_config(cfg: TrainConfig, env: Mapping[str, str]) -> TrainConfig:
     return replace(cfg, **{f: resolve(env, getattr(cfg, f)) for f in URL_FIELDS})
 
 
+SERVER_ONLY = ("shard_dir",)  # where the function keeps things: a server path, never sent back
+
+
 def redacted(doc: dict[str, Any]) -> dict[str, Any]:
-    """A run document for the caller: passwords in its config's URLs replaced by ``***``."""
+    """A run document for the caller: passwords in its config's URLs replaced by ``***`` and
+    server paths left out."""
+    doc = {k: v for k, v in doc.items() if k not in SERVER_ONLY}
     config = doc.get("config")
     if not isinstance(config, dict):
         return doc

@@ -85,32 +85,27 @@ def load_handler(handler_dir: str | os.PathLike[str]) -> types.ModuleType:
     return importlib.import_module("function.handler")
 
 
-def _format_body(res: dict[str, Any], content_type: str) -> Any:
-    if content_type == "application/octet-stream":
-        return res.get("body", b"")
-    if "body" not in res or res["body"] is None:
-        return ""
-    body = res["body"]
-    if isinstance(body, dict | list):
-        return jsonify(body)
-    return str(body)
-
-
 def format_response(res: Any) -> Any:
-    """Turn the handler's return value into a Flask response, as the template does."""
+    """Turn the handler's return value into a Flask response exactly as the template's
+    ``index.py`` does: a dict's body is JSON if it is a dict, else ``str()`` of it (so bytes
+    become their repr: a binary answer must be returned as a ``(bytes, status, headers)``
+    tuple or a Response, which pass through untouched), and anything not a dict passes
+    through to Flask as it is."""
     if res is None:
         return ("", 200)
-    if not isinstance(res, dict):
-        return (str(res), 200)
+    if type(res) is not dict:
+        return res
     status = res.get("statusCode", 200)
-    headers = res.get("headers") or {}
-    content_type = ""
-    if isinstance(headers, dict):
-        for key, value in headers.items():
-            if key.lower() == "content-type":
-                content_type = str(value)
+    if "body" not in res:
+        body: Any = ""
+    elif type(res["body"]) is dict:
+        body = jsonify(res["body"])
+    else:
+        body = str(res["body"])
+    headers = res.get("headers", [])
+    if type(headers) is dict:
         headers = list(headers.items())
-    return (_format_body(res, content_type), status, headers)
+    return (body, status, headers)
 
 
 def create_app(handle: Callable[[Event, Context], Any]) -> Flask:

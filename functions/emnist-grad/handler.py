@@ -203,5 +203,5 @@ def handle(event, context):
     params = _load_params(req, shape.num_params, env)
     loss, grad = _model(shape).loss_and_grad(params, to_float(x), y)
     body = codec.encode(grad, clock=req.get("step", 0))
-    return {"statusCode": 200, "body": body,
-            "headers": {"Content-Type": "application/octet-stream", "X-Loss": repr(loss)}}
+    # bytes as a tuple: the template's index.py would send str(bytes) from a dict's "body"
+    return body, 200, {"Content-Type": "application/octet-stream", "X-Loss": repr(loss)}
