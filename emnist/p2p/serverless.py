@@ -17,7 +17,7 @@ import numpy as np
 from emnist.gateway.client import GatewayClient, GatewayError
 from emnist.model import MLPShape
 from emnist.p2p.split import batch_name
-from emnist.store import codec, open_kv
+from emnist.store import codec, shared_kv
 from emnist.store.keys import key_for
 
 
@@ -32,7 +32,7 @@ def params_key(run_id: str, rank: int, step: int) -> str:
 class ServerlessGradients:
     def __init__(self, cfg, shape: MLPShape, parallel: int | None = None) -> None:
         self.cfg, self.shape, self.n = cfg, shape, shape.num_params
-        self.kv = open_kv(cfg.store_url)
+        self.kv = shared_kv(cfg.store_url)  # the process's handle: never closed here
         self.pool = ThreadPoolExecutor(max_workers=parallel or max(1, min(cfg.sync_every, 16)),
                                        thread_name_prefix="emnist-grad")
         self._local = threading.local()
@@ -92,4 +92,3 @@ class ServerlessGradients:
         if self._prev:
             self.kv.delete_many([self._prev])
             self._prev = None
-        self.kv.close()
