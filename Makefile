@@ -4,7 +4,11 @@
 VENV ?= .venv
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := memcached redis-server rabbitmq-server dataset-fashion-mnist
+APT_PACKAGES := memcached redis-server rabbitmq-server dataset-fashion-mnist iproute2
+# torch's CPU build (the `torch` extra accepts any torch >= 2.0): set TORCH_INDEX to
+# https://download.pytorch.org/whl/cpu where PyPI's default Linux wheel would be a CUDA build.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 WORKERS ?= 2
 TARGET ?= 0.85
 
@@ -19,7 +23,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
+	$(VENV)/bin/pip install -q -e '.[dev,torch]'
 	touch $@
 
 servers: deps
