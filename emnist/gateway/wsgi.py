@@ -2,10 +2,10 @@
 Flask app (:mod:`.handlers`) for the rest.
 
 Order per request: refuse browser-origin requests (403), require basic auth on ``/system/*``
-(401), then route. ``/function/<name>[/path]`` is proxied here in plain WSGI (no Flask routing,
-``http.client`` upstream), because it is the path whose latency matters. Bodies larger than
-the limit are refused with 413 by waitress before they are read. Errors never carry exception
-text or a server path.
+and on the dashboard ``/ui`` (401), then route. ``/function/<name>[/path]`` is proxied here in
+plain WSGI (no Flask routing, ``http.client`` upstream), because it is the path whose latency
+matters. Bodies larger than the limit are refused with 413 by waitress before they are read.
+Errors never carry exception text or a server path.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Flask, Response
+
+from emnist.ui.app import gateway_ui
 
 from .auth import BrowserGuard, check_basic
 from .handlers import PROXY_METHODS, ROUTES
@@ -137,6 +139,7 @@ def build_app(gw: Gateway) -> WSGIApp:
     flask_app = go_status_middleware(_flask_app(gw).wsgi_app)
     guard = BrowserGuard(gw.port, [*gw.allowed_hosts, *_alias_hosts(gw)], gw.allowed_origins)
     unauthorized = [("WWW-Authenticate", 'Basic realm="Restricted"')]
+    ui = gateway_ui(lambda: gw.url or "")  # the dashboard (emnist.ui), same guards as /system
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         refusal = guard.refusal(environ)
@@ -145,9 +148,12 @@ def build_app(gw: Gateway) -> WSGIApp:
         path = environ.get("PATH_INFO", "")
         if path.startswith(_PREFIX):
             return _function_call(gw, environ, start_response)
-        if (gw.auth is not None and path.startswith("/system/")
+        is_ui = path == "/ui" or path.startswith("/ui/")
+        if (gw.auth is not None and (is_ui or path.startswith("/system/"))
                 and not check_basic(environ.get("HTTP_AUTHORIZATION"), gw.auth)):
             return _plain(start_response, 401, "invalid credentials", unauthorized)
+        if is_ui:
+            return ui(environ, start_response)
         return flask_app(environ, start_response)
 
     return app

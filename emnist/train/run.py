@@ -22,6 +22,7 @@ from emnist.store import KV, MissingState, ParameterStore, claim, shared_kv
 from emnist.store.tiered import TieredStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
+from emnist.train.runindex import record_run
 from emnist.train.state import Lease, WorkerState, state_key
 from emnist.train.worker import run_worker
 from emnist.wait import wait_until
@@ -76,6 +77,7 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
         raise ConfigError("run_id", f"run {run_id} already exists in the store")
     store.init(init_params(shape, cfg.seed))
     store.put_doc("run", state)
+    record_run(kv, state)
     _launch(state, start_worker, list(range(workers)))
     return state
 
@@ -89,6 +91,7 @@ def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
         state, shape = _describe(cfg, workers, run_id)
         store.init(init_params(shape, cfg.seed))
         store.put_doc("run", state)
+        record_run(kv, state)
         return state
     return wait_until(lambda: store.get_doc("run"), timeout,
                       f"run {run_id} was claimed but not initialised in {timeout}s",
@@ -198,8 +201,23 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     return st, record
 
 
-def run_status(kv: KV, run_id: str) -> dict[str, Any]:
-    """Per-worker progress and results, for the CLI's progress bar and `emnist status`."""
+PROGRESS_FIELDS = ("worker_id", "iteration", "offset", "accuracy", "hostname", "heartbeat",
+                   "done", "stop_reason", "invocations")
+DETAIL_LISTS = {"curve": 1000, "resumes": 100, "barrier_timeouts": 100}  # newest kept
+
+
+def _detail(doc: dict[str, Any]) -> dict[str, Any]:
+    """A worker document for a dashboard: everything but the lease token, lists bounded."""
+    out = {k: v for k, v in doc.items() if k != "lease"}
+    for name, most in DETAIL_LISTS.items():
+        if isinstance(out.get(name), list):
+            out[name] = out[name][-most:]
+    return out
+
+
+def run_status(kv: KV, run_id: str, detail: bool = False) -> dict[str, Any]:
+    """Per-worker progress and results, for the CLI's progress bar and `emnist status`;
+    with ``detail`` each worker's whole state document (bounded lists), for the dashboard."""
     store = ParameterStore(kv, run_id)
     state = store.get_doc("run")
     if state is None:
@@ -210,11 +228,12 @@ def run_status(kv: KV, run_id: str) -> dict[str, Any]:
     progress = []
     for w in range(n):
         d = docs.get(state_key(w))
-        progress.append(None if d is None else {
-            k: d.get(k) for k in ("worker_id", "iteration", "offset", "accuracy", "hostname",
-                                  "heartbeat", "done", "stop_reason", "invocations")})
+        progress.append(None if d is None else _detail(d) if detail else {
+            k: d.get(k) for k in PROGRESS_FIELDS})
     results = [docs.get(f"result:{w}") for w in range(n)]
     return {"run_id": run_id, "workers": n, "config": state["config"],
             "started": state["started"], "stop": docs.get("stop"), "now": time.time(),
-            "progress": progress, "results": results,
+            "steps_per_pass": state.get("steps_per_pass"),
+            "num_classes": state.get("num_classes"), "num_params": state.get("num_params"),
+            "restores": state.get("restores") or [], "progress": progress, "results": results,
             "done": all(r is not None for r in results)}

@@ -2,7 +2,9 @@
 
 POST a JSON object of config overrides (empty for the stack's defaults): 200 with the run
 document. POST {"resume": RUN_ID}: relaunch the run's unfinished workers, restoring the run
-from its checkpoint first if the store lost it. GET ?run_id=ID: the run's progress and results.
+from its checkpoint first if the store lost it. GET ?run_id=ID: the run's progress and results
+(``&detail=1``: every worker's whole state, for the dashboard). GET ?runs=1[&limit=N]: the
+newest runs of the store's run index (at most 100), with their state.
 
 The request is untrusted (OpenFaaS does not authenticate callers): the store, data and
 checkpoint places come from this function's environment, or from the request only where the
@@ -39,6 +41,7 @@ from emnist.store import CorruptValue
 from emnist.store.keys import valid_run_id
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, new_run_id, resume_run, run_status, setup_run
+from emnist.train.runindex import LIST_MAX, list_runs
 
 TRAIN_FUNCTION = "emnist-train"
 RUN_ID_RULE = "not a valid run id (1-64 letters, digits, '-' or '_')"
@@ -50,14 +53,31 @@ def _run_id(name: str, value: object) -> str:
     return value
 
 
-def _status(event, env: dict):
-    run_id = _run_id("run_id", event.query.get("run_id"))
+def _query_store(event, env: dict):
+    """The store a GET reads: the function's own, or ?store_url= where the policy allows."""
     own = TrainConfig.from_sources(env).store_url
     store_url = event.query.get("store_url")
     if store_url:
         policy.check_store_url(env, "store_url", store_url, own)
+    return open_store(store_url or own, env)
+
+
+def _flag(event, name: str) -> bool:
+    return event.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _runs(event, env: dict):
+    raw = event.query.get("limit") or "50"
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= LIST_MAX):
+        raise BadRequest(f"limit: must be an integer between 1 and {LIST_MAX}")
+    return respond(200, {"runs": list_runs(_query_store(event, env), int(raw))})
+
+
+def _status(event, env: dict):
+    run_id = _run_id("run_id", event.query.get("run_id"))
+    kv = _query_store(event, env)
     try:
-        return respond(200, redacted(run_status(open_store(store_url or own, env), run_id)))
+        return respond(200, redacted(run_status(kv, run_id, detail=_flag(event, "detail"))))
     except UnknownRun:
         raise NotFound(f"run_id: unknown run id {run_id} (not in this function's store)") \
             from None
@@ -115,8 +135,11 @@ def _setup(event, env: dict):
 def handle(event, context):
     env = environment()
     if event.method == "GET":
+        if _flag(event, "runs"):
+            return _runs(event, env)
         if not event.query.get("run_id"):
-            return error(400, "run_id: GET needs ?run_id=ID (POST a config to start a run)")
+            return error(400, "run_id: GET needs ?run_id=ID or ?runs=1 (POST a config to "
+                         "start a run)")
         return _status(event, env)
     if event.method != "POST":
         return error(405, f"method {event.method} not allowed: use POST or GET")
