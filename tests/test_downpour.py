@@ -10,11 +10,11 @@ import pytest
 import emnist.train.worker as worker_mod
 from emnist.data import load_dataset
 from emnist.model import MLP, MLPShape, init_params, to_float
-from emnist.store import ParameterStore, open_kv
+from emnist.store import ParameterStore, StoreError, open_kv
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
-from emnist.train.state import WorkerState
-from emnist.train.worker import pass_order, run_worker
+from emnist.train.state import Lease, WorkerState, state_key
+from emnist.train.worker import DropoutSeeds, pass_order, run_worker
 from tests.conftest import MEMCACHED_URL
 
 DATA = load_dataset("synthetic")
@@ -30,10 +30,10 @@ def _steps(n: int, cfg: TrainConfig) -> int:
 def _sgd(cfg: TrainConfig, iterations: int, x, y, worker: int = 0, params=None) -> np.ndarray:
     """Plain SGD visiting the minibatches a worker visits (same order, same dropout)."""
     params = init_params(SHAPE, cfg.seed) if params is None else params.copy()
-    model = MLP(SHAPE, cfg.dropout_percent)
+    model, seeds = MLP(SHAPE, cfg.dropout_percent), DropoutSeeds(cfg.seed, worker)
     for it in range(1, iterations + 1):
-        model.rng = np.random.default_rng([cfg.seed, worker, it, 1])
-        for at in pass_order(cfg, worker, it, len(y), _steps(len(y), cfg)):
+        for pos, at in enumerate(pass_order(cfg, worker, it, len(y), _steps(len(y), cfg))):
+            model.rng = seeds.at(it, pos)
             _, g = model.loss_and_grad(params, to_float(x[at:at + cfg.batch_size]),
                                        y[at:at + cfg.batch_size])
             params -= np.float32(cfg.alpha) * g
@@ -200,6 +200,112 @@ def test_a_state_saved_mid_pass_resumes_at_its_offset(memcached_kv, run_id):
     assert res.iteration == 2 and res.step == 2 * steps and res.samples == 2 * steps * 50
     # pushes at the worker's steps 40, 50, ..., 2 * steps; nothing else was pending
     assert res.pushes == 2 * steps // 10 - k // 10
+
+
+class FailsAtPush(ParameterStore):
+    """The ``fail_at``-th push raises before it reaches the server: a worker that breaks
+    between pushes, in process."""
+
+    def __init__(self, kv, run_id: str, fail_at: int) -> None:
+        super().__init__(kv, run_id, chunk_bytes=8192)  # 7 chunks
+        self.fail_at, self.count = fail_at, 0
+
+    def push(self, *args, **kw):
+        self.count += 1
+        if self.count == self.fail_at:
+            raise StoreError("injected failure")
+        return super().push(*args, **kw)
+
+
+def _data(test_y=NOISE_Y):
+    return DATA.train_x, DATA.train_y, DATA.test_x, test_y
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("backend", ["memcached", "redis"])
+def test_a_pass_broken_mid_way_resumes_with_the_same_minibatches_and_masks(
+        request, backend, overlap, run_id, monkeypatch):
+    """Dropout 0.2. The worker's 13th push fails mid-pass (with overlap on the exchange
+    thread, surfacing one exchange later); a new invocation takes the worker over. The state
+    it resumes is the one of push 12 (nothing the store lacks is counted as done, the
+    minibatches since are redone), and the final parameters are a kill-free run's, to float
+    rounding: the resumed pass visits the same minibatches with the same dropout masks."""
+    monkeypatch.setattr(worker_mod, "SAVE_SECONDS", 0.0)  # a heartbeat after every minibatch
+    kv = request.getfixturevalue(f"{backend}_kv")
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
+                      target_accuracy=1.0, n_fetch=4, n_push=4, overlap=overlap,
+                      dropout_percent=0.2, lease_seconds=0.3)
+    steps = _steps(len(DATA.train_y), cfg)
+    kw = dict(workers=1, steps_per_pass=steps, run_started=time.time())
+    init = init_params(SHAPE, cfg.seed)
+    free = ParameterStore(kv, run_id + "f", chunk_bytes=8192)  # the kill-free run
+    free.init(init)
+    run(cfg, free)
+    reference = np.empty_like(init)
+    free.fetch(reference)
+
+    broken = FailsAtPush(kv, run_id, fail_at=13)
+    broken.init(init)
+    lease = Lease(broken, 0, cfg.lease_seconds)  # as train_worker holds the worker
+    st = lease.acquire("first")
+    with pytest.raises(StoreError, match="injected"):
+        run_worker(cfg, broken, _data(), SHAPE, st, save=lease.save, **kw)
+    saved = broken.get_doc(state_key(0))
+    assert (saved["iteration"], saved["offset"], saved["step"]) == (0, 48, 48)
+    assert saved["pushes"] == 12 and saved["samples"] == 48 * 50
+    assert st.step > 48  # the live state had gone on: not what was saved
+
+    store = ParameterStore(kv, run_id)
+    store.attach()
+    again = Lease(store, 0, cfg.lease_seconds)
+    st = again.acquire("second", wait=5)  # once the first owner's heartbeat is stale
+    assert (st.iteration, st.offset, st.step, st.pushes) == (0, 48, 48, 12)
+    res = run_worker(cfg, store, _data(), SHAPE, st, save=again.save, **kw)
+    final = np.empty_like(init)
+    clock, _ = store.fetch(final)
+    assert res.step == 2 * steps and res.samples == 2 * steps * 50 and res.iterations == 2
+    assert res.pushes == clock == 2 * steps // 4  # every push once: none lost, none twice
+    np.testing.assert_allclose(final, reference, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["memcached", "redis"])
+def test_a_heartbeat_between_pushes_writes_the_last_push_state(request, backend, run_id,
+                                                               monkeypatch):
+    """Heartbeats (every SAVE_SECONDS; 0 here: after every minibatch) renew the lease with
+    the state as of the last push, never the live one: every state in the store is the one
+    of the last push at or before the live step (n_push 7; the pass end's flush pushes at
+    step 80), each write with a fresh heartbeat."""
+    monkeypatch.setattr(worker_mod, "SAVE_SECONDS", 0.0)
+    kv = request.getfixturevalue(f"{backend}_kv")
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
+                      target_accuracy=1.0, n_fetch=7, n_push=7)
+    steps = _steps(len(DATA.train_y), cfg)
+    store = ParameterStore(kv, run_id, chunk_bytes=8192)
+    store.init(init_params(SHAPE, cfg.seed))
+    lease = Lease(store, 0, 60)
+    st = lease.acquire("w")
+    writes: list[tuple[int, dict]] = []
+
+    def save(s: WorkerState) -> None:
+        lease.save(s)
+        writes.append((st.step, store.get_doc(state_key(0))))  # (live step, what is stored)
+
+    run_worker(cfg, store, _data(), SHAPE, st, save=save, workers=1, steps_per_pass=steps,
+               run_started=time.time())
+    assert st.step == steps == 80
+    heartbeats = [(live, d) for live, d in writes if live % 7 and live != steps]
+    assert len({live for live, _ in heartbeats}) > 40  # between pushes, all through the pass
+    *mid, (_, end) = writes
+    assert (end["step"], end["iteration"], end["offset"]) == (steps, 1, 0)  # the pass, whole
+    for live, doc in mid:
+        pushed = live - live % 7  # the last push at or before the live step...
+        # ...or, at the pass's last minibatch, the flush's push (a heartbeat may come first)
+        assert doc["step"] in ({pushed, steps} if live == steps else {pushed})
+        assert doc["samples"] == 50 * doc["step"] and doc["pushes"] == -(-doc["step"] // 7)
+        assert doc["lease"] == lease.owner
+    beats = [d["heartbeat"] for _, d in writes]
+    assert beats == sorted(beats) and len(set(beats)) == len(beats)  # each one fresh
 
 
 def test_averaging_workers_continue_from_the_mean_of_the_published_vectors(

@@ -16,8 +16,8 @@ from emnist.store import CorruptValue, MissingState, ParameterStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, resume_run, setup_run, write_checkpoint
-from emnist.train.state import Lease, LeaseLost, WorkerBusy, WorkerState, state_key
-from emnist.train.worker import pass_order
+from emnist.train.state import Lease, LeaseLost, WorkerBusy, WorkerState, snapshot, state_key
+from emnist.train.worker import DropoutSeeds, pass_order
 from tests.conftest import MEMCACHED_URL, REDIS_URL
 
 
@@ -106,41 +106,104 @@ def test_saving_a_state_the_store_lost_is_an_error(memcached_kv, run_id):
         lease.save(st)
 
 
+@pytest.mark.parametrize("backend", ["memcached", "redis"])
+def test_a_push_records_progress_only_while_the_lease_holds(request, backend, run_id):
+    """A push carries the worker's progress record. With the lease: both land. After a
+    takeover the old owner's record is refused (LeaseLost): on Redis in the push's own
+    transaction, so its update does not land either; on memcached (no multi-key atomicity)
+    the record goes right after the chunks, so the update has landed: that one push is the
+    most a zombie adds. Never is progress recorded without its update."""
+    kv = request.getfixturevalue(f"{backend}_kv")
+    store = ParameterStore(kv, run_id, chunk_bytes=16)  # 3 chunks
+    store.init(np.zeros(12, dtype=np.float32))
+    old = Lease(store, 0, seconds=0.3)
+    st = old.acquire("a")
+    st.step = 5
+    store.push(np.ones(12, np.float32), record=(old.key, old.record(snapshot(st))))
+    vec = np.empty(12, dtype=np.float32)
+    assert store.fetch(vec)[0] == 1 and np.array_equal(vec, np.ones(12))
+    doc = store.get_doc(state_key(0))
+    assert doc["step"] == 5 and doc["lease"] == old.owner and doc["heartbeat"] > st.heartbeat
+
+    new = Lease(store, 0, seconds=0.3)
+    new.acquire("b", wait=5)  # once the old owner's heartbeat is stale
+    st.step = 10
+    with pytest.raises(LeaseLost):
+        store.push(np.ones(12, np.float32), record=(old.key, old.record(snapshot(st))))
+    clock, _ = store.fetch(vec)
+    landed = backend == "memcached"
+    assert clock == 1 + landed and np.array_equal(vec, np.full(12, 1.0 + landed))
+    doc = store.get_doc(state_key(0))
+    assert doc["step"] == 5 and doc["lease"] == new.owner  # the new owner's, untouched
+
+
+def test_a_state_write_never_goes_back(memcached_kv, run_id):
+    """An overlapped push records step 20 on the exchange thread while the training thread's
+    heartbeat still carries step 10: the stored progress stays at 20, the heartbeat is taken."""
+    store = ParameterStore(memcached_kv, run_id)
+    lease = Lease(store, 0, seconds=60)
+    st = lease.acquire("a")
+    behind = snapshot(st)
+    st.step, st.pushes = 20, 2
+    memcached_kv.update_many([lease.key], lease.record(snapshot(st)))
+    beat = WorkerState.from_dict({**behind, "step": 10, "pushes": 1})
+    lease.save(beat)
+    doc = store.get_doc(state_key(0))
+    assert (doc["step"], doc["pushes"], doc["lease"]) == (20, 2, lease.owner)
+    assert doc["heartbeat"] == beat.heartbeat
+    st.step = 21  # and going forward still writes
+    lease.save(st)
+    assert store.get_doc(state_key(0))["step"] == 21
+
+
 # -- a worker process SIGKILLed at arbitrary points, resumed by new processes ----------------
 WORKER = """
-import sys
+import os, signal, sys
 from emnist.store import open_kv
+from emnist.store.params import ParameterStore
 from emnist.train.run import train_worker
+
+die_at = int(sys.argv[4])  # > 0: die between the chunks and the record of this push
+if die_at:
+    push, count = ParameterStore.push, [0]
+
+    def push_then_die(self, delta, mode="atomic", out=None, chunks=None, record=None):
+        count[0] += 1
+        if count[0] < die_at:
+            return push(self, delta, mode, out, chunks, record)
+        push(self, delta, mode, out, chunks)  # the chunks land (memcached writes the record
+        os.kill(os.getpid(), signal.SIGKILL)  # after them: a kill can fall in between)
+
+    ParameterStore.push = push_then_die
 train_worker(open_kv(sys.argv[1]), sys.argv[2], 0, sys.argv[3])
 """
 TOL = 2e-5  # Downpour's bookkeeping (global + pending) against plain SGD: float rounding only
 
 
-def _worker(run_id: str, hostname: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER, MEMCACHED_URL, run_id, hostname],
+def _worker(url: str, run_id: str, hostname: str, die_at: int = 0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, url, run_id, hostname, str(die_at)],
                             stderr=subprocess.PIPE, text=True)
 
 
-def _kill_after_a_mid_pass_save(proc: subprocess.Popen, store: ParameterStore, after: int,
-                                extra_pushes: int) -> None:
-    """SIGKILL ``proc`` once it has saved a mid-pass state past step ``after`` and the store
-    has seen ``extra_pushes`` more pushes: wherever the worker is then."""
-    vec = np.empty(store.num_params, dtype=np.float32)
+def _kill_after(proc: subprocess.Popen, store: ParameterStore, pushes: int) -> None:
+    """SIGKILL ``proc`` once the store has seen ``pushes`` pushes: wherever the worker is then
+    (computing, pushing, recording, heartbeating)."""
     deadline = time.monotonic() + 120
-    target = None
     try:
-        while True:
+        while store.fetch(np.empty(store.num_params, np.float32))[0] < pushes:
             assert proc.poll() is None, f"worker exited early: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "the worker made no progress"
-            clock, docs = store.fetch(vec, (state_key(0),))
-            doc = docs.get(state_key(0), {})  # none until the process holds the lease
-            if target is None and doc.get("offset", 0) > 0 and doc["step"] > after:
-                target = clock + extra_pushes
-            if target is not None and clock >= target:
-                break
             time.sleep(0.002)  # a polling interval: leaves the CPU to the worker
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        _reap(proc)
+
+
+def _died(proc: subprocess.Popen) -> None:
+    """The worker killed itself where it was told to."""
+    try:
+        assert proc.wait(120) == -signal.SIGKILL, proc.stderr.read()[-2000:]
     finally:
         _reap(proc)
 
@@ -156,68 +219,91 @@ def _reap(proc: subprocess.Popen) -> None:
 def _sgd(cfg: TrainConfig, shape: MLPShape, shard, steps: int, params: np.ndarray,
          minibatches) -> np.ndarray:
     """Plain SGD from a copy of ``params`` over the worker's global minibatch numbers
-    (1-based: number g is position (g - 1) % steps of pass (g - 1) // steps + 1's order)."""
-    params, model, bs = params.copy(), MLP(shape), cfg.batch_size
-    orders: dict[int, np.ndarray] = {}
+    (1-based: number g is position (g - 1) % steps of pass (g - 1) // steps + 1's order),
+    each with the dropout masks the worker draws for it."""
+    params, model, bs = params.copy(), MLP(shape, cfg.dropout_percent), cfg.batch_size
+    seeds, orders = DropoutSeeds(cfg.seed, 0), {}
     for g in minibatches:
         it, pos = divmod(g - 1, steps)
         if it not in orders:
             orders[it] = pass_order(cfg, 0, it + 1, len(shard.y), steps)
         at = orders[it][pos]
+        model.rng = seeds.at(it + 1, pos)
         _, grad = model.loss_and_grad(params, to_float(shard.x[at:at + bs]), shard.y[at:at + bs])
         grad *= -np.float32(cfg.alpha)
         params += grad
     return params
 
 
-def test_a_sigkilled_worker_process_resumes_from_its_last_saved_state(memcached_kv, run_id,
-                                                                      tmp_path):
-    """A real worker process (train_worker, one worker, real memcached) is SIGKILLed twice at
-    arbitrary points (after a mid-pass save, when the store has seen a few more pushes:
-    between saves and between pushes), and new processes resume it. What is exact, asserted:
+# (backend, how each of two processes ends): a count of pushes after which the test kills it,
+# or ("die", n): it kills itself between push n's chunks and its record (memcached only:
+# Redis writes both in one transaction, there is no such point)
+KILLS = [("memcached", [40, 170]), ("redis", [40, 170]), ("memcached", [40, ("die", 90)])]
+# (of 2 passes x 120 pushes: a run is ~0.8 s of training)
 
-    - each new process resumes exactly the state saved last (pass, offset, counters), so the
-      worker's own accounting is the uninterrupted one: every minibatch counted once;
-    - the store keeps every push applied before a kill, including those made after the last
-      save (the state is saved every 0.25 s; pushes go every n_push minibatches);
-    - so if a process started at saved step S0, its last push reached step P and it was killed
-      with step S saved, the store has minibatches S0+1..P from it and the next process redoes
-      S+1..: minibatches between S and P are applied twice (P > S) or never (P < S). The final
-      parameters are plain SGD over exactly that sequence (to float tolerance). They equal the
-      uninterrupted run's only if P == S at every kill, and then to tolerance, not bit for bit.
-    Dropout is 0: a pass's dropout masks come from one random stream per pass, so a pass
-    resumed mid-way draws other masks than the uninterrupted pass would.
+
+@pytest.mark.parametrize("backend, kills", KILLS, ids=["memcached", "redis", "memcached-window"])
+def test_a_sigkilled_worker_process_resumes_from_its_last_push(request, backend, kills,
+                                                               run_id, tmp_path):
+    """A real worker process (train_worker, one worker, dropout 0.2, a real store) is SIGKILLed
+    twice, and new processes resume it. The state is recorded with each push (never between),
+    so what is exact, asserted at every kill and at the end:
+
+    - nothing is lost: the saved state is at a push (step a multiple of n_push, counters
+      matching) and every minibatch it counts as done is in the store;
+    - a push the state does not count (``dup``: store pushes - saved pushes) exists only on
+      memcached, at most one per kill, and only when the kill fell between a push's chunks and
+      its record (forced by the "window" case); on Redis there is none: exactly once;
+    - the store's parameters are plain SGD over exactly the minibatches it received, each with
+      the dropout masks the uninterrupted run draws for it (masks come from (seed, worker,
+      pass, offset)), so with no dup the result is the uninterrupted run's (to float rounding).
     """
+    kv = request.getfixturevalue(f"{backend}_kv")
+    url = MEMCACHED_URL if backend == "memcached" else REDIS_URL
     cfg = TrainConfig(dataset="fashion-mnist", number_of_workers=1, batch_size=50,
-                      hidden_size=32, iterations=3, target_accuracy=1.0, n_fetch=10,
-                      n_push=10, lease_seconds=0.5, data_location=str(tmp_path))
-    state = setup_run(cfg, memcached_kv, 1, run_id=run_id)
-    steps, n_push = state["steps_per_pass"], cfg.n_push
+                      hidden_size=32, iterations=2, target_accuracy=1.0, n_fetch=10,
+                      n_push=10, dropout_percent=0.2, lease_seconds=0.5,
+                      data_location=str(tmp_path))
+    state = setup_run(cfg, kv, 1, run_id=run_id)
+    steps, n_push, bs = state["steps_per_pass"], cfg.n_push, cfg.batch_size
     total = cfg.iterations * steps
-    assert steps % n_push == 0  # every push carries exactly n_push minibatches
-    store = ParameterStore(memcached_kv, run_id)
+    assert steps % n_push == 0  # every push carries n_push minibatches; pass ends are pushes
+    store = ParameterStore(kv, run_id)
     store.attach()
     shard = open_shard(state["shard_dir"], 0)
     shape = MLPShape(cfg.pixels_per_image, cfg.hidden_size, state["num_classes"])
     init = init_params(shape, cfg.seed)
     vec = np.empty(store.num_params, dtype=np.float32)
 
-    expected, saves, start, clock0 = init, [], 0, 0
-    for host, extra_pushes in (("first", 3), ("second", 0)):
-        _kill_after_a_mid_pass_save(_worker(run_id, host), store, start, extra_pushes)
+    expected, saves, start, clock0, dups = init, [], 0, 0, 0
+    for host, kill in zip(("first", "second"), kills):
+        if isinstance(kill, tuple):
+            _died(_worker(url, run_id, host, die_at=kill[1]))
+        else:
+            _kill_after(_worker(url, run_id, host), store, kill)
         clock, _ = store.fetch(vec)
         saved = WorkerState.from_dict(store.get_doc(state_key(0)))
         assert saved.lease and not saved.done  # killed while it owned the worker, mid-run
         assert saved.step == saved.iteration * steps + saved.offset < total
-        assert saved.offset > 0 and saved.pushes == saved.step // n_push
-        # this process pushed at its steps that are multiples of n_push after `start`
-        pushed_to = (start // n_push + clock - clock0) * n_push
+        # recorded at a push, never between: its counters are that push's
+        assert saved.step % n_push == 0 and saved.step > start
+        assert saved.samples == saved.step * bs and saved.pushes == saved.step // n_push
+        # this process pushed n_push minibatches at each push after `start`
+        pushed_to = start + (clock - clock0) * n_push
+        dup = clock - saved.pushes - dups  # pushes in the store that the state does not count
+        assert pushed_to == saved.step + dup * n_push
+        if isinstance(kill, tuple):
+            assert dup == 1 and saved.pushes == kill[1] - 1 + start // n_push
+        elif backend == "redis":
+            assert dup == 0
+        else:
+            assert dup in (0, 1)
         expected = _sgd(cfg, shape, shard, steps, expected, range(start + 1, pushed_to + 1))
         np.testing.assert_allclose(vec, expected, rtol=0, atol=TOL)  # what the store holds
-        saves.append((saved, pushed_to))
-        start, clock0 = saved.step, clock
+        saves.append(saved)
+        start, clock0, dups = saved.step, clock, dups + dup
 
-    last = _worker(run_id, "third")
+    last = _worker(url, run_id, "third")
     try:
         _, err = last.communicate(timeout=120)
         assert last.returncode == 0, err[-2000:]
@@ -229,17 +315,16 @@ def test_a_sigkilled_worker_process_resumes_from_its_last_saved_state(memcached_
     # the worker's accounting: resumed from each saved state, every minibatch counted once
     assert result["invocations"] == 3 and result["hostname"] == "third"
     assert [(r["iteration"], r["offset"], r["from"]) for r in result["resumes"]] == \
-        [(s.iteration, s.offset, host) for (s, _), host in zip(saves, ("first", "second"))]
+        [(s.iteration, s.offset, host) for s, host in zip(saves, ("first", "second"))]
     assert result["iterations"] == cfg.iterations and result["stop_reason"] == "iterations"
-    assert result["step"] == total and result["samples"] == total * cfg.batch_size
+    assert result["step"] == total and result["samples"] == total * bs
     assert result["pushes"] == total // n_push
-    # the store's: every push was applied, those made after a save and redone included
-    assert final_clock == clock0 + total // n_push - saves[-1][0].pushes
+    # the store's: every push once, plus the uncounted ones seen at the kills
+    assert final_clock == total // n_push + dups
 
     # the parameters: plain SGD over the sequence the store actually received
     expected = _sgd(cfg, shape, shard, steps, expected, range(start + 1, total + 1))
     np.testing.assert_allclose(vec, expected, rtol=0, atol=TOL)
     uninterrupted = _sgd(cfg, shape, shard, steps, init, range(1, total + 1))
-    exact = all(pushed_to == s.step for s, pushed_to in saves)
-    assert np.allclose(vec, uninterrupted, rtol=0, atol=TOL) == exact, \
-        ([(s.step, p) for s, p in saves], float(np.abs(vec - uninterrupted).max()))
+    assert np.allclose(vec, uninterrupted, rtol=0, atol=TOL) == (dups == 0), \
+        (dups, float(np.abs(vec - uninterrupted).max()))

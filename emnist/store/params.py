@@ -18,7 +18,7 @@ import numpy as np
 
 from emnist.store import codec
 from emnist.store.keys import key_for
-from emnist.store.kv import KV, StoreError
+from emnist.store.kv import KV, StoreError, Updater
 
 DEFAULT_CHUNK_BYTES = 384 * 1024  # the 784-100-47 model (333 KB) in one value
 MODES = ("atomic", "overwrite")
@@ -121,13 +121,21 @@ class ParameterStore:
         return int(clock or 0)
 
     def push(self, delta: np.ndarray, mode: str = "atomic", out: np.ndarray | None = None,
-             chunks: Iterable[int] | None = None) -> PushStats:
+             chunks: Iterable[int] | None = None,
+             record: tuple[str, Updater] | None = None) -> PushStats:
         """global += delta, chunk by chunk; concurrent pushes are all kept in atomic mode.
 
         ``chunks``: push only these chunk indices (a sparse push); the caller keeps the rest
         of its delta. With ``out``, the new global vector is written there as it is
         computed (the other chunks are read in the same round trip): a push that doubles as a
         fetch, with no second round trip and no extra copy.
+
+        ``record``: (key, updater) of a document that says the push happened (a worker's
+        progress). Where ``update_many`` is one transaction over all its keys (the KV's
+        ``atomic_many``: Redis) it is written in the push's own transaction: both land or
+        neither (an updater that raises, e.g. a lost lease, aborts the push). Elsewhere
+        (memcached has no multi-key atomicity) it is written right after the chunks: never
+        before its update, but a crash in between leaves the update without it.
         """
         if mode not in MODES:
             raise ValueError(f"update mode must be one of {MODES}, got {mode!r}")
@@ -150,7 +158,17 @@ class ParameterStore:
             return codec.encode(new, d.clock + 1)
 
         read = [self.keys[i] for i in others] if out is not None else []
-        if mode == "atomic":
+        together = record is not None and mode == "atomic" and \
+            getattr(self.kv, "atomic_many", False)
+        if together:
+            rkey, rfn = record
+
+            def add_or_record(key: str, old: bytes | None) -> bytes:
+                return rfn(key, old) if key == rkey else add(key, old)
+
+            # the record first: a refused one (lease lost) stops before any chunk is computed
+            stats.retries, got = self.kv.update_many([rkey, *keys], add_or_record, read=read)
+        elif mode == "atomic":
             stats.retries, got = self.kv.update_many(keys, add, read=read)
         else:
             got = self.kv.get_many(keys + read)
@@ -163,6 +181,8 @@ class ParameterStore:
                                    f"missing from {self.kv.url} (first: {missing[0]})")
             c = self._read_into(out, others, got)
             clock = c if clock is None else min(clock, c)
+        if record is not None and not together:
+            self.kv.update_many([record[0]], record[1])
         stats.clock = int(clock or 0)
         return stats
 

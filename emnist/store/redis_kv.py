@@ -26,6 +26,8 @@ _BROKEN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class RedisKV:
+    atomic_many = True  # update_many is one WATCH/MULTI transaction over all its keys
+
     def __init__(self, url: str) -> None:
         self.url = redact(url)
         opts = options(url)

@@ -6,6 +6,11 @@ round r of one worker meets round r of the others. A barrier that times out proc
 workers present and records who was missing; a worker that missed a round is not waited for
 again (it joins any later round it reaches in time), so one dead worker costs one timeout, not
 one per round. A worker that (re)starts behind the others jumps to the newest round.
+
+A round is the sync point: the worker's progress is recorded after each one (its vector is in
+the store), and a worker resumed at its last round takes that round's average again and redoes
+the minibatches since (same order, same dropout masks). A pass end between rounds records
+nothing new: this worker's minibatches since its last round are only in its own memory.
 """
 
 from __future__ import annotations
@@ -18,15 +23,15 @@ import numpy as np
 
 from emnist.store import ParameterStore, codec
 from emnist.train.config import TrainConfig
-from emnist.train.state import WorkerState
+from emnist.train.state import Progress, WorkerState
 
 KEEP_ROUNDS = 3  # a worker deletes its own round r - KEEP_ROUNDS when it publishes round r
 
 
 class Averaging:
     def __init__(self, store: ParameterStore, cfg: TrainConfig, st: WorkerState, workers: int,
-                 tick: Callable[[], None]) -> None:
-        self.store, self.st, self.me = store, st, st.worker_id
+                 progress: Progress, tick: Callable[[], None]) -> None:
+        self.store, self.st, self.me, self.progress = store, st, st.worker_id, progress
         self.every, self.timeout = cfg.average_every, cfg.barrier_timeout
         self.others = [w for w in range(workers) if w != self.me]
         self.tick = tick  # keeps the worker's lease alive while it waits
@@ -43,6 +48,13 @@ class Averaging:
     def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
         if step % self.every == 0:
             self.average(params, step // self.every)
+            self.progress.save_now()
+
+    @property
+    def synced(self) -> bool:
+        """After ``end_iteration``: the pass ended on a round (else the minibatches since the
+        last round are only in this worker's memory)."""
+        return self.st.step % self.every == 0
 
     def end_iteration(self, params: np.ndarray) -> None:
         """Publish the pass's model as the run's global vector (checkpoints, resume)."""
@@ -53,9 +65,10 @@ class Averaging:
         pass
 
     def rejoin(self, params: np.ndarray, steps_per_pass: int) -> None:
-        """A worker that starts behind the newest round skips to it and takes its average."""
+        """A worker that starts behind the newest round, or at it (its state is recorded at
+        rounds), takes that round's average (skipping to it)."""
         latest = self.store.get_doc("avglatest")
-        if not latest or latest["round"] * self.every <= self.st.step:
+        if not latest or latest["round"] * self.every < self.st.step:
             return
         r = latest["round"]
         self.st.step = r * self.every
@@ -65,6 +78,7 @@ class Averaging:
         if present:
             self._average_into(params, r, present, include_me=False)
         self.st.resumes.append({"rejoined_round": r, "at": time.time()})
+        self.progress.save_now()
 
     # -- one round ------------------------------------------------------------------------
     def average(self, params: np.ndarray, r: int) -> None:

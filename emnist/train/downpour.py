@@ -12,6 +12,12 @@ step, so the local copy lags the store by one exchange interval at most. It is o
 on loopback the exchange is CPU (GIL) bound, and with as many workers as cores the thread
 only contends (measured: 2 workers fell from ~135k to ~80k samples/s each). It is meant for
 stores across a real network, where an exchange mostly waits.
+
+Progress (``emnist.train.state.Progress``): a push that leaves nothing pending carries a
+snapshot of the worker's state taken when its delta was handed over, recorded with it (in the
+same transaction on Redis, right after it on memcached); a sparse push that leaves chunks
+pending records nothing (those minibatches are not all in the store yet), and the pass end's
+flush leaves nothing pending.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 
 from emnist.store import ParameterStore
 from emnist.train.config import TrainConfig
-from emnist.train.state import WorkerState
+from emnist.train.state import Progress, WorkerState
 
 STOP_CHECK_EVERY = 5  # exchanges between reads of the run's stop flag
 
@@ -45,8 +51,8 @@ class Exchange:
     """
 
     def __init__(self, store: ParameterStore, cfg: TrainConfig, res: WorkerState,
-                 params: np.ndarray, overlap: bool) -> None:
-        self.store, self.mode, self.res = store, cfg.update, res
+                 params: np.ndarray, overlap: bool, progress: Progress | None = None) -> None:
+        self.store, self.mode, self.res, self.progress = store, cfg.update, res, progress
         self.threshold, self.top_k = cfg.push_threshold, cfg.push_top_k
         self.n_push, self.n_fetch = cfg.n_push, cfg.n_fetch
         self.base = params.copy()  # params was just fetched: nothing pending
@@ -85,12 +91,37 @@ class Exchange:
                 self.base[a:b] = params[a:b]
         return self._sent
 
+    def _snapshot(self, fetch: bool) -> dict[str, Any] | None:
+        """The state as of a push that sends everything (its own counts included; its
+        retries and clock are only known after it, and wait for the next snapshot)."""
+        if self.progress is None:
+            return None
+        doc = self.progress.take()
+        nbytes = self._fresh.nbytes
+        doc["pushes"] += 1
+        doc["bytes_pushed"] += nbytes
+        if fetch:
+            doc["fetches"] += 1
+            doc["bytes_fetched"] += nbytes
+        return doc
+
     def _run(self, push: np.ndarray | None, fetch: bool, check_stop: bool,
-             chunks: list[int] | None = None) -> None:
+             chunks: list[int] | None = None, doc: dict[str, Any] | None = None) -> None:
         nbytes = self._fresh.nbytes
         if push is not None:
-            stats = self.store.push(push, self.mode, out=self._fresh if fetch else None,
-                                    chunks=chunks)
+            out = self._fresh if fetch else None
+            record = None  # a node-local tier cannot carry it: written after its push
+            if doc is not None and isinstance(self.store, ParameterStore):
+                record = self.progress.record(doc)  # None: no lease here, written after
+            if record is None:
+                stats = self.store.push(push, self.mode, out=out, chunks=chunks)
+            else:
+                stats = self.store.push(push, self.mode, out=out, chunks=chunks, record=record)
+            if doc is not None:
+                if record is None:
+                    self.progress.write(doc)
+                else:
+                    self.progress.landed(doc)
             self.res.pushes += 1
             self.res.bytes_pushed += stats.bytes_sent
             self.res.bytes_skipped += stats.bytes_skipped
@@ -120,18 +151,20 @@ class Exchange:
 
     def start(self, params: np.ndarray, push: bool, fetch: bool) -> None:
         self.settle(params)
-        sent, chunks = None, None
+        sent, chunks, doc = None, None, None
         if push:
             chunks = self._select(params)
             if chunks is None or chunks:
                 sent = self._hand_over(params, chunks)
+                if chunks is None or len(chunks) == len(self.store.bounds):
+                    doc = self._snapshot(fetch)  # nothing left pending: a progress point
         if sent is None and not fetch:
             return
         self._count += 1
         check = self._count % STOP_CHECK_EVERY == 0
 
         def job() -> bool:
-            self._run(sent, fetch, check, chunks)
+            self._run(sent, fetch, check, chunks, doc)
             return fetch
 
         if self._pool is None:
@@ -144,7 +177,7 @@ class Exchange:
         """Settle, then push what is pending and fetch, synchronously (iteration end)."""
         self.settle(params)
         sent = None if np.array_equal(params, self.base) else self._hand_over(params, None)
-        self._run(sent, True, True)
+        self._run(sent, True, True, None, None if sent is None else self._snapshot(True))
         params[:] = self._fresh
         self.base, self._fresh = self._fresh, self.base
 
@@ -160,4 +193,9 @@ class Exchange:
 
     def end_iteration(self, params: np.ndarray) -> None:
         self.flush(params)
+
+    @property
+    def synced(self) -> bool:
+        """After ``end_iteration``: everything this worker learned is in the store."""
+        return True
 
