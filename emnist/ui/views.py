@@ -94,6 +94,8 @@ def _curve(doc: dict[str, Any], steps: int, batch: int) -> list[list[Any]]:
         loss = _num(c[3]) if len(c) > 3 else None
         samples = _num(c[4]) if len(c) > 4 else it * steps * batch
         out.append([t, samples, it, acc, loss])
+    if out and doc.get("done") and len(doc["curve"][-1]) <= 4 and _num(doc.get("samples")):
+        out[-1][1] = _num(doc.get("samples"))  # the last point of a finished worker: exact
     return out
 
 
@@ -166,12 +168,15 @@ def _store_worker(w: int, p: dict[str, Any], r: dict[str, Any] | None, ctx: dict
     it, off = _num(doc.get("iteration")) or 0.0, _num(p.get("offset")) or 0.0
     pass_progress = it + (off / steps if steps else 0.0)
     clock = _num(doc.get("clock"))
-    staleness = ctx["top"] - clock if clock is not None else None
+    # a finished worker exchanges no more: its staleness and heartbeat no longer mean anything
+    staleness = ctx["top"] - clock if clock is not None and r is None else None
     stored = (_num(doc.get("bytes_fetched")) or 0.0) + (_num(doc.get("bytes_pushed")) or 0.0)
     sps = samples / train_s if train_s else 0.0
     live = list(ring_live)
+    finished = _num((r or {}).get("finished"))
     if p:
-        live.append([now - started, sps, pass_progress, stored,
+        at = finished if finished is not None else now
+        live.append([at - started, sps, pass_progress, stored,
                      _num(doc.get("push_retries")) or 0.0, staleness,
                      age if r is None else None])
     out = {"id": w, "host": str(doc.get("hostname") or ""), "state": state,

@@ -313,16 +313,20 @@ const UI = (() => {
     return box;
   }
 
+  function swatch(c, dash) {
+    return svg("svg", {viewBox: "0 0 14 10", class: "swatch"},
+               svg("line", {x1: 0, x2: 14, y1: 5, y2: 5, stroke: c, "stroke-width": 3,
+                            "stroke-dasharray": dash ? "3 2" : null}));
+  }
+
   function legend(series) {
     return el("div", {className: "legend"}, series.map(s => el("span", {},
-      svg("svg", {viewBox: "0 0 14 10"}, svg("rect", {x: 0, y: 3, width: 14, height: 4,
-                                                      fill: s.color})),
-      s.name)));
+      swatch(s.color, s.dash), s.name)));
   }
 
   function color(i) { return PALETTE[((i % PALETTE.length) + PALETTE.length) % PALETTE.length]; }
 
   return {el, svg, clear, replace, append, request, getJSON, poll, setStatus, HttpError,
           isNum, fmt, fmtInt, fmtAcc, fmtSecs, fmtBytes, fmtDate, runHref, stateCell, table,
-          lineChart, stackedBars, color, NAMESPACE};
+          lineChart, stackedBars, color, swatch, NAMESPACE};
 })();

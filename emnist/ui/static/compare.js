@@ -29,8 +29,8 @@
         const accs = v.workers.map(w => w.accuracy).filter(isNum);
         const rates = v.workers.map(w => w.samples_per_s).filter(isNum);
         return el("tr", {dataset: {source: String(v.source), id: String(v.id)}},
-          el("td", {className: "text"}, el("a", {href: runHref(v.source, v.id)},
-                                            v.id)),
+          el("td", {className: "text"}, UI.swatch(color(r)), " ",
+             el("a", {href: runHref(v.source, v.id)}, v.id)),
           el("td", {}, String(v.kind)), stateCell(v.state),
           el("td", {className: "text"}, String(v.model ?? "")),
           el("td", {className: "text"}, String(v.dataset ?? "")),
