@@ -120,6 +120,20 @@ def test_detailed_status_bounds_the_lists_and_hides_the_lease(kv):
     assert set(brief) == set(PROGRESS_FIELDS)
 
 
+def test_the_metrics_ring_is_bounded_and_sampled_at_most_once_a_second():
+    from emnist.train.state import SERIES_EVERY, SERIES_MAX, WorkerState
+
+    st = WorkerState(0)
+    for i in range(3 * SERIES_MAX):
+        st.samples, st.step = 10 * i, i
+        st.sample(1000.0 + i * SERIES_EVERY / 2, train_seconds=i / 10)
+    assert len(st.series) == SERIES_MAX  # every other call was too soon after the last
+    assert st.series[-1][:4] == [1000.0 + (3 * SERIES_MAX - 2) * SERIES_EVERY / 2,
+                                 3 * SERIES_MAX - 2, 10 * (3 * SERIES_MAX - 2),
+                                 round((3 * SERIES_MAX - 2) / 10, 3)]
+    assert "series" not in st.result() and "series" in st.to_dict()
+
+
 # -- views -------------------------------------------------------------------------------------
 
 def _status(**over) -> dict:

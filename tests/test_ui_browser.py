@@ -170,6 +170,12 @@ def test_a_live_run_appears_its_charts_grow_and_show_the_results(stack, browser,
     assert hosts == {r["hostname"] for r in final["results"]}
     assert len(css(browser, "#events-table tbody tr")) >= 2  # each worker's stop
     browser.save_screenshot(str(shots / "dashboard-run.png"))
+    # opened again after the end, the live charts still have each worker's history: the
+    # metrics ring its state keeps (one sample a second at most) plus its final numbers
+    browser.refresh()
+    wait(browser, lambda d: text(d, "#run-state") == "done")
+    wait(browser, lambda d: points(d, "samples-rate") >= 2 * 2)
+    assert points(browser, "loss-time") == curve_points  # validation loss per pass
     print(f"run page screenshot: {shots / 'dashboard-run.png'}")
 
 

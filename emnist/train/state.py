@@ -21,6 +21,8 @@ from typing import Any
 from emnist.store import MissingState, ParameterStore, StoreError, codec
 from emnist.store.kv import Updater
 
+SERIES_MAX, SERIES_EVERY = 120, 1.0  # the metrics ring: ~8 KB, the last two minutes at 1 s
+
 
 class LeaseLost(StoreError):
     """Another invocation took this worker over: this one must stop writing."""
@@ -53,7 +55,9 @@ class WorkerState:
     clock: int = 0  # the store's logical clock (pushes every chunk had) at the last exchange
     averages: int = 0
     barrier_timeouts: list[dict[str, Any]] = field(default_factory=list)
-    curve: list[list[float]] = field(default_factory=list)  # [seconds, iteration, accuracy]
+    # per pass: [seconds, iteration, accuracy, validation loss, samples]
+    curve: list[list[float]] = field(default_factory=list)
+    series: list[list[float]] = field(default_factory=list)  # metrics ring: see sample()
     invocations: int = 0
     resumes: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
@@ -73,10 +77,21 @@ class WorkerState:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def sample(self, now: float, train_seconds: float) -> None:
+        """Add the counters to the bounded metrics ring the dashboard draws (``series``, the
+        newest SERIES_MAX, at most one per SERIES_EVERY s): ``[wall time, step, samples,
+        train_seconds, iteration, offset, bytes_fetched, bytes_pushed, push_retries, clock]``."""
+        if self.series and now - self.series[-1][0] < SERIES_EVERY:
+            return
+        self.series.append([round(now, 3), self.step, self.samples, round(train_seconds, 3),
+                            self.iteration, self.offset, self.bytes_fetched, self.bytes_pushed,
+                            self.push_retries, self.clock])
+        del self.series[:-SERIES_MAX]
+
     def result(self) -> dict[str, Any]:
         out = self.to_dict()
         out.update(iterations=self.iteration, samples_per_s=self.samples_per_s)
-        for k in ("lease", "heartbeat", "offset", "best_val_loss", "bad_epochs"):
+        for k in ("lease", "heartbeat", "offset", "best_val_loss", "bad_epochs", "series"):
             out.pop(k)
         return out
 
@@ -92,7 +107,7 @@ class WorkerState:
 
 
 _FIELDS = [f.name for f in fields(WorkerState)]
-_LISTS = ("barrier_timeouts", "curve", "resumes")  # appended to, never changed in place
+_LISTS = ("barrier_timeouts", "curve", "resumes", "series")  # entries never changed in place
 
 
 def snapshot(st: WorkerState) -> dict[str, Any]:

@@ -92,6 +92,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
 
     def heartbeat() -> None:
         nonlocal last_save
+        st.sample(time.time(), clock()[1])  # lands with the next recorded snapshot
         progress.heartbeat()
         last_save = time.monotonic()
 
@@ -125,6 +126,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             if st.offset >= len(order):  # a whole pass (a stop signal may end one early)
                 st.iteration, st.offset = it, 0
             _evaluate(model, params, test_x, test_y, st, elapsed())
+            st.sample(time.time(), st.train_seconds)
             _decide(cfg, st, ex.stop, elapsed(), run_started)
             if st.reached:
                 store.put_doc("stop", {"worker_id": st.worker_id, "iteration": st.iteration,
@@ -147,7 +149,8 @@ def _evaluate(model: MLP, params: np.ndarray, test_x: np.ndarray, test_y: np.nda
               st: WorkerState, now: float) -> None:
     st.accuracy = model.accuracy(params, test_x, test_y)
     st.val_loss = model.loss(params, test_x, test_y)
-    st.curve.append([round(now, 4), st.iteration, st.accuracy])
+    st.curve.append([round(now, 4), st.iteration, st.accuracy, round(st.val_loss, 6),
+                     st.samples])
 
 
 def _decide(cfg: TrainConfig, st: WorkerState, stop: dict[str, Any] | None, now: float,
