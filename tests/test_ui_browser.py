@@ -8,8 +8,10 @@ Screenshots of the run and compare pages are saved under the pytest temporary di
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 from emnist.p2p.metrics import MetricsWriter
 from emnist.store import ParameterStore, open_kv
 from emnist.train.runindex import record_run
+from emnist.ui.server import Dashboard, make_server
 from tests.servers import free_port, local_gateway, start_memcached
 
 CHROMIUM = "/usr/bin/chromium"
@@ -290,3 +293,57 @@ def test_html_in_run_ids_names_and_errors_is_shown_as_text(stack, browser):
     browser.get(gw.url + "/ui/run?source=store&id=" + XSS.replace(" ", "%20"))
     wait(browser, lambda d: "not a valid run id" in text(d, "#status"))
     _no_markup(browser)
+
+
+def test_emnist_dashboard_serves_the_same_pages_through_the_gateway(stack, browser, tmp_path):
+    """`emnist dashboard`'s server, for the module's gateway: runs through emnist-setup's GET,
+    functions through the relay, and a benchmark results file whose records carry HTML."""
+    gw, _, _ = stack
+    results = tmp_path / "bench.jsonl"
+    results.write_text(json.dumps({
+        "stack": XSS, "batch_size": 100, "workers": 2, "round": 1, "run_id": XSS,
+        "seconds": 1.5, "reached": False, "dataset": "fashion-mnist",
+        "started": "2026-12-01T10:00:00+00:00", "error": "<script>window.__xss=7</script>",
+        "results": [{"worker_id": 0, "accuracy": 0.5, "hostname": XSS,
+                     "curve": [[1.0, 1, 0.5]]}]}) + "\n")
+    server, url = make_server(Dashboard(gw.url, bench_files=[results]), "127.0.0.1", 0)
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        browser.get(url + "/ui/")
+        wait(browser, lambda d: css(d, 'tr[data-fn="emnist-setup"]'),
+             message="no functions through the relay")
+        wait(browser, lambda d: css(d, 'tr[data-source="store"]') and css(
+            d, 'tr[data-source="bench"][data-id="bench"]'), message="runs missing")
+        click(browser, 'tr[data-source="bench"][data-id="bench"] a.run-link')
+        wait(browser, lambda d: css(d, "#records-table td.record-run"))
+        assert text(browser, "#records-table td.record-run") == XSS
+        assert XSS in text(browser, "#records-table")
+        assert "<script>window.__xss=7</script>" in text(browser, "#records-table")
+        _no_markup(browser)
+    finally:
+        server.close()
+        th.join(10)
+
+
+def test_with_a_password_the_pages_and_their_calls_are_authenticated(browser, tmp_path):
+    """The gateway's own password: the browser logs in once (here in the URL) and the page's
+    calls to /ui/api and /system carry it; scaling from the page works."""
+    env = {"STORE_URL": "memcached://127.0.0.1:1", "DATA_LOCATION": str(tmp_path / "shards"),
+           "TRAIN_REPLICAS": "0", "GRAD_REPLICAS": "1", "OPENFAAS_PASSWORD": "pw-ui",
+           "EMNIST_HOME": str(tmp_path / "home")}
+    with local_gateway(tmp_path, env) as gw:
+        gw.auth = ("admin", "pw-ui")
+        port = gw.url.rsplit(":", 1)[1]
+        browser.get(f"http://admin:pw-ui@127.0.0.1:{port}/ui/")
+        click(browser, 'button[data-action="scale"][data-fn="emnist-grad"]')
+        field = wait(browser, lambda d: css(d, "#scale-replicas"))[0]
+        field.clear()
+        field.send_keys("2")
+        click(browser, "#scale-apply")
+        wait(browser, lambda d: "scaled to 2" in text(d, "#scale-msg"), timeout=60,
+             message="the scale call did not succeed")
+        assert gw.get_function("emnist-grad")["replicas"] == 2
+        # the runs list answered too: the store is unreachable, said as text, not a 401
+        wait(browser, lambda d: "Downpour/averaging runs" in text(d, "#run-errors"))
+    browser.get("about:blank")
