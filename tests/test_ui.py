@@ -134,6 +134,25 @@ def test_the_metrics_ring_is_bounded_and_sampled_at_most_once_a_second():
     assert "series" not in st.result() and "series" in st.to_dict()
 
 
+def test_a_checkpoint_restore_is_an_event_and_indexes_the_run_again(kv, memcached, tmp_path):
+    from emnist.store.keys import key_for
+    from emnist.train.config import TrainConfig
+    from emnist.train.run import load_run, resume_run, setup_run, write_checkpoint
+
+    cfg = TrainConfig(dataset="synthetic", number_of_workers=1, iterations=1,
+                      store_url=memcached, data_location=str(tmp_path / "shards"),
+                      checkpoint_url=str(tmp_path / "ckpt"))
+    setup_run(cfg, kv, 1, run_id="restore-run")
+    write_checkpoint(*load_run(kv, "restore-run"), cfg.checkpoint_url)
+    kv.delete_many([key_for("restore-run", "run"), runindex.RUNS])  # as a restart would
+    assert resume_run(kv, "restore-run", cfg.checkpoint_url)["restored_from_checkpoint"]
+    st = run_status(kv, "restore-run", detail=True)
+    assert len(st["restores"]) == 1
+    kinds = [e["kind"] for e in views.store_run_view(st)["events"]]
+    assert kinds == ["checkpoint restore"]
+    assert [e["run_id"] for e in runindex.read_index(kv)] == ["restore-run"]
+
+
 # -- views -------------------------------------------------------------------------------------
 
 def _status(**over) -> dict:

@@ -114,10 +114,12 @@ def resume_run(kv: KV, run_id: str, checkpoint_url: str = "",
         except NoCheckpoint as e:
             raise UnknownRun(f"unknown run id {run_id!r}: not in {kv.url}; {e}") from None
         state = docs["run"]
+        state["restores"] = (state.get("restores") or [])[-19:] + [{"at": time.time()}]
         store = ParameterStore(kv, run_id, chunk_bytes=state["config"]["chunk_bytes"])
         store.init(params)
         workers = {k: {**v, "lease": ""} for k, v in docs["workers"].items()}
         store.put_docs({**workers, **docs.get("extra", {}), "run": state})
+        record_run(kv, state)  # the store lost its run index too
         restored = True
     results = store.get_docs([f"result:{w}" for w in range(state["workers"])])
     todo = [w for w in range(state["workers"]) if f"result:{w}" not in results]
