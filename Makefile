@@ -4,7 +4,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := memcached redis-server rabbitmq-server dataset-fashion-mnist iproute2
+APT_PACKAGES := memcached redis-server rabbitmq-server dataset-fashion-mnist iproute2 \
+  chromium chromium-driver
 # torch's CPU build (the `torch` extra accepts any torch >= 2.0): set TORCH_INDEX to
 # https://download.pytorch.org/whl/cpu where PyPI's default Linux wheel would be a CUDA build.
 TORCH ?= torch==2.13.0
