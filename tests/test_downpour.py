@@ -13,7 +13,7 @@ from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.store import ParameterStore, StoreError, open_kv
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
-from emnist.train.state import Lease, WorkerState, state_key
+from emnist.train.state import Lease, WorkerState, state_key, stored_state
 from emnist.train.worker import DropoutSeeds, pass_order, run_worker
 from tests.conftest import MEMCACHED_URL
 
@@ -250,9 +250,9 @@ def test_a_pass_broken_mid_way_resumes_with_the_same_minibatches_and_masks(
     st = lease.acquire("first")
     with pytest.raises(StoreError, match="injected"):
         run_worker(cfg, broken, _data(), SHAPE, st, save=lease.save, **kw)
-    saved = broken.get_doc(state_key(0))
-    assert (saved["iteration"], saved["offset"], saved["step"]) == (0, 48, 48)
-    assert saved["pushes"] == 12 and saved["samples"] == 48 * 50
+    saved = stored_state(broken, 0)  # what a new invocation resumes
+    assert (saved.iteration, saved.offset, saved.step) == (0, 48, 48)
+    assert saved.pushes == 12 and saved.samples == 48 * 50
     assert st.step > 48  # the live state had gone on: not what was saved
 
     store = ParameterStore(kv, run_id)
@@ -273,9 +273,9 @@ def test_a_pass_broken_mid_way_resumes_with_the_same_minibatches_and_masks(
 def test_a_heartbeat_between_pushes_writes_the_last_push_state(request, backend, run_id,
                                                                monkeypatch):
     """Heartbeats (every SAVE_SECONDS; 0 here: after every minibatch) renew the lease with
-    the state as of the last push, never the live one: every state in the store is the one
-    of the last push at or before the live step (n_push 7; the pass end's flush pushes at
-    step 80), each write with a fresh heartbeat."""
+    the state as of the last push, never the live one (pushes only note their progress: the
+    document is written by the heartbeats and the pass end). n_push 7, and the pass end's
+    flush pushes at step 80; each write has a fresh heartbeat."""
     monkeypatch.setattr(worker_mod, "SAVE_SECONDS", 0.0)
     kv = request.getfixturevalue(f"{backend}_kv")
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
@@ -294,14 +294,13 @@ def test_a_heartbeat_between_pushes_writes_the_last_push_state(request, backend,
     run_worker(cfg, store, _data(), SHAPE, st, save=save, workers=1, steps_per_pass=steps,
                run_started=time.time())
     assert st.step == steps == 80
-    heartbeats = [(live, d) for live, d in writes if live % 7 and live != steps]
-    assert len({live for live, _ in heartbeats}) > 40  # between pushes, all through the pass
     *mid, (_, end) = writes
     assert (end["step"], end["iteration"], end["offset"]) == (steps, 1, 0)  # the pass, whole
+    assert len({live for live, _ in mid if live % 7}) > 40  # between pushes, all pass long
     for live, doc in mid:
         pushed = live - live % 7  # the last push at or before the live step...
         # ...or, at the pass's last minibatch, the flush's push (a heartbeat may come first)
-        assert doc["step"] in ({pushed, steps} if live == steps else {pushed})
+        assert doc["step"] in ({pushed, steps} if live == steps else {pushed}), live
         assert doc["samples"] == 50 * doc["step"] and doc["pushes"] == -(-doc["step"] // 7)
         assert doc["lease"] == lease.owner
     beats = [d["heartbeat"] for _, d in writes]

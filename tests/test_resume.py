@@ -10,13 +10,22 @@ import time
 import numpy as np
 import pytest
 
+import emnist.train.state as state_mod
 from emnist.data import open_shard
 from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.store import CorruptValue, MissingState, ParameterStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, resume_run, setup_run, write_checkpoint
-from emnist.train.state import Lease, LeaseLost, WorkerBusy, WorkerState, snapshot, state_key
+from emnist.train.state import (
+    Lease,
+    LeaseLost,
+    WorkerBusy,
+    WorkerState,
+    snapshot,
+    state_key,
+    stored_state,
+)
 from emnist.train.worker import DropoutSeeds, pass_order
 from tests.conftest import MEMCACHED_URL, REDIS_URL
 
@@ -107,45 +116,78 @@ def test_saving_a_state_the_store_lost_is_an_error(memcached_kv, run_id):
 
 
 @pytest.mark.parametrize("backend", ["memcached", "redis"])
-def test_a_push_records_progress_only_while_the_lease_holds(request, backend, run_id):
-    """A push carries the worker's progress record. With the lease: both land. After a
-    takeover the old owner's record is refused (LeaseLost): on Redis in the push's own
-    transaction, so its update does not land either; on memcached (no multi-key atomicity)
-    the record goes right after the chunks, so the update has landed: that one push is the
-    most a zombie adds. Never is progress recorded without its update."""
+def test_a_push_notes_progress_only_while_the_lease_holds(request, backend, run_id):
+    """A push notes the worker's progress. With the lease: both land, and a new invocation
+    resumes the noted progress (the state document itself is only written by heartbeats).
+    After a takeover the old owner's push is refused (LeaseLost): on Redis inside the push's
+    own transaction, so its update does not land either; on memcached (no multi-key
+    atomicity) the check comes once the chunks have landed: that one push is the most a
+    stalled old owner adds. Its progress is never noted: the new owner's state is untouched."""
     kv = request.getfixturevalue(f"{backend}_kv")
     store = ParameterStore(kv, run_id, chunk_bytes=16)  # 3 chunks
     store.init(np.zeros(12, dtype=np.float32))
     old = Lease(store, 0, seconds=0.3)
     st = old.acquire("a")
-    st.step = 5
-    store.push(np.ones(12, np.float32), record=(old.key, old.record(snapshot(st))))
+    st.step, st.offset, st.pushes = 5, 5, 1
+    check, note = old.for_push(snapshot(st))
+    store.push(np.ones(12, np.float32), check=check, note=note)
     vec = np.empty(12, dtype=np.float32)
     assert store.fetch(vec)[0] == 1 and np.array_equal(vec, np.ones(12))
-    doc = store.get_doc(state_key(0))
-    assert doc["step"] == 5 and doc["lease"] == old.owner and doc["heartbeat"] > st.heartbeat
+    assert store.get_doc(state_key(0))["step"] == 0  # the document: as acquired
+    assert (stored_state(store, 0).step, stored_state(store, 0).pushes) == (5, 1)
 
     new = Lease(store, 0, seconds=0.3)
-    new.acquire("b", wait=5)  # once the old owner's heartbeat is stale
-    st.step = 10
+    taken = new.acquire("b", wait=5)  # once the old owner's heartbeat is stale
+    assert (taken.step, taken.offset, taken.pushes) == (5, 5, 1)  # the noted progress
+    st.step, st.offset, st.pushes = 10, 10, 2
+    check, note = old.for_push(snapshot(st))
     with pytest.raises(LeaseLost):
-        store.push(np.ones(12, np.float32), record=(old.key, old.record(snapshot(st))))
+        store.push(np.ones(12, np.float32), check=check, note=note)
     clock, _ = store.fetch(vec)
     landed = backend == "memcached"
     assert clock == 1 + landed and np.array_equal(vec, np.full(12, 1.0 + landed))
-    doc = store.get_doc(state_key(0))
-    assert doc["step"] == 5 and doc["lease"] == new.owner  # the new owner's, untouched
+    resumed = stored_state(store, 0)
+    assert (resumed.step, resumed.lease) == (5, new.owner)  # the new owner's, untouched
+
+
+def test_a_takeover_resumes_the_last_owners_note_and_reads_again_if_the_owner_moves(
+        memcached_kv, run_id, monkeypatch):
+    """A new invocation resumes the document merged with its owner's note. If another
+    invocation takes the worker over between reading that note and taking the document, the
+    note read belongs to an owner that no longer is: it reads again, for the new owner."""
+    store = ParameterStore(memcached_kv, run_id)
+    first = Lease(store, 0, seconds=0.0)  # never busy: every acquire takes over at once
+    st = first.acquire("a")
+    st.step, st.offset, st.pushes = 5, 5, 1
+    memcached_kv.set_many(first.for_push(snapshot(st))[1])  # a push noted, no heartbeat since
+    assert stored_state(store, 0).step == 5 and store.get_doc(state_key(0))["step"] == 0
+
+    reads: list[str] = []
+    real = state_mod._note
+
+    def note(store_, worker_id, owner):
+        reads.append(owner)
+        if len(reads) == 1:  # someone else takes the worker over right after this read
+            doc = store.get_doc(state_key(0))
+            store.put_doc(state_key(0), {**doc, "lease": "someone", "step": 3})
+        return real(store_, worker_id, owner)
+
+    monkeypatch.setattr(state_mod, "_note", note)
+    taken = Lease(store, 0, seconds=0.0).acquire("b")
+    assert reads == [first.owner, "someone"]
+    assert taken.step == 3  # the new owner's document (it has no note): not the old note
 
 
 def test_a_state_write_never_goes_back(memcached_kv, run_id):
-    """An overlapped push records step 20 on the exchange thread while the training thread's
-    heartbeat still carries step 10: the stored progress stays at 20, the heartbeat is taken."""
+    """An overlapped exchange saves step 20 (a tier's push, saved after it) while the
+    training thread's heartbeat still carries step 10: the stored progress stays at 20, the
+    heartbeat is taken."""
     store = ParameterStore(memcached_kv, run_id)
     lease = Lease(store, 0, seconds=60)
     st = lease.acquire("a")
     behind = snapshot(st)
     st.step, st.pushes = 20, 2
-    memcached_kv.update_many([lease.key], lease.record(snapshot(st)))
+    lease.save(st)
     beat = WorkerState.from_dict({**behind, "step": 10, "pushes": 1})
     lease.save(beat)
     doc = store.get_doc(state_key(0))
@@ -163,15 +205,16 @@ from emnist.store import open_kv
 from emnist.store.params import ParameterStore
 from emnist.train.run import train_worker
 
-die_at = int(sys.argv[4])  # > 0: die between the chunks and the record of this push
+die_at = int(sys.argv[4])  # > 0: die between the chunks and the note of this push
 if die_at:
     push, count = ParameterStore.push, [0]
 
-    def push_then_die(self, delta, mode="atomic", out=None, chunks=None, record=None):
+    def push_then_die(self, delta, mode="atomic", out=None, chunks=None, check=None,
+                      note=None):
         count[0] += 1
         if count[0] < die_at:
-            return push(self, delta, mode, out, chunks, record)
-        push(self, delta, mode, out, chunks)  # the chunks land (memcached writes the record
+            return push(self, delta, mode, out, chunks, check, note)
+        push(self, delta, mode, out, chunks)  # the chunks land (memcached writes the note
         os.kill(os.getpid(), signal.SIGKILL)  # after them: a kill can fall in between)
 
     ParameterStore.push = push_then_die
@@ -187,7 +230,7 @@ def _worker(url: str, run_id: str, hostname: str, die_at: int = 0) -> subprocess
 
 def _kill_after(proc: subprocess.Popen, store: ParameterStore, pushes: int) -> None:
     """SIGKILL ``proc`` once the store has seen ``pushes`` pushes: wherever the worker is then
-    (computing, pushing, recording, heartbeating)."""
+    (computing, pushing, noting, heartbeating)."""
     deadline = time.monotonic() + 120
     try:
         while store.fetch(np.empty(store.num_params, np.float32))[0] < pushes:
@@ -236,7 +279,7 @@ def _sgd(cfg: TrainConfig, shape: MLPShape, shard, steps: int, params: np.ndarra
 
 
 # (backend, how each of two processes ends): a count of pushes after which the test kills it,
-# or ("die", n): it kills itself between push n's chunks and its record (memcached only:
+# or ("die", n): it kills itself between push n's chunks and its note (memcached only:
 # Redis writes both in one transaction, there is no such point)
 KILLS = [("memcached", [40, 170]), ("redis", [40, 170]), ("memcached", [40, ("die", 90)])]
 # (of 2 passes x 120 pushes: a run is ~0.8 s of training)
@@ -246,14 +289,15 @@ KILLS = [("memcached", [40, 170]), ("redis", [40, 170]), ("memcached", [40, ("di
 def test_a_sigkilled_worker_process_resumes_from_its_last_push(request, backend, kills,
                                                                run_id, tmp_path):
     """A real worker process (train_worker, one worker, dropout 0.2, a real store) is SIGKILLed
-    twice, and new processes resume it. The state is recorded with each push (never between),
-    so what is exact, asserted at every kill and at the end:
+    twice, and new processes resume it. Each push notes the worker's progress (never between
+    pushes), so what is exact, asserted at every kill and at the end:
 
-    - nothing is lost: the saved state is at a push (step a multiple of n_push, counters
-      matching) and every minibatch it counts as done is in the store;
+    - nothing is lost: the state a new process resumes (``stored_state``: the document and
+      its owner's note) is at a push (step a multiple of n_push, counters matching) and every
+      minibatch it counts as done is in the store;
     - a push the state does not count (``dup``: store pushes - saved pushes) exists only on
       memcached, at most one per kill, and only when the kill fell between a push's chunks and
-      its record (forced by the "window" case); on Redis there is none: exactly once;
+      its note (forced by the "window" case); on Redis there is none: exactly once;
     - the store's parameters are plain SGD over exactly the minibatches it received, each with
       the dropout masks the uninterrupted run draws for it (masks come from (seed, worker,
       pass, offset)), so with no dup the result is the uninterrupted run's (to float rounding).
@@ -282,10 +326,10 @@ def test_a_sigkilled_worker_process_resumes_from_its_last_push(request, backend,
         else:
             _kill_after(_worker(url, run_id, host), store, kill)
         clock, _ = store.fetch(vec)
-        saved = WorkerState.from_dict(store.get_doc(state_key(0)))
+        saved = stored_state(store, 0)  # what the next process resumes: state + its note
         assert saved.lease and not saved.done  # killed while it owned the worker, mid-run
         assert saved.step == saved.iteration * steps + saved.offset < total
-        # recorded at a push, never between: its counters are that push's
+        # noted at a push, never between: its counters are that push's
         assert saved.step % n_push == 0 and saved.step > start
         assert saved.samples == saved.step * bs and saved.pushes == saved.step // n_push
         # this process pushed n_push minibatches at each push after `start`

@@ -10,7 +10,7 @@ only to show what it loses.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,11 @@ import numpy as np
 
 from emnist.store import codec
 from emnist.store.keys import key_for
-from emnist.store.kv import KV, StoreError, Updater
+from emnist.store.kv import KV, StoreError
 
 DEFAULT_CHUNK_BYTES = 384 * 1024  # the 784-100-47 model (333 KB) in one value
 MODES = ("atomic", "overwrite")
+Check = tuple[str, Callable[[str, "bytes | None"], object]]  # (key, fn raising to refuse)
 
 
 class MissingState(StoreError):
@@ -121,8 +122,8 @@ class ParameterStore:
         return int(clock or 0)
 
     def push(self, delta: np.ndarray, mode: str = "atomic", out: np.ndarray | None = None,
-             chunks: Iterable[int] | None = None,
-             record: tuple[str, Updater] | None = None) -> PushStats:
+             chunks: Iterable[int] | None = None, check: Check | None = None,
+             note: Mapping[str, bytes] | None = None) -> PushStats:
         """global += delta, chunk by chunk; concurrent pushes are all kept in atomic mode.
 
         ``chunks``: push only these chunk indices (a sparse push); the caller keeps the rest
@@ -130,12 +131,16 @@ class ParameterStore:
         computed (the other chunks are read in the same round trip): a push that doubles as a
         fetch, with no second round trip and no extra copy.
 
-        ``record``: (key, updater) of a document that says the push happened (a worker's
-        progress). Where ``update_many`` is one transaction over all its keys (the KV's
-        ``atomic_many``: Redis) it is written in the push's own transaction: both land or
-        neither (an updater that raises, e.g. a lost lease, aborts the push). Elsewhere
-        (memcached has no multi-key atomicity) it is written right after the chunks: never
-        before its update, but a crash in between leaves the update without it.
+        ``note``: values that say the push happened (a worker's progress), in keys only
+        this caller writes; ``check``: (key, fn) that refuses the push by raising (a lost
+        lease). Where ``update_many`` is one transaction over all its keys (the KV's
+        ``atomic_many``: Redis), both are part of the push's own transaction: the checked key
+        is watched (and written back unchanged), so the push and its note land together or
+        not at all, and a refusal aborts both. Elsewhere (memcached: no multi-key atomicity)
+        the checked key is read in the push's first round trip and checked once the chunks
+        have landed, then the note is written (one plain set): never before its update, but a
+        crash in between leaves the update without its note, and a refusal comes too late to
+        stop the update (it stops the note, and the caller).
         """
         if mode not in MODES:
             raise ValueError(f"update mode must be one of {MODES}, got {mode!r}")
@@ -158,20 +163,28 @@ class ParameterStore:
             return codec.encode(new, d.clock + 1)
 
         read = [self.keys[i] for i in others] if out is not None else []
-        together = record is not None and mode == "atomic" and \
+        note = dict(note or {})
+        together = bool(check or note) and mode == "atomic" and \
             getattr(self.kv, "atomic_many", False)
         if together:
-            rkey, rfn = record
+            def add_or_note(key: str, old: bytes | None) -> bytes:
+                if check is not None and key == check[0]:
+                    check[1](key, old)  # raising here aborts the whole transaction
+                    if old is None:
+                        raise MissingState(f"{key} missing from {self.kv.url}")
+                    return old  # watched, so written back as it was
+                return note[key] if key in note else add(key, old)
 
-            def add_or_record(key: str, old: bytes | None) -> bytes:
-                return rfn(key, old) if key == rkey else add(key, old)
-
-            # the record first: a refused one (lease lost) stops before any chunk is computed
-            stats.retries, got = self.kv.update_many([rkey, *keys], add_or_record, read=read)
+            # the check first: a refusal stops before any chunk is computed
+            first = [check[0]] if check is not None else []
+            stats.retries, got = self.kv.update_many([*first, *note, *keys], add_or_note,
+                                                     read=read)
         elif mode == "atomic":
-            stats.retries, got = self.kv.update_many(keys, add, read=read)
+            extra = [check[0]] if check is not None else []
+            stats.retries, got = self.kv.update_many(keys, add, read=read + extra)
         else:
-            got = self.kv.get_many(keys + read)
+            extra = [check[0]] if check is not None else []
+            got = self.kv.get_many(keys + read + extra)
             self.kv.set_many({k: add(k, got.get(k)) for k in keys})
         clock = min(clocks.values(), default=None)
         if read:
@@ -181,8 +194,11 @@ class ParameterStore:
                                    f"missing from {self.kv.url} (first: {missing[0]})")
             c = self._read_into(out, others, got)
             clock = c if clock is None else min(clock, c)
-        if record is not None and not together:
-            self.kv.update_many([record[0]], record[1])
+        if not together:
+            if check is not None:
+                check[1](check[0], got.get(check[0]))
+            if note:
+                self.kv.set_many(note)
         stats.clock = int(clock or 0)
         return stats
 

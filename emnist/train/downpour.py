@@ -14,10 +14,11 @@ only contends (measured: 2 workers fell from ~135k to ~80k samples/s each). It i
 stores across a real network, where an exchange mostly waits.
 
 Progress (``emnist.train.state.Progress``): a push that leaves nothing pending carries a
-snapshot of the worker's state taken when its delta was handed over, recorded with it (in the
-same transaction on Redis, right after it on memcached); a sparse push that leaves chunks
-pending records nothing (those minibatches are not all in the store yet), and the pass end's
-flush leaves nothing pending.
+snapshot of the worker's state taken when its delta was handed over, and notes its progress
+with it (``Lease.for_push``): in the push's own transaction on Redis (exactly once), right
+after its chunks elsewhere (memcached has no multi-key atomicity: a kill in between repeats
+that one push). A sparse push that leaves chunks pending notes nothing (those minibatches are
+not all in the store yet); the pass end's flush leaves nothing pending.
 """
 
 from __future__ import annotations
@@ -110,18 +111,17 @@ class Exchange:
         nbytes = self._fresh.nbytes
         if push is not None:
             out = self._fresh if fetch else None
-            record = None  # a node-local tier cannot carry it: written after its push
+            noted = None  # a node-local tier cannot carry the note: the state is saved after
             if doc is not None and isinstance(self.store, ParameterStore):
-                record = self.progress.record(doc)  # None: no lease here, written after
-            if record is None:
+                noted = self.progress.for_push(doc)  # None: no lease here, saved after
+            if noted is None:
                 stats = self.store.push(push, self.mode, out=out, chunks=chunks)
-            else:
-                stats = self.store.push(push, self.mode, out=out, chunks=chunks, record=record)
-            if doc is not None:
-                if record is None:
+                if doc is not None:
                     self.progress.write(doc)
-                else:
-                    self.progress.landed(doc)
+            else:
+                stats = self.store.push(push, self.mode, out=out, chunks=chunks,
+                                        check=noted[0], note=noted[1])
+                self.progress.landed(doc)
             self.res.pushes += 1
             self.res.bytes_pushed += stats.bytes_sent
             self.res.bytes_skipped += stats.bytes_skipped

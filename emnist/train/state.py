@@ -7,7 +7,11 @@ re-launched call resumes the worker instead of running it twice.
 
 What is written is never ahead of the store (``Progress``): a minibatch is recorded as done
 only once its update is in the store, so a resumed worker neither skips an update that was
-still pending in the dead one nor (where the backend allows) redoes one that landed.
+still pending in the dead one nor (where the backend allows) redoes one that landed. Each push
+notes the owner's progress counters in a small key of its own (``note_key``: in the push's
+transaction on Redis, right after it on memcached); the document itself is written by the
+heartbeats and pass ends, and a worker taken over resumes from the document and its last
+owner's note, whichever is further along.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from emnist.store import MissingState, ParameterStore, StoreError, codec
 from emnist.store.kv import Updater
+from emnist.store.params import Check
 
 SERIES_MAX, SERIES_EVERY = 120, 1.0  # the metrics ring: ~8 KB, the last two minutes at 1 s
 
@@ -119,8 +126,62 @@ def snapshot(st: WorkerState) -> dict[str, Any]:
     return doc
 
 
+# what a push changes (the rest changes at pass ends, rounds and takeovers, which write the
+# whole document): the part noted with every push, as float64 (exact for counters < 2**53;
+# no JSON: a note is made at every push)
+PROGRESS = ("iteration", "offset", "step", "samples", "seconds", "train_seconds", "fetches",
+            "pushes", "bytes_fetched", "bytes_pushed", "bytes_skipped", "push_retries", "clock")
+
+
 def state_key(worker_id: int) -> str:
     return f"worker:{worker_id}"
+
+
+def note_key(worker_id: int, owner: str) -> str:
+    return f"progress:{worker_id}:{owner}"
+
+
+class _Moved(Exception):
+    """Internal: the state changed owner between reading its note and taking it."""
+
+
+_INTS = {k for k in PROGRESS if k not in ("seconds", "train_seconds")}
+
+
+def encode_note(doc: dict[str, Any]) -> bytes:
+    return codec.encode(np.array([doc[k] for k in PROGRESS], dtype=np.float64))
+
+
+def decode_note(key: str, value: bytes) -> dict[str, Any]:
+    values = codec.decode(key, value, dtype=np.float64, shape=(len(PROGRESS),)).array
+    return {k: int(v) if k in _INTS else float(v) for k, v in zip(PROGRESS, values.tolist())}
+
+
+def resumable(doc: dict[str, Any], note: dict[str, Any] | None) -> dict[str, Any]:
+    """The state a worker resumes from: the document, with its owner's progress note (read
+    for the owner the document names) if that is further along (pushes noted after the last
+    heartbeat)."""
+    if note is None or note["step"] <= doc.get("step", 0):
+        return doc
+    return {**doc, **note}
+
+
+def stored_state(store: ParameterStore, worker_id: int) -> WorkerState | None:
+    """What a new invocation would resume (``resumable``); None: no state yet."""
+    key = store.key(state_key(worker_id))
+    got = store.kv.get_many([key])
+    if key not in got:
+        return None
+    doc = codec.decode_doc(key, got[key])
+    return WorkerState.from_dict(resumable(doc, _note(store, worker_id, doc.get("lease", ""))))
+
+
+def _note(store: ParameterStore, worker_id: int, owner: str) -> dict[str, Any] | None:
+    if not owner:
+        return None
+    key = store.key(note_key(worker_id, owner))
+    got = store.kv.get_many([key])
+    return decode_note(key, got[key]) if key in got else None
 
 
 class Lease:
@@ -138,10 +199,17 @@ class Lease:
         deadline = time.monotonic() + (2 * self.seconds if wait is None else wait)
         taken: list[WorkerState] = []
         while True:
+            seen = self.store.kv.get_many([self.key]).get(self.key)
+            owner = "" if seen is None else codec.decode_doc(self.key, seen).get("lease", "")
+            note = _note(self.store, self.worker_id, owner)
 
-            def take(key: str, old: bytes | None) -> bytes:
+            def take(key: str, old: bytes | None, owner: str = owner,
+                     note: dict[str, Any] | None = note) -> bytes:
+                doc = {} if old is None else codec.decode_doc(key, old)
+                if doc.get("lease", "") != owner:
+                    raise _Moved  # read its owner's note again
                 st = (WorkerState(self.worker_id) if old is None
-                      else WorkerState.from_dict(codec.decode_doc(key, old)))
+                      else WorkerState.from_dict(resumable(doc, note)))
                 if st.lease and time.time() - st.heartbeat < self.seconds:
                     raise WorkerBusy(f"worker {self.worker_id} is running (lease {st.lease})")
                 if st.invocations and not st.done:
@@ -155,6 +223,8 @@ class Lease:
             try:
                 self.store.kv.update_many([self.key], take)
                 return taken[0]
+            except _Moved:
+                continue
             except WorkerBusy:
                 if time.monotonic() > deadline:
                     raise
@@ -168,29 +238,53 @@ class Lease:
         lease.owner = owner
         return lease
 
+    @property
+    def note_key(self) -> str:
+        return self.store.key(note_key(self.worker_id, self.owner))
+
+    @property
+    def _mine(self) -> bytes:
+        return b'"lease":"' + self.owner.encode() + b'"'
+
     def save(self, st: WorkerState, release: bool = False) -> None:
         """Write the state if this invocation still owns the worker; else ``LeaseLost``."""
         st.heartbeat = time.time()
         st.lease = "" if release else self.owner
         self.store.kv.update_many([self.key], self._writer(snapshot(st)))
 
-    def record(self, doc: dict[str, Any]) -> Updater:
-        """The updater that writes ``doc`` as the worker's state with a fresh heartbeat, for
-        a push to carry (``ParameterStore.push(record=...)``)."""
-        return self._writer({**doc, "lease": self.owner, "heartbeat": time.time()})
+    def for_push(self, doc: dict[str, Any]) -> tuple[Check, dict[str, bytes]]:
+        """(check, note) for ``ParameterStore.push``: the push is refused unless this
+        invocation still owns the worker, and notes ``doc``'s progress in this owner's key
+        (only this invocation writes it, and only its owner's note is ever read back: a note
+        needs no lease check of its own)."""
+        return (self.key, self.still_mine), {self.note_key: encode_note(doc)}
+
+    def still_mine(self, key: str, old: bytes | None) -> None:
+        """``check`` without parsing the document at every push: its checksum is verified and
+        its lease looked for as bytes (exact: the top-level "lease" is its only such key, and
+        JSON escapes quotes inside strings); anything else goes the slow way."""
+        if old is not None:
+            raw = codec.decode(key, old).raw
+            if raw is not None and self._mine in raw:
+                return
+        self.check(key, old)
+
+    def check(self, key: str, old: bytes | None) -> dict[str, Any]:
+        """The stored state, if it is still this invocation's (else ``LeaseLost``)."""
+        if old is None:  # acquire wrote it: the store lost it (restarted, evicted)
+            raise MissingState(f"worker {self.worker_id}'s state vanished from "
+                               f"{self.store.kv.url}")
+        cur = codec.decode_doc(key, old)
+        if cur.get("lease") not in (self.owner, ""):
+            raise LeaseLost(f"worker {self.worker_id} was taken over by {cur.get('lease')}")
+        return cur
 
     def _writer(self, doc: dict[str, Any]) -> Updater:
         """Checks the lease (``LeaseLost``) and never goes back: a stored state further along
-        (an overlapped push's record racing a heartbeat of the one before) keeps its progress
-        and takes only the heartbeat."""
+        (an overlapped exchange's save, through a tier, racing a heartbeat of the push before)
+        keeps its progress and takes only the heartbeat."""
         def put(key: str, old: bytes | None) -> bytes:
-            if old is None:  # acquire wrote it: the store lost it (restarted, evicted)
-                raise MissingState(f"worker {self.worker_id}'s state vanished from "
-                                   f"{self.store.kv.url}")
-            cur = codec.decode_doc(key, old)
-            owner = cur.get("lease")
-            if owner not in (self.owner, ""):
-                raise LeaseLost(f"worker {self.worker_id} was taken over by {owner}")
+            cur = self.check(key, old)
             if cur.get("step", 0) > doc["step"]:
                 return codec.encode_doc({**cur, "lease": doc["lease"],
                                          "heartbeat": doc["heartbeat"]})
@@ -205,8 +299,8 @@ class Progress:
     Between pushes the live state runs ahead of the store (minibatches whose update is still
     pending in the worker); saving it would record them as done, and a kill would lose them.
     So the state is snapshot only where nothing is pending (a push that sent every chunk, a
-    pass end after its flush, an averaging round), each push's snapshot is recorded with the
-    push (``record``: in the push's own transaction on Redis, right after it elsewhere), and
+    pass end after its flush, an averaging round), each push notes its snapshot's progress
+    (``for_push``: in the push's own transaction on Redis, right after it elsewhere), and
     the saves in between (``heartbeat``: the lease stays alive) write the last snapshot that
     landed.
     """
@@ -225,13 +319,13 @@ class Progress:
             doc["seconds"], doc["train_seconds"] = self.clock()
         return doc
 
-    def record(self, doc: dict[str, Any]) -> tuple[str, Updater] | None:
-        """(key, updater) writing ``doc`` with a push; None: no lease to check here, so
-        ``write`` it after the push."""
-        return None if self.lease is None else (self.lease.key, self.lease.record(doc))
+    def for_push(self, doc: dict[str, Any]) -> tuple[Check, dict[str, bytes]] | None:
+        """(check, note) for the push that makes ``doc`` true; None: no lease to check
+        here, so ``write`` it after the push."""
+        return None if self.lease is None else self.lease.for_push(doc)
 
     def landed(self, doc: dict[str, Any]) -> None:
-        """A push that carried ``doc`` (``record``) is in the store, and so is ``doc``."""
+        """A push that noted ``doc`` (``for_push``) is in the store, and so is its note."""
         self.last = doc
 
     def write(self, doc: dict[str, Any]) -> None:

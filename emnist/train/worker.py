@@ -2,11 +2,11 @@
 
 The loop works from a ``WorkerState`` (iteration, offset into the pass, counters), so an
 invocation that starts for a worker with state resumes mid-pass. What it saves is never ahead
-of the store (``Progress``): each push that leaves nothing pending records the state as of
-that push, a flushed pass end records it whole, and the saves in between only renew the
-lease. Each pass's minibatch order comes from (seed, worker, pass) and each minibatch's
-dropout masks from (seed, worker, pass, offset), never from a stream, so a resumed pass
-visits the same minibatches in the same order with the same masks.
+of the store (``Progress``): each push that leaves nothing pending notes the progress as of
+that push, a flushed pass end saves the state whole, and the saves in between (heartbeats)
+write the last push's state. Each pass's minibatch order comes from (seed, worker, pass) and
+each minibatch's dropout masks from (seed, worker, pass, offset), never from a stream, so a
+resumed pass visits the same minibatches in the same order with the same masks.
 
 Stopping: the target accuracy, the iteration limit, a wall-clock limit, early stopping on
 validation loss (patience), or another worker's stop signal; the reason is recorded.
@@ -66,7 +66,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
     """Train from ``st`` until a stop condition (or one pass with ``one_pass``).
 
     ``save`` writes a state (the lease's save); with a lease in ``st`` and a plain parameter
-    store, pushes also record progress themselves (in their transaction on Redis).
+    store, pushes also note progress themselves (in their transaction on Redis).
     """
     shard_x, shard_y, test_x, test_y = data
     t_start = time.perf_counter()
