@@ -350,6 +350,49 @@ def test_averaging_workers_continue_from_the_mean_of_the_published_vectors(
     assert a.accuracy == b.accuracy and a.val_loss == b.val_loss
 
 
+def test_an_averaging_worker_broken_mid_pass_resumes_at_its_last_round(memcached_kv, run_id,
+                                                                        monkeypatch):
+    """One averaging worker (dropout 0.2), every 5 minibatches a round; its 7th round fails
+    before it publishes anything. A new invocation resumes the progress noted at round 6,
+    takes round 6's vector again and redoes the minibatches since, with the same masks: the
+    final parameters are bit for bit the kill-free run's."""
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
+                      target_accuracy=1.0, algorithm="averaging", average_every=5,
+                      dropout_percent=0.2, lease_seconds=0.3)
+    steps = _steps(len(DATA.train_y), cfg)
+    kw = dict(workers=1, steps_per_pass=steps, run_started=time.time())
+    init = init_params(SHAPE, cfg.seed)
+    free = ParameterStore(memcached_kv, run_id + "f", chunk_bytes=8192)  # the kill-free run
+    free.init(init)
+    run(cfg, free)
+    reference = np.empty_like(init)
+    free.fetch(reference)
+
+    average = Averaging.average
+
+    def fails_at_round_7(self, params, r):
+        if r == 7:
+            raise StoreError("injected failure")
+        average(self, params, r)
+
+    monkeypatch.setattr(Averaging, "average", fails_at_round_7)
+    store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)
+    store.init(init)
+    lease = Lease(store, 0, cfg.lease_seconds)
+    with pytest.raises(StoreError, match="injected"):
+        run_worker(cfg, store, _data(), SHAPE, lease.acquire("first"), save=lease.save, **kw)
+    monkeypatch.setattr(Averaging, "average", average)
+    assert (stored_state(store, 0).step, stored_state(store, 0).averages) == (30, 6)
+
+    again = Lease(store, 0, cfg.lease_seconds)
+    st = again.acquire("second", wait=5)
+    res = run_worker(cfg, store, _data(), SHAPE, st, save=again.save, **kw)
+    final = np.empty_like(init)
+    store.fetch(final)
+    assert res.step == 2 * steps and res.averages == 2 * steps // 5
+    assert np.array_equal(final, reference)
+
+
 def test_averaging_barrier_with_a_dead_worker_times_out_and_proceeds(memcached_kv, run_id):
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
                       target_accuracy=1.0, algorithm="averaging", average_every=10,

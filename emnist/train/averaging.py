@@ -48,7 +48,7 @@ class Averaging:
     def after_step(self, params: np.ndarray, step: int, offset: int) -> None:
         if step % self.every == 0:
             self.average(params, step // self.every)
-            self.progress.save_now()
+            self.progress.note_now()
 
     @property
     def synced(self) -> bool:
@@ -122,11 +122,13 @@ class Averaging:
         """params = mean of the workers' round-r vectors, summed in worker order (so every
         worker that saw the same workers computes the same bits)."""
         members = sorted({*workers, self.me} if include_me else set(workers))
-        keys = [k for w in members if w != self.me for k in self._keys(r, w)]
+        # with include_me, this worker's vector is params; else (a rejoin) every member's,
+        # its own round-r vector included, is read from the store
+        keys = [k for w in members if not (include_me and w == self.me) for k in self._keys(r, w)]
         got = self.store.kv.get_many(keys) if keys else {}
         total = np.zeros_like(params)
         for w in members:
-            if w == self.me:
+            if include_me and w == self.me:
                 total += params
                 continue
             for k, (a, b) in zip(self._keys(r, w), self.store.bounds):

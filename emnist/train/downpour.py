@@ -18,7 +18,9 @@ snapshot of the worker's state taken when its delta was handed over, and notes i
 with it (``Lease.for_push``): in the push's own transaction on Redis (exactly once), right
 after its chunks elsewhere (memcached has no multi-key atomicity: a kill in between repeats
 that one push). A sparse push that leaves chunks pending notes nothing (those minibatches are
-not all in the store yet); the pass end's flush leaves nothing pending.
+not all in the store yet); the pass end's flush leaves nothing pending. Through a node-local
+tier a push only reaches the node, and its progress is saved by the next heartbeat (no global
+round trip per push: what the tier is for).
 """
 
 from __future__ import annotations
@@ -111,17 +113,18 @@ class Exchange:
         nbytes = self._fresh.nbytes
         if push is not None:
             out = self._fresh if fetch else None
-            noted = None  # a node-local tier cannot carry the note: the state is saved after
-            if doc is not None and isinstance(self.store, ParameterStore):
-                noted = self.progress.for_push(doc)  # None: no lease here, saved after
-            if noted is None:
-                stats = self.store.push(push, self.mode, out=out, chunks=chunks)
-                if doc is not None:
-                    self.progress.write(doc)
-            else:
+            plain = isinstance(self.store, ParameterStore)  # not a node-local tier
+            noted = self.progress.for_push(doc) if doc is not None and plain else None
+            if noted is not None:
                 stats = self.store.push(push, self.mode, out=out, chunks=chunks,
                                         check=noted[0], note=noted[1])
                 self.progress.landed(doc)
+            else:
+                stats = self.store.push(push, self.mode, out=out, chunks=chunks)
+                if doc is not None and plain:  # no lease to note it with: saved now
+                    self.progress.write(doc)
+                elif doc is not None:  # a tier: no global round trip per push, the next
+                    self.progress.landed(doc)  # heartbeat saves it
             self.res.pushes += 1
             self.res.bytes_pushed += stats.bytes_sent
             self.res.bytes_skipped += stats.bytes_skipped

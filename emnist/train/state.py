@@ -130,7 +130,8 @@ def snapshot(st: WorkerState) -> dict[str, Any]:
 # whole document): the part noted with every push, as float64 (exact for counters < 2**53;
 # no JSON: a note is made at every push)
 PROGRESS = ("iteration", "offset", "step", "samples", "seconds", "train_seconds", "fetches",
-            "pushes", "bytes_fetched", "bytes_pushed", "bytes_skipped", "push_retries", "clock")
+            "pushes", "bytes_fetched", "bytes_pushed", "bytes_skipped", "push_retries", "clock",
+            "averages")
 
 
 def state_key(worker_id: int) -> str:
@@ -334,8 +335,18 @@ class Progress:
         self.last = doc
 
     def save_now(self) -> None:
-        """Nothing is pending: the live state is the store's (a flushed pass end, a round)."""
+        """Nothing is pending: the live state is the store's (a flushed pass end)."""
         self.write(self.take())
+
+    def note_now(self) -> None:
+        """Nothing is pending (an averaging round): note the progress (one plain write of
+        the owner's note; the heartbeats write the document)."""
+        if self.lease is None:
+            self.save_now()
+            return
+        doc = self.take()
+        self.lease.store.kv.set_many(self.lease.for_push(doc)[1])
+        self.last = doc
 
     def heartbeat(self) -> None:
         """Keep the lease alive, writing the last snapshot that landed (never the live
