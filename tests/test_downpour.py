@@ -350,6 +350,33 @@ def test_averaging_workers_continue_from_the_mean_of_the_published_vectors(
     assert a.accuracy == b.accuracy and a.val_loss == b.val_loss
 
 
+def test_a_sparse_push_that_leaves_chunks_pending_notes_nothing(memcached_kv, run_id,
+                                                                monkeypatch):
+    """push_top_k 1 of 7 chunks: no push mid-pass sends everything, so nothing mid-pass is
+    counted as done (the held-back chunks are not in the store): every heartbeat writes the
+    pass's starting state; the pass end's flush leaves nothing pending and is noted."""
+    monkeypatch.setattr(worker_mod, "SAVE_SECONDS", 0.0)  # a heartbeat after every minibatch
+    cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
+                      target_accuracy=1.0, n_fetch=4, n_push=4, push_top_k=1)
+    steps = _steps(len(DATA.train_y), cfg)
+    store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)  # 7 chunks
+    store.init(init_params(SHAPE, cfg.seed))
+    lease = Lease(store, 0, 60)
+    st = lease.acquire("w")
+    resumable: list[tuple[int, int]] = []
+
+    def save(s: WorkerState) -> None:
+        lease.save(s)
+        resumable.append((st.step, stored_state(store, 0).step))  # (live, what resumes)
+
+    res = run_worker(cfg, store, _data(), SHAPE, st, save=save, workers=1,
+                     steps_per_pass=steps, run_started=time.time())
+    assert res.pushes > steps // 4 and res.bytes_skipped > 0  # sparse pushes went out
+    *mid, end = resumable
+    assert len(mid) >= steps - 1 and {done for _, done in mid} == {0}
+    assert end == (steps, steps)
+
+
 def test_an_averaging_worker_broken_mid_pass_resumes_at_its_last_round(memcached_kv, run_id,
                                                                         monkeypatch):
     """One averaging worker (dropout 0.2), every 5 minibatches a round; its 7th round fails
