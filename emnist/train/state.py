@@ -326,7 +326,8 @@ class Progress:
         return None if self.lease is None else self.lease.for_push(doc)
 
     def landed(self, doc: dict[str, Any]) -> None:
-        """A push that noted ``doc`` (``for_push``) is in the store, and so is its note."""
+        """The push that makes ``doc`` true has landed with its note (``for_push``), or in a
+        node-local tier (the next heartbeat saves it)."""
         self.last = doc
 
     def write(self, doc: dict[str, Any]) -> None:
