@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from emnist.cli import bench, dashboard, data, deploy, functions, p2p, stack, train
+from emnist.cli import bench, dashboard, data, deploy, functions, p2p, sim, stack, train
 from emnist.cli.base import DEFAULT_GATEWAY, Ctx
 
 __all__ = ["main"]
@@ -30,5 +30,5 @@ def main(ctx: click.Context, gateway: str, debug: bool) -> None:
 
 for command in (stack.up, stack.down, functions.invoke, functions.scale, functions.logs,
                 train.train, train.status_cmd, deploy.build, deploy.deploy, bench.bench,
-                p2p.p2p, data.data, dashboard.dashboard):
+                p2p.p2p, data.data, dashboard.dashboard, sim.sim):
     main.add_command(command)

@@ -1,0 +1,301 @@
+"""``emnist sim calibrate``: measure this machine and write a cost file (see costs.py).
+
+What is measured, and with what:
+
+- compute per model and batch size, the eval cost and the client's per-byte costs: a fresh
+  single-BLAS-thread interpreter (``emnist.sim.measure steps``) timing the worker's own step;
+- the spread and drift of processes sharing the machine: one ``measure loop`` per core at
+  once, each step timed; the lognormal sigma of single steps and of 25-step means and the
+  means' lag-1 correlation give ``spread``, ``drift`` and ``drift_steps``;
+- the store: ``emnist.bench.store.measure`` (the project's benchmark: full fetch and atomic
+  push, p50) for the reference vector and 10x it; the slope is per byte, the intercept one
+  call (80% of it counted as round trip, 20% as the server's queued work: on loopback most
+  of a small call is client and kernel time);
+- the gateway: ``emnist.bench.gateway`` (a no-op function called straight and through a real
+  local gateway) with a small body and with a gradient-sized one: ``invoke`` and
+  ``per_byte``;
+- the broker: ``emnist.p2p.broker.RedisBroker`` publish + receive of a small and a
+  gradient-sized message;
+- setup and worker start: ``emnist.train.run.setup_run`` (shards already prepared), then
+  ``load_run``, the lease, ``open_shard`` and ``open_test`` as ``train_worker`` does them.
+
+``fast`` (for tests) measures compute, client and store with few repetitions and keeps the
+template's figures for the gateway, broker and start-up (marked "not measured").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from emnist.sim.costs import parse_costs, validate
+
+__all__ = ["TEMPLATE", "calibrate", "write_costs"]
+
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+BATCHES = (16, 32, 64, 100, 128)
+SERVER_SHARE = 0.2  # of a small call's time, counted as the server's queued work
+
+TEMPLATE: dict[str, Any] = {
+    "name": "local",
+    "description": "this machine (emnist sim calibrate)",
+    "nodes": [{"name": "this", "count": 1, "cores": 2, "speed": 1.0, "memory_gb": 8,
+               "link_bandwidth": 1e10}],
+    "compute": {"spread": 0.12, "drift": 0.1, "drift_steps": 100, "models": {}},
+    "client": {"decode_per_byte": 1e-10, "encode_per_byte": 1e-10, "vector_per_byte": 1e-10},
+    "store": {"servers": 1, "rtt": 8e-5, "op": 2e-5, "bandwidth": 2e9,
+              "write_bandwidth": 1e9, "note_per_push": True,
+              "doc_bytes": 4000, "vcpus": 0, "memory_gb": 0},
+    "tier": {"rtt": 2e-5, "op": 1e-5, "bandwidth": 5e9, "write_bandwidth": 2e9,
+             "sync_interval": 0.05},
+    "broker": {"rtt": 1e-4, "op": 5e-5, "bandwidth": 1e9, "write_bandwidth": 1e9, "vcpus": 0,
+               "memory_gb": 0},
+    "gateway": {"invoke": 1.5e-3, "per_byte": 2e-9, "async": 2e-3, "on_node": True},
+    "functions": {"on_node": True, "instances": 3, "concurrency": 0, "cold_start": 0.0,
+                  "keep_warm": 600, "speed": 1.0, "memory_gb": 0.5, "handler": 3e-4},
+    "run": {"setup": 0.1, "worker_start": 0.05, "peer_start": 0.3},
+    # an on-demand VM's list price per vCPU and GB (about a 2 vCPU / 8 GB general-purpose
+    # instance) and AWS Lambda's x86 prices, so local figures compare with the clusters
+    "prices": {"vcpu_hour": 0.0416, "gb_hour": 0.0052, "function_gb_second": 1.6667e-5,
+               "function_request": 2e-7},
+}
+
+
+def _subprocess(what: str, spec: dict[str, Any], timeout: float = 1200) -> Any:
+    out = subprocess.run([sys.executable, "-m", "emnist.sim.measure", what, json.dumps(spec)],
+                         env={**os.environ, **ONE_THREAD}, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"measure {what} failed: {out.stderr.strip()[-1500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_drift(spec: dict[str, Any], procs: int, seconds: float) -> dict[str, float]:
+    """``procs`` step loops at once: spread of single steps, drift of 25-step means."""
+    args = json.dumps({**spec, "seconds": seconds, "batch": 100})
+    cmd = [sys.executable, "-m", "emnist.sim.measure", "loop", args]
+    running = [subprocess.Popen(cmd, env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE,
+                                text=True) for _ in range(procs)]
+    series = [json.loads(p.communicate(timeout=seconds + 120)[0]) for p in running]
+    spreads, drifts, rhos, medians = [], [], [], []
+    for ts in series:
+        t = np.asarray(ts[len(ts) // 20:])  # warm-up aside
+        logs = np.log(t)
+        spreads.append(float(1.4826 * np.median(np.abs(logs - np.median(logs)))))
+        win = logs[: len(logs) // 25 * 25].reshape(-1, 25).mean(axis=1)
+        drifts.append(float(win.std()))
+        if len(win) > 3:
+            rhos.append(float(np.corrcoef(win[:-1], win[1:])[0, 1]))
+        medians.append(float(np.median(t)))
+    rho = min(0.999, max(0.01, statistics.median(rhos) if rhos else 0.5))
+    return {"spread": statistics.median(spreads), "drift": statistics.median(drifts),
+            "drift_steps": float(min(1e6, max(1.0, -25.0 / np.log(rho)))),
+            "concurrent_step_median_s": statistics.median(medians), "procs": procs}
+
+
+def measure_store(url: str, reps: int) -> dict[str, float]:
+    """A small get (one call), a full fetch and an atomic push of the reference vector and
+    of 10x it (``emnist.bench.store.measure``): per-call and per-byte costs of reads and
+    writes."""
+    from emnist.bench.store import REFERENCE, measure
+    from emnist.store import open_kv
+    kv = open_kv(url)
+    key = "emnist:cal" + secrets.token_hex(4) + ":doc"
+    kv.set_many({key: b"x" * 100})
+    small = []
+    for i in range(reps + 20):
+        t = time.perf_counter()
+        kv.get_many([key])
+        if i >= 20:
+            small.append(time.perf_counter() - t)
+    kv.delete_many([key])
+    kv.close()
+    ones = [measure(url, REFERENCE, 384 * 1024, max(10, reps // 3)) for _ in range(3)]
+    ten = measure(url, 10 * REFERENCE, 384 * 1024, max(10, reps // 3))
+    nb = 4 * REFERENCE
+    call = statistics.median(small)
+    fetch = statistics.median(o["fetch_p50_ms"] for o in ones) / 1e3  # three blocks: the
+    push = statistics.median(o["push_p50_ms"] for o in ones) / 1e3  # machine's load varies
+    return {"call_s": call, "fetch_p50_s": fetch, "push_p50_s": push,
+            "fetch10_p50_s": ten["fetch_p50_ms"] / 1e3, "push10_p50_s": ten["push_p50_ms"] / 1e3,
+            "read_per_byte_s": max(1e-13, (fetch - call) / nb),
+            # a push is a fetch-like gets, the client's add, then a cas carrying the vector
+            "cas_s": max(call, push - fetch), "vector_bytes": nb}
+
+
+def measure_gateway(calls: int) -> dict[str, float]:
+    from emnist.bench.gateway import invoke_overhead, local_noop_gateway
+    from emnist.bench.store import REFERENCE
+    nbytes = 4 * REFERENCE
+    with local_noop_gateway() as (gw, direct):
+        small = invoke_overhead(gw, direct, calls=calls, rounds=10, warmup=calls // 10)
+        big = invoke_overhead(gw, direct, calls=max(50, calls // 5), rounds=5,
+                              warmup=20, body=bytes(nbytes))
+    g_small = small[1]["p50_ms"] / 1e3
+    g_big = big[1]["p50_ms"] / 1e3
+    return {"invoke_s": g_small, "direct_s": small[0]["p50_ms"] / 1e3,
+            "per_byte_s": max(0.0, (g_big - g_small) / nbytes), "big_body_s": g_big}
+
+
+def measure_broker(url: str, reps: int) -> dict[str, float]:
+    from emnist.bench.store import REFERENCE
+    from emnist.p2p.broker import open_broker
+    run = "cal" + secrets.token_hex(4)
+    pub, sub = open_broker(url, run, 0, 2), open_broker(url, run, 1, 2)
+    out: dict[str, float] = {}
+    try:
+        for label, n in (("small", 100), ("big", 4 * REFERENCE)):
+            data = bytes(n)
+            times = []
+            for i in range(reps):
+                topic = f"{label}.{i}"
+                t = time.perf_counter()
+                pub.publish(topic, data, [1])
+                next(iter(sub.receive(topic, time.monotonic() + 10)))
+                times.append(time.perf_counter() - t)
+            out[label] = statistics.median(times[reps // 10:])
+    finally:
+        pub.cleanup()
+        pub.close()
+        sub.close()
+    nb = 4 * REFERENCE
+    per_byte = max(1e-12, (out["big"] - out["small"]) / (2 * nb))  # in and out of Redis
+    return {"small_s": out["small"], "big_s": out["big"], "per_byte_s": per_byte,
+            "call_s": out["small"] / 2}
+
+
+def measure_start(url: str, data_location: str, dataset: str) -> dict[str, float]:
+    """setup_run without launching, then what train_worker does before its loop."""
+    from emnist.data import open_shard, open_test
+    from emnist.store import open_kv
+    from emnist.train.config import TrainConfig
+    from emnist.train.run import load_run, setup_run
+    from emnist.train.state import Lease
+    kv = open_kv(url)
+    cfg = TrainConfig(dataset=dataset, data_location=data_location, store_url=url)
+    setup_run(cfg, kv, 2)  # shards prepared once, untimed
+    setups, starts = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        state = setup_run(cfg, kv, 2)
+        setups.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        store, st = load_run(kv, state["run_id"])
+        Lease(store, 0, 10).acquire("calibrate")
+        open_shard(st["shard_dir"], 0)
+        open_test(st["shard_dir"])
+        starts.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import emnist.p2p.peer"], check=True)
+    peer = time.perf_counter() - t
+    kv.close()
+    return {"setup_s": statistics.median(setups), "worker_start_s": statistics.median(starts),
+            "peer_import_s": peer}
+
+
+def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
+              broker_url: str = "redis://127.0.0.1:6379/0", models: tuple[str, ...] = ("mlp",),
+              dataset: str = "fashion-mnist", data_location: str = "", hidden: int = 100,
+              fast: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure; return a validated cost document (see the module docstring)."""
+    from emnist.train.config import default_data_location
+    doc = json.loads(json.dumps(TEMPLATE))
+    data_location = data_location or default_data_location()
+    cores = os.cpu_count() or 1
+    doc["nodes"][0].update(cores=cores, memory_gb=round(_memory_gb(), 1))
+    notes: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "host": platform.node(), "cpu": platform.processor() or
+                             platform.machine(), "cores": cores, "fast": fast}
+    spec = {"dataset": dataset, "data_location": data_location, "hidden": hidden,
+            "models": list(models), "batches": [100] if fast else list(BATCHES),
+            "reps": 40 if fast else 400, "eval_images": 1000 if fast else 10000}
+    echo("compute: one step per model and batch size ...")
+    got = _subprocess("steps", spec)
+    doc["compute"]["models"] = {k: {f: v for f, v in m.items() if f != "spread_alone"}
+                                for k, m in got["models"].items()}
+    notes["steps_alone_spread"] = {k: m["spread_alone"] for k, m in got["models"].items()}
+    doc["client"] = got["client"]
+    if not fast:
+        echo(f"compute: {cores} step loops at once (spread, drift) ...")
+        d = measure_drift(spec, cores, 6.0)
+        doc["compute"].update(spread=round(d["spread"], 4), drift=round(d["drift"], 4),
+                              drift_steps=round(d["drift_steps"], 1))
+        notes["drift"] = d
+    else:
+        notes["drift"] = "not measured (fast): template values"
+    echo("store: fetch and push (emnist.bench.store) ...")
+    s = measure_store(store_url, 30 if fast else 300)
+    notes["store"] = {"url": store_url, **s}
+    cl = doc["client"]
+    nb = s["vector_bytes"]
+    read_pb = max(1e-13, s["read_per_byte_s"] - cl["decode_per_byte"])
+    add = nb * (cl["decode_per_byte"] + cl["encode_per_byte"] + cl["vector_per_byte"])
+    write_pb = max(1e-13, (s["cas_s"] - add - s["call_s"]) / nb)
+    doc["store"].update(rtt=(1 - SERVER_SHARE) * s["call_s"], op=SERVER_SHARE * s["call_s"],
+                        bandwidth=min(1e12, 1.0 / read_pb), write_bandwidth=min(1e12, 1 / write_pb))
+    if fast:
+        notes["gateway"] = notes["broker"] = notes["start"] = "not measured (fast): template"
+    else:
+        echo("gateway: invoke overhead (emnist.bench.gateway) ...")
+        g = measure_gateway(1000)
+        notes["gateway"] = g
+        doc["gateway"].update({"invoke": g["invoke_s"], "per_byte": g["per_byte_s"],
+                               "async": g["invoke_s"]})  # an async submit: one small call
+        echo("broker: Redis Streams publish + receive ...")
+        try:
+            b = measure_broker(broker_url, 200)
+            notes["broker"] = {"url": broker_url, **b}
+            bw = min(1e12, 1.0 / b["per_byte_s"])
+            doc["broker"].update(rtt=(1 - SERVER_SHARE) * b["call_s"],
+                                 op=SERVER_SHARE * b["call_s"], bandwidth=bw, write_bandwidth=bw)
+        except Exception as e:  # noqa: BLE001 - a missing broker keeps the template's figures
+            notes["broker"] = f"not measured: {type(e).__name__}: {e}"
+        echo("start-up: setup_run, a worker's start ...")
+        st = measure_start(store_url, data_location, dataset)
+        notes["start"] = st
+        doc["run"].update(setup=st["setup_s"] + g["invoke_s"],
+                          worker_start=st["worker_start_s"] + g["invoke_s"],
+                          peer_start=st["peer_import_s"])
+    doc["calibrated"] = notes
+    return validate(json.loads(json.dumps(doc)))
+
+
+def _memory_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def write_costs(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a cost document as YAML (checked once more by reading it back)."""
+    text = yaml.safe_dump(_plain(doc), sort_keys=False, width=100)
+    parse_costs(text, str(path))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, int) else k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    return obj

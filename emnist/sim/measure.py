@@ -1,0 +1,134 @@
+"""Compute measurements for ``emnist sim calibrate``, in a fresh interpreter with one BLAS
+thread (the caller sets the environment before numpy loads, as ``emnist.bench.plain``).
+
+``python -m emnist.sim.measure steps SPEC_JSON`` prints one JSON record: per model and batch
+size the median seconds of a training step (the model's ``loss_and_grad`` on real shard
+minibatches, then ``grad *= -alpha; params += grad``, exactly the worker's step), the robust
+lognormal sigma of those times, the seconds per test image of ``evaluate``, and the client's
+per-byte costs (codec decode and encode of the model's vector, one float32 elementwise pass).
+
+``python -m emnist.sim.measure loop SPEC_JSON`` runs the MLP step for ``seconds`` and prints
+every step's duration: the caller starts one per core at once to see how processes sharing
+the machine drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from emnist.data import open_shard, open_test, prepare_shards
+from emnist.models import ModelSpec, build_model
+from emnist.store import codec
+
+
+def _data(spec: dict[str, Any]) -> tuple[Any, Any, Any, Any, int]:
+    d = prepare_shards(spec["dataset"], spec.get("dataset_dir"), 1, spec["data_location"], 0)
+    s = open_shard(d, 0)
+    tx, ty = open_test(d)
+    return s.x, s.y, tx, ty, s.num_classes
+
+
+def _model(name: str, dataset: str, classes: int, hidden: int) -> Any:
+    over = {"hidden": hidden} if name == "mlp" else {}
+    return build_model(ModelSpec.for_dataset(name, dataset, classes=classes, **over), seed=0)
+
+
+def _timed(fn: Any, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def robust_sigma(times: list[float]) -> float:
+    """Lognormal sigma from the median absolute deviation of log times (outliers aside)."""
+    logs = np.log(np.asarray(times))
+    return float(1.4826 * np.median(np.abs(logs - np.median(logs))))
+
+
+def _step_times(model: Any, x: Any, y: Any, batches: list[int], n: int) -> dict[int, list]:
+    """Each batch size's step times, interleaved so machine load hits them all alike."""
+    params = model.init_params(0)
+    alpha = np.float32(0.2)
+    starts = {b: np.arange(0, len(y) - b, b) for b in batches}
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    warm = max(3, n // 10)
+    for r in range(n + warm):
+        for b in batches:
+            at = int(starts[b][r % len(starts[b])])
+            t = time.perf_counter()
+            _, grad = model.loss_and_grad(params, x[at:at + b], y[at:at + b])
+            grad *= -alpha
+            params += grad
+            if r >= warm:
+                times[b].append(time.perf_counter() - t)
+    return times
+
+
+def _eval_time(model: Any, x: Any, tx: Any, ty: Any) -> float:
+    params = model.init_params(0)
+    calib = x[:2048] if getattr(model, "needs_calibration", False) else None
+    times = _timed(lambda: model.evaluate(params, tx, ty, calib=calib), 3, 1)
+    return float(np.median(times)) / len(ty)
+
+
+def steps(spec: dict[str, Any]) -> dict[str, Any]:
+    x, y, tx, ty, classes = _data(spec)
+    out: dict[str, Any] = {"models": {}, "client": {}}
+    n_eval = min(len(ty), spec.get("eval_images", 2000))
+    for name in spec["models"]:
+        model = _model(name, spec["dataset"], classes, spec["hidden"])
+        n = max(5, spec["reps"] if name == "mlp" else spec["reps"] // 4)
+        times = _step_times(model, x, y, list(spec["batches"]), n)
+        key = f"mlp-h{spec['hidden']}" if name == "mlp" else name
+        out["models"][key] = {
+            "params": int(model.num_params),
+            "step": {b: float(np.median(ts)) for b, ts in times.items()},
+            "eval_per_sample": _eval_time(model, x, tx[:n_eval], ty[:n_eval]),
+            "spread_alone": float(np.median([robust_sigma(ts) for ts in times.values()]))}
+    n = int(out["models"][next(iter(out["models"]))]["params"])
+    vec = np.random.default_rng(0).random(n, dtype=np.float32)
+    raw = codec.encode(vec)
+    dec = _timed(lambda: np.copyto(vec, codec.decode("k", raw, dtype=np.float32,
+                                                      shape=(n,)).array), 200, 20)
+    enc = _timed(lambda: codec.encode(vec), 200, 20)
+    other = vec.copy()
+    vop = _timed(lambda: np.add(vec, other, out=other), 200, 20)
+    nbytes = 4 * n
+    out["client"] = {"decode_per_byte": float(np.median(dec)) / nbytes,
+                     "encode_per_byte": float(np.median(enc)) / nbytes,
+                     "vector_per_byte": float(np.median(vop)) / nbytes}
+    return out
+
+
+def loop(spec: dict[str, Any]) -> list[float]:
+    x, y, _, _, classes = _data(spec)
+    model = _model("mlp", spec["dataset"], classes, spec["hidden"])
+    params = model.init_params(0)
+    b, alpha = spec["batch"], np.float32(0.2)
+    starts = np.arange(0, len(y) - b, b)
+    out, i = [], 0
+    end = time.perf_counter() + spec["seconds"]
+    while time.perf_counter() < end:
+        at = int(starts[i % len(starts)])
+        i += 1
+        t = time.perf_counter()
+        _, grad = model.loss_and_grad(params, x[at:at + b], y[at:at + b])
+        grad *= -alpha
+        params += grad
+        out.append(time.perf_counter() - t)
+    return out
+
+
+if __name__ == "__main__":
+    what, arg = sys.argv[1], json.loads(sys.argv[2])
+    print(json.dumps(steps(arg) if what == "steps" else loop(arg)))

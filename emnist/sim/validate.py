@@ -1,0 +1,142 @@
+"""``emnist sim validate``: real runs on this machine next to their simulations.
+
+Each case runs for real (``emnist train`` through the local gateway for Downpour and
+averaging, the caller's ``run_train``; ``emnist p2p run`` as a subprocess for the peers), one
+untimed warm-up then ``rounds`` timed runs, and is simulated ``sim_rounds`` times with the
+calibrated costs (timing seeds 0, 1, ...; the training seed is the real one). Compared:
+the medians of the time the real tools report (Downpour/averaging: setup invocation to the
+last worker's end; p2p: the report's time to target, from the peers' start), and for
+Downpour with one worker the accuracy per pass, which must be identical (same math, same
+seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from emnist.bench.results import format_table
+from emnist.sim.config import SimConfig
+from emnist.sim.costs import load_costs
+from emnist.sim.engine import simulate
+
+__all__ = ["CASES", "COLUMNS", "table", "validate"]
+
+TOLERANCE = 0.25
+STORE_BASE = {"dataset": "fashion-mnist", "target_accuracy": 0.85, "n_fetch": 10, "n_push": 10}
+P2P_BASE = ["--target-accuracy", "0.84", "--lr", "0.3", "--epochs", "10"]
+# name: (kind, real settings, simulated settings)
+CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "downpour-1": ("train", {"number_of_workers": 1},
+                   {"algorithm": "downpour", "workers": 1}),
+    "downpour-2": ("train", {"number_of_workers": 2},
+                   {"algorithm": "downpour", "workers": 2}),
+    "averaging-2": ("train", {"number_of_workers": 2, "algorithm": "averaging",
+                              "average_every": 10},
+                    {"algorithm": "averaging", "workers": 2, "average_every": 10}),
+    "p2p-3": ("p2p", ["--batch-size", "100", "--sync-every", "1"],
+              {"algorithm": "p2p", "workers": 3, "batch_size": 100, "sync_every": 1}),
+    "serverless-3": ("p2p", ["--serverless", "--batch-size", "50", "--sync-every", "2"],
+                     {"algorithm": "p2p", "workers": 3, "batch_size": 50, "sync_every": 2,
+                      "serverless": True}),
+}
+COLUMNS = [("case", "case", ""), ("model", "model", ""),
+           ("measured_median_s", "measured s (median)", ".3f"),
+           ("simulated_median_s", "simulated s (median)", ".3f"),
+           ("error", "error", "+.0%"), ("within", "within 25%", ""),
+           ("measured_rounds", "measured rounds", ""),
+           ("simulated_rounds", "simulated rounds", ""), ("curve_identical", "W=1 curve", "")]
+
+
+def _p2p_real(gateway: str, argv: list[str], broker: str, store: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="emnist-sim-val-") as tmp:
+        out = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "emnist.cli", "--gateway", gateway, "p2p", "run",
+               "--size", "3", "--broker", broker, "--store", store, "--json", str(out),
+               "--out", str(Path(tmp) / "runs"), *P2P_BASE, *argv]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        if r.returncode != 0 or not out.exists():
+            raise RuntimeError(f"p2p run failed: {(r.stderr or r.stdout).strip()[-800:]}")
+        return json.loads(out.read_text())
+
+
+def _simulated(costs: Any, settings: dict[str, Any], rounds: int,
+               extra: dict[str, Any]) -> list[dict[str, Any]]:
+    base = {"dataset": "fashion-mnist", **extra}
+    if settings["algorithm"] == "p2p":
+        base.update(target_accuracy=0.84, lr=0.3, iterations=10)
+    else:
+        base.update(target_accuracy=0.85, n_fetch=10, n_push=10)
+    return [simulate(SimConfig.from_dict({**base, **settings, "timing_seed": s}), costs)
+            for s in range(rounds)]
+
+
+def _sim_seconds(r: dict[str, Any]) -> float:
+    if r["algorithm"] == "p2p":
+        t = r.get("time_to_target_training")
+        return float("nan") if t is None else t
+    return r["seconds"]
+
+
+def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases: list[str], *,
+             broker: str, store: str, run_train: Callable[[dict[str, Any]], Any],
+             echo: Callable[[str], None] = print,
+             sim_extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every case (or ``cases``): real rounds and simulated rounds, side by side.
+    ``run_train(config)`` runs ``emnist train`` and returns its RunOutcome."""
+    costs = load_costs(costs_name)
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        raise ValueError(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
+    out = []
+    for name in cases or list(CASES):
+        kind, real, settings = CASES[name]
+        echo(f"{name}: warm-up, then {rounds} real run(s) ...")
+        measured, curves = [], []
+        for i in range(rounds + 1):
+            t = time.perf_counter()
+            if kind == "train":
+                outcome = run_train({**STORE_BASE, **real})
+                seconds = outcome.seconds
+                curves.append(sorted(outcome.results, key=lambda r: r["worker_id"])[0]
+                              .get("curve"))
+            else:
+                summary = _p2p_real(gateway, real, broker, store)
+                seconds = summary.get("time_to_target") or float("nan")
+            echo(f"  {'warm-up' if i == 0 else f'round {i}'}: {seconds:.3f} s "
+                 f"({time.perf_counter() - t:.1f} s wall)")
+            if i:
+                measured.append(seconds)
+        echo(f"{name}: {sim_rounds} simulation(s) ...")
+        sims = _simulated(costs, settings, sim_rounds, sim_extra or {})
+        simulated = [_sim_seconds(r) for r in sims]
+        m, s = statistics.median(measured), statistics.median(simulated)
+        rec: dict[str, Any] = {
+            "case": name, "model": "mlp", "costs": costs.name,
+            "measured_median_s": m, "simulated_median_s": s, "error": (s - m) / m,
+            "within": abs(s - m) <= TOLERANCE * m,
+            "measured_rounds": [round(x, 3) for x in measured],
+            "simulated_rounds": [round(x, 3) for x in simulated],
+            "curve_identical": "", "real": real, "simulated": settings,
+            "simulated_accuracy": [r["accuracy"] for r in sims],
+            "simulated_wall_s": [round(r["wall_s"], 2) for r in sims]}
+        if name == "downpour-1" and curves[-1] is not None:
+            real_curve = [(c[1], c[2]) for c in curves[-1]]
+            sim_curve = [(c[1], c[2]) for c in sims[0]["worker_curves"][0]]
+            rec["curve_identical"] = real_curve == sim_curve
+            rec["real_curve"], rec["sim_curve"] = real_curve, sim_curve
+        out.append(rec)
+        echo(f"{name}: measured {m:.3f} s, simulated {s:.3f} s ({rec['error']:+.0%})")
+    return out
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    return format_table(records, COLUMNS)
+
