@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from emnist.data import open_shard, open_test, prepare_shards
+from emnist.data.shards import Shard
 from emnist.sim.engine import CALIB_IMAGES, Sim, WorkerCtx
 from emnist.sim.store import SimParams
 from emnist.train.config import TrainConfig
@@ -258,7 +259,7 @@ def run_store_algorithm(sim: Sim, run_id: str = "sim") -> dict[str, Any]:
     tcfg = cfg.train_config()
     shard_dir = prepare_shards(cfg.dataset, cfg.dataset_dir, cfg.workers, tcfg.shard_location,
                                cfg.seed)
-    shards = [open_shard(shard_dir, w) for w in range(cfg.workers)]
+    shards = open_shards(shard_dir, cfg.workers)
     test_x, test_y = open_test(shard_dir)
     model = sim.build_model(shards[0].num_classes)
     steps = max(1, min(len(s.y) for s in shards) // cfg.batch_size)
@@ -299,6 +300,22 @@ def run_store_algorithm(sim: Sim, run_id: str = "sim") -> dict[str, Any]:
         extra.update(_tier_report(sim, vecs))
     sim.final_params = store.global_vector()
     return sim.report(workers, time.perf_counter() - wall, extra)
+
+
+def open_shards(shard_dir: Any, workers: int) -> list[Shard]:
+    """Every worker's shard with ``open_shard``'s checks (each file's size and CRC-32C against
+    the manifest), reading the manifest once: ``open_shard`` checks the whole manifest per
+    call, fine for one process per worker and quadratic for 1,000 workers in one."""
+    from pathlib import Path
+
+    from emnist.data.shards import _load, load_manifest
+    if workers == 1:
+        return [open_shard(shard_dir, 0)]
+    d = Path(shard_dir)
+    man = load_manifest(d)
+    classes = int(man["num_classes"])
+    return [Shard(_load(d, f"worker-{w}-x.npy", man), _load(d, f"worker-{w}-y.npy", man),
+                  classes, w, workers) for w in range(workers)]
 
 
 def _vectors(sim: Sim, store: SimParams, workers: list[WorkerCtx]) -> dict[int, Any]:

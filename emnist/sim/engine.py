@@ -218,6 +218,8 @@ class Sim:
 
 def simulate(cfg: SimConfig, costs: Costs, run_id: str = "sim") -> dict[str, Any]:
     """Run ``cfg`` on the cluster ``costs`` describes; the report (see ``Sim.report``)."""
+    from emnist.sim.threads import one_blas_thread
+    one_blas_thread()
     sim = Sim(cfg, costs)
     if cfg.algorithm == "p2p":
         from emnist.sim.p2p import run_p2p
