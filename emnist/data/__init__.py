@@ -1,4 +1,5 @@
-"""Datasets (MNIST, Fashion-MNIST, EMNIST, synthetic) and per-worker memory-mapped shards."""
+"""Datasets (MNIST, Fashion-MNIST, EMNIST, CIFAR-10, synthetic) and per-worker memory-mapped
+shards."""
 
 from .datasets import DATA_DIR_ENV, DATASETS, Dataset, dataset_files, load_dataset, make_synthetic
 from .emnist import EMNIST_SPLITS, load_emnist, load_emnist_idx, load_emnist_mat

@@ -30,6 +30,7 @@ __all__ = [
     "load_cifar10",
     "read_batch",
     "read_meta",
+    "release_files",
 ]
 
 IMAGE_SHAPE = (3, 32, 32)
@@ -94,7 +95,14 @@ def find_cifar10(root: str | os.PathLike[str]) -> Path:
     missing = [f for f in needed if not (base / f).is_file() and not (base / RELEASE_DIR / f)
                .is_file()]
     raise DataError(f"cifar10: missing {', '.join(missing or needed)} in {base} or "
-                    f"{base / RELEASE_DIR} (the binary release; nothing is downloaded)")
+                    f"{base / RELEASE_DIR} (the binary release; nothing is downloaded)",
+                    missing=True)
+
+
+def release_files(root: str | os.PathLike[str]) -> list[Path]:
+    """The release's files under ``root`` (see ``find_cifar10``), training files first."""
+    d = find_cifar10(root)
+    return [d / f for f in (*TRAIN_FILES, TEST_FILE, META_FILE)]
 
 
 def load_cifar10(root: str | os.PathLike[str],
@@ -118,4 +126,4 @@ def load_cifar10(root: str | os.PathLike[str],
     if at != total:
         raise DataError("cifar10: training files shrank while loading")
     test_x, test_y = read_batch(d / TEST_FILE, records)
-    return Dataset(train_x, train_y, test_x, test_y, 10, "cifar10")
+    return Dataset(train_x, train_y, test_x, test_y, 10, "cifar10", image_shape=IMAGE_SHAPE)

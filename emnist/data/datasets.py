@@ -1,10 +1,13 @@
-"""Dataset registry: one name -> one loader, all returning uint8 (N, 784) upright images.
+"""Dataset registry: one name -> one loader, all returning uint8 (N, C*H*W) upright images,
+flattened channel-major (MNIST family: (N, 784), one channel; CIFAR-10: (N, 3072), R, G, B
+planes); ``Dataset.image_shape`` is (C, H, W).
 
 Roots: an explicit ``root`` wins; otherwise ``$EMNIST_DATA_DIR/<family>`` when the variable is
-set (family is ``mnist``, ``fashion-mnist`` or ``emnist``; EMNIST files are also looked for
-directly in ``$EMNIST_DATA_DIR``, their names being unambiguous); otherwise Debian's
+set (family is ``mnist``, ``fashion-mnist``, ``emnist`` or ``cifar10``; EMNIST files are also
+looked for directly in ``$EMNIST_DATA_DIR``, their names being unambiguous); otherwise Debian's
 ``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST and ``<cache>/<family>`` for the rest
-(:func:`emnist.paths.cache_dir`). Nothing is ever downloaded.
+(:func:`emnist.paths.cache_dir`). CIFAR-10's binary release may sit in the root itself or in
+its ``cifar-10-batches-bin`` folder. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DATASETS: tuple[str, ...] = (
     "mnist",
     "fashion-mnist",
     *(f"emnist-{s}" for s in _EMNIST_SPLITS),
+    "cifar10",
     "synthetic",
 )
 
@@ -52,9 +56,10 @@ _MNIST_FILES = {
 class Dataset:
     """Train/test arrays in one fixed layout so trainers never care where data came from.
 
-    ``train_x``/``test_x`` are uint8 (N, 784), row-major, MNIST orientation; ``train_y``/
-    ``test_y`` are uint8 (N,) in 0..num_classes-1. ``mapping`` (optional) maps a class index
-    to its ASCII code for EMNIST.
+    ``train_x``/``test_x`` are uint8 (N, C*H*W), channel-major, each plane row-major in
+    MNIST orientation; ``train_y``/``test_y`` are uint8 (N,) in 0..num_classes-1.
+    ``mapping`` (optional) maps a class index to its ASCII code for EMNIST; ``image_shape``
+    is (C, H, W).
     """
 
     train_x: np.ndarray
@@ -64,6 +69,7 @@ class Dataset:
     num_classes: int
     name: str
     mapping: np.ndarray | None = None
+    image_shape: tuple[int, int, int] = (1, 28, 28)
 
 
 def _check_name(name: str) -> str:
@@ -114,6 +120,17 @@ def dataset_files(name: str, root: str | os.PathLike[str] | None = None) -> list
     r = Path(root).expanduser() if root is not None else None
     if key == "synthetic":
         return []
+    if key == "cifar10":
+        from .cifar import release_files
+
+        roots = [r] if r is not None else default_roots(key)
+        errors = []
+        for cand in roots:
+            try:
+                return release_files(cand)
+            except DataError as e:
+                errors.append(str(e))
+        raise DataError("; ".join(errors), missing=True)
     if key.startswith("emnist-"):
         from .emnist import find_emnist_files
 
@@ -183,6 +200,10 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     if key == "synthetic":
         return make_synthetic()
     files = dataset_files(key, root)
+    if key == "cifar10":
+        from .cifar import load_cifar10
+
+        return load_cifar10(files[0].parent)
     if key.startswith("emnist-"):
         from .emnist import load_emnist_idx, load_emnist_mat
 

@@ -1,5 +1,9 @@
 """Per-worker training shards stored as uint8 ``.npy`` files and opened as memmaps.
 
+Images keep their channels: each row is one image flattened channel-major (C*H*W values),
+and the manifest records ``image_shape`` (C, H, W), so a conv model reshapes a row to its
+planes and the MLP takes it flat.
+
 Each worker memory-maps only its own shard, so N workers on one host share the page cache
 instead of each holding the whole training set. A shard set is prepared once per
 (dataset, workers, seed, source files) and reused: its directory name carries a fingerprint
@@ -27,6 +31,7 @@ from .idx import DataError
 __all__ = [
     "MANIFEST",
     "Shard",
+    "image_shape",
     "load_manifest",
     "open_shard",
     "open_test",
@@ -43,11 +48,12 @@ FORMAT_VERSION = 2  # 2: CRC-32C of every file's data and of the manifest, check
 class Shard:
     """One worker's read-only slice of the (permuted) training set."""
 
-    x: np.ndarray  # uint8 (n, 784) memmap
+    x: np.ndarray  # uint8 (n, C*H*W) memmap, channel-major rows
     y: np.ndarray  # uint8 (n,) memmap
     num_classes: int
     worker: int
     workers: int
+    image_shape: tuple[int, int, int] = (1, 28, 28)
 
 
 def shard_sizes(n: int, workers: int) -> list[int]:
@@ -208,6 +214,7 @@ def _write_shards(ds: Any, perm: np.ndarray, sizes: list[int], out: Path, final:
             **expected,
             "num_classes": int(ds.num_classes),
             "features": int(ds.train_x.shape[1]),
+            "image_shape": [int(v) for v in ds.image_shape],
             "sizes": sizes,
             "test_size": int(len(ds.test_y)),
             "files": files,
@@ -254,11 +261,26 @@ def open_shard(shard_dir: str | os.PathLike[str], worker: int) -> Shard:
     y = _load(d, f"worker-{worker}-y.npy", manifest)
     if len(x) != len(y) or x.ndim != 2 or y.ndim != 1:
         raise DataError(f"{d}: worker {worker} has images {x.shape} but labels {y.shape}")
-    return Shard(x=x, y=y, num_classes=int(manifest["num_classes"]), worker=worker, workers=workers)
+    return Shard(x=x, y=y, num_classes=int(manifest["num_classes"]), worker=worker,
+                 workers=workers, image_shape=image_shape(manifest, x.shape[1]))
+
+
+def image_shape(manifest: dict[str, Any], features: int) -> tuple[int, int, int]:
+    """(C, H, W) of a shard set's images: the manifest's, or (1, 28, 28) for a set written
+    before it recorded one (those held only the 784-pixel MNIST family)."""
+    got = manifest.get("image_shape")
+    if got is None and features == 784:
+        return (1, 28, 28)
+    if (not isinstance(got, list) or len(got) != 3
+            or not all(isinstance(v, int) and v > 0 for v in got)
+            or got[0] * got[1] * got[2] != features):
+        raise DataError(f"shard manifest: image_shape {got!r} does not describe "
+                        f"{features}-value images")
+    return (got[0], got[1], got[2])
 
 
 def open_test(shard_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map the test set (x uint8 (n, 784), y uint8 (n,)) of a shard directory."""
+    """Memory-map the test set (x uint8 (n, C*H*W), y uint8 (n,)) of a shard directory."""
     d = Path(shard_dir)
     manifest = load_manifest(d)
     return _load(d, "test-x.npy", manifest), _load(d, "test-y.npy", manifest)

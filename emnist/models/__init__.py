@@ -5,15 +5,21 @@ store, codec, chunking, compression and checkpoints never see layers:
 
     model = build_model(ModelSpec.for_dataset("lenet5", "fashion-mnist", classes=10))
     params = model.init_params(seed)                    # seeded, like the reference init
-    model.rng = np.random.default_rng([seed, worker, it, 1])   # this pass's dropout masks
+    model.rng = seeds.at(it, pos)   # this minibatch's dropout masks (emnist.train.worker)
     loss, grad = model.loss_and_grad(params, x_uint8, y)       # grad: model.grad, reused
     params -= alpha * grad                              # in place: the model sees it
-    acc, val_loss = model.evaluate(params, test_x, test_y, calib=shard_x[:2048])
+    acc, val_loss = model.evaluate(params, test_x, test_y, calib=calibration_images(shard_x))
 
-``calib`` (training images) is required by models with batch norm (``needs_calibration``):
-their running statistics are re-estimated from it before each evaluation, never shipped
-with the parameters (see ``torch_backend``). Names: ``MODEL_NAMES``; aliases such as the p2p
-seed's ``squeezenet1.1`` and ``mobilenet v3 small`` resolve through ``canonical_name``.
+``rng`` is assigned before every minibatch (a Generator positioned by (seed, worker, pass,
+offset)), so a minibatch's masks depend on nothing but its place in the run: a resumed pass
+redoes the same ones. ``calib`` (training images) is required by models with batch norm
+(``needs_calibration``): their running statistics are re-estimated from it before each
+evaluation, never shipped with the parameters (see ``torch_backend``). Every path takes it by
+one rule, ``calibration_images``: the first CALIB_IMAGES images of the process's own training
+shard (shards are a seeded permutation of the training set, so that is a uniform sample; two
+workers of one run calibrate on different images, each on its own data). Names:
+``MODEL_NAMES``; aliases such as the p2p seed's ``squeezenet1.1`` and ``mobilenet v3 small``
+resolve through ``canonical_name``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ __all__ = [
     "Model",
     "ModelSpec",
     "TorchMissing",
+    "CALIB_IMAGES",
     "build_model",
+    "calibration_images",
     "canonical_name",
     "param_count",
 ]
@@ -39,6 +47,16 @@ __all__ = [
 TORCH_HINT = ("pip install 'emnist[torch]' (on a CPU-only machine take the CPU build first, "
               "e.g. pip install torch==2.13.0 from PyTorch's CPU wheel index, or the default "
               "wheel pulls a multi-GB CUDA build)")
+
+
+CALIB_IMAGES = 2048  # batch-norm calibration images (torch_backend: from 2048 training images
+# the re-estimate measured as accurate as the best alternative at every point)
+
+
+def calibration_images(shard_x: np.ndarray, n: int = CALIB_IMAGES) -> np.ndarray:
+    """The images a process re-estimates batch-norm statistics from: the first ``n`` of its
+    own training shard (every path uses this rule; a view, nothing copied)."""
+    return shard_x[:n]
 
 
 class TorchMissing(ImportError):
@@ -51,7 +69,7 @@ class Model(Protocol):
     spec: ModelSpec
     num_params: int
     grad: np.ndarray  # the flat gradient buffer loss_and_grad returns (reused)
-    rng: np.random.Generator  # assign to seed dropout masks (per pass)
+    rng: np.random.Generator  # assign to seed dropout masks (before every minibatch)
     needs_calibration: bool  # evaluate needs calib= (batch-norm statistics)
 
     def init_params(self, seed: int) -> np.ndarray: ...

@@ -24,8 +24,8 @@ re-estimate is as good as the best local choice at every point and needs nothing
 its cost is one forward pass over the calibration images per evaluation.
 
 Dropout masks come from the model's own ``torch.Generator``, seeded by assigning ``rng`` (a
-numpy Generator, as the MLP's hook: ``model.rng = np.random.default_rng([seed, worker,
-pass, 1])``), so a pass's masks depend only on its seed key.
+numpy Generator, as the MLP's hook; the training loop assigns one before every minibatch,
+positioned by (seed, worker, pass, offset)), so a minibatch's masks depend only on that key.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class TorchModel:
 
     @rng.setter
     def rng(self, rng: np.random.Generator) -> None:
-        """Seed the dropout masks from a numpy Generator (the MLP's per-pass hook)."""
+        """Seed the dropout masks from a numpy Generator (the MLP's per-minibatch hook)."""
         self._rng = rng
         self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
 

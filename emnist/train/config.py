@@ -7,7 +7,15 @@ right JSON type. Every failure names the field, so a handler can answer 400 with
 Every number is finite and inside its documented range (``LIMITS``: e.g. hidden_size <=
 1,000,000, batch_size <= 65,536, iterations <= 100,000, number_of_workers <= 100,000); on top,
 ``from_request`` applies the operator's policy (emnist.policy): the places a request may name,
-the model size cap ``max_params`` and the worker cap ``max_workers``.
+the model size cap ``max_params`` (for every model, counted before anything is allocated)
+and the worker cap ``max_workers``.
+
+The network: ``model`` names it (``mlp``, the default numpy MLP, or a torch model such as
+``lenet5``; aliases resolve through ``emnist.models.canonical_name``). Its arguments come from
+the other fields: ``hidden_size`` and ``dropout_percent`` are the MLP's (a torch model ignores
+``hidden_size`` and refuses a ``dropout_percent``); ``model_dropout`` is a torch model's
+dropout (None: the architecture's published rate). ``model_spec`` turns them into the
+``ModelSpec`` the run document records, so every worker builds the same network.
 """
 
 from __future__ import annotations
@@ -16,10 +24,13 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emnist import policy
 from emnist.paths import cache_dir
+
+if TYPE_CHECKING:
+    from emnist.models import ModelSpec
 
 EXECUTION_TYPES = (1, 2, 3)  # 1: one function does all; 2: one call per pass; 3: setup + loops
 ALGORITHMS = ("downpour", "averaging")
@@ -51,9 +62,9 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "checkpoint_every": (1, 100_000, False),
     "chunk_bytes": (4, 900 * 1024, False),
     "seed": (0, 2**32 - 1, False),
-}
-TEXT_FIELDS = ("store_url", "dataset", "dataset_dir", "data_location", "algorithm", "update",
-               "local_store_url", "checkpoint_url")
+}  # model_dropout (optional, in [0, 1), torch models only) is checked with the model
+TEXT_FIELDS = ("model", "store_url", "dataset", "dataset_dir", "data_location", "algorithm",
+               "update", "local_store_url", "checkpoint_url")
 MAX_TEXT = 4096
 
 
@@ -102,6 +113,8 @@ class TrainConfig:
     checkpoint_every: int = 1  # passes between checkpoints
     chunk_bytes: int = 384 * 1024  # the 784-100-47 model (333 KB) in one chunk
     seed: int = 0
+    model: str = "mlp"  # the network (emnist.models.MODEL_NAMES or an alias)
+    model_dropout: float | None = None  # a torch model's dropout (None: its published rate)
 
     def __post_init__(self) -> None:
         for name, (low, high, low_open) in LIMITS.items():
@@ -139,12 +152,69 @@ class TrainConfig:
             raise ConfigError("store_url", f"must start with one of {', '.join(schemes)}")
         if self.local_store_url and not self.local_store_url.startswith((*schemes, "local://")):
             raise ConfigError("local_store_url", "must be a store URL or local://")
+        self._check_model()
+
+    def _check_model(self) -> None:
+        from emnist.models import MODEL_NAMES, canonical_name  # local: no torch import here
+
+        try:
+            object.__setattr__(self, "model", canonical_name(self.model))
+        except ValueError:
+            raise ConfigError("model", f"unknown model {show(self.model)}; known: "
+                              f"{', '.join(MODEL_NAMES)} (aliases: squeezenet1.1, "
+                              "mobilenet v3 small, lenet-5)") from None
+        if self.model == "mlp":
+            if self.model_dropout is not None:
+                raise ConfigError("model_dropout", "is a torch model's dropout; the mlp's is "
+                                  "dropout_percent")
+            return
+        d = self.model_dropout
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int | float)
+                              or not math.isfinite(d) or not 0 <= d < 1):
+            raise ConfigError("model_dropout", f"must be a number in [0, 1), got {show(d)}")
+        if self.dropout_percent:
+            raise ConfigError("dropout_percent", f"is the mlp's hidden-layer dropout; "
+                              f"{self.model}'s is model_dropout")
+        try:
+            self.model_spec()
+        except ValueError as e:
+            raise ConfigError("model_dropout" if "dropout" in str(e) else "model",
+                              str(e)) from None
+
+    def model_spec(self, classes: int | None = None,
+                   image_shape: tuple[int, int, int] | None = None) -> ModelSpec:
+        """The network this config trains on ``classes`` (default: num_labels, else the
+        dataset's) images of ``image_shape`` (default: the dataset's known shape).
+
+        The MLP keeps x / 255 (its results stay as before); torch models get the dataset's
+        normalisation constants (``ModelSpec.for_dataset``).
+        """
+        from emnist.models import ModelSpec
+
+        classes = classes or self.num_labels or dataset_classes(self.dataset)
+        over: dict[str, Any] = {}
+        if image_shape is not None:
+            over.update(zip(("channels", "height", "width"), image_shape, strict=True))
+        if self.model == "mlp":
+            over.update(hidden=self.hidden_size, dropout=self.dropout_percent)
+        elif self.model_dropout is not None:
+            over["dropout"] = self.model_dropout
+        return ModelSpec.for_dataset(self.model, self.dataset, classes, **over)
 
     @property
     def num_params(self) -> int:
-        """The model's size: from num_labels, else the dataset's known class count."""
+        """The model's size (nothing allocated): from num_labels, else the dataset's known
+        class count. The MLP's comes from pixels_per_image, as it always did."""
         classes = self.num_labels or dataset_classes(self.dataset)
-        return (self.pixels_per_image + 1) * self.hidden_size + (self.hidden_size + 1) * classes
+        if self.model == "mlp":
+            return (self.pixels_per_image + 1) * self.hidden_size \
+                + (self.hidden_size + 1) * classes
+        from emnist.models import TorchMissing, param_count
+
+        try:
+            return param_count(self.model_spec(classes))
+        except TorchMissing as e:
+            raise ConfigError("model", str(e)) from None
 
     @property
     def shard_location(self) -> str:
@@ -201,7 +271,8 @@ class TrainConfig:
         """The model size and worker count against the operator's caps (before allocating)."""
         cap = policy.max_params(env)
         if self.num_params > cap:
-            raise ConfigError("hidden_size", f"the model would have {self.num_params} "
+            field = "hidden_size" if self.model == "mlp" else "model"
+            raise ConfigError(field, f"the model ({self.model}) would have {self.num_params} "
                               f"parameters, more than max_params ({cap}) in the function's "
                               "environment")
         workers = workers if workers is not None else self.number_of_workers

@@ -1,8 +1,9 @@
 """A run's life in the store: set it up once, let each worker join it by run id, resume it.
 
-Setup writes everything a worker needs (config, shard location, initial parameters) under the
-run id, so a train invocation carries only ``{run_id, worker_id}`` and every worker of a run
-trains with the same configuration, whatever its own environment says. Worker progress lives
+Setup writes everything a worker needs (config, the network's ModelSpec, shard location,
+initial parameters) under the run id, so a train invocation carries only ``{run_id,
+worker_id}`` and every worker of a run builds the same network and trains with the same
+configuration, whatever its own environment says. Worker progress lives
 in the store too (``worker:{id}``), and checkpoints go to a durable place, so a killed worker
 or a restarted memcached costs at most what was not saved yet.
 """
@@ -17,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from emnist.data import open_shard, open_test, prepare_shards
-from emnist.model import MLPShape, init_params
+from emnist.models import Model, ModelSpec, build_model, param_count
 from emnist.store import KV, MissingState, ParameterStore, claim, shared_kv
 from emnist.store.tiered import TieredStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
 from emnist.train.runindex import record_run
-from emnist.train.state import Lease, WorkerState, state_key
+from emnist.train.state import Lease, WorkerState, state_key, stored_docs
 from emnist.train.worker import run_worker
 from emnist.wait import wait_until
 
@@ -38,8 +39,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, Any], MLPShape]:
-    """Prepare the shards and check the config against the data: the run document."""
+def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, Any], ModelSpec]:
+    """Prepare the shards and check the config against the data: the run document (with the
+    network's ModelSpec, built from the shards' image shape and class count)."""
     if workers < 1:
         raise ConfigError("number_of_workers", f"must be >= 1, got {workers}")
     shard_dir = prepare_shards(cfg.dataset, cfg.dataset_dir, workers, cfg.shard_location,
@@ -49,16 +51,25 @@ def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, An
     if cfg.num_labels is not None and cfg.num_labels != num_classes:
         raise ConfigError("num_labels", f"{cfg.num_labels} given but {cfg.dataset} has "
                           f"{num_classes} classes")
-    if shards[0].x.shape[1] != cfg.pixels_per_image:
+    if cfg.model == "mlp" and shards[0].x.shape[1] != cfg.pixels_per_image:
         raise ConfigError("pixels_per_image", f"{cfg.pixels_per_image} given but {cfg.dataset} "
                           f"has {shards[0].x.shape[1]}")
-    shape = MLPShape(cfg.pixels_per_image, cfg.hidden_size, num_classes)
+    try:
+        spec = cfg.model_spec(num_classes, shards[0].image_shape)
+        num_params = param_count(spec)
+    except ValueError as e:  # e.g. an image shape the architecture cannot take
+        raise ConfigError("model", f"{cfg.model} on {cfg.dataset}: {e}") from None
     # every worker does the same number of minibatches per pass: averaging rounds line up
     steps = max(1, min(len(s.y) for s in shards) // cfg.batch_size)
-    return {"run_id": run_id, "config": cfg.to_dict(), "workers": workers,
-            "shard_dir": str(shard_dir), "num_classes": num_classes,
-            "num_params": shape.num_params, "steps_per_pass": steps,
-            "started": time.time()}, shape
+    return {"run_id": run_id, "config": cfg.to_dict(), "model": spec.to_dict(),
+            "workers": workers, "shard_dir": str(shard_dir), "num_classes": num_classes,
+            "image_shape": list(shards[0].image_shape), "num_params": num_params,
+            "steps_per_pass": steps, "started": time.time()}, spec
+
+
+def _initial(spec: ModelSpec, seed: int) -> np.ndarray:
+    """The run's initial vector (the MLP's is exactly emnist.model.init_params(shape, seed))."""
+    return build_model(spec, seed=seed).init_params(seed)
 
 
 def _launch(state: dict[str, Any], start_worker: StartWorker | None, only: list[int]) -> None:
@@ -71,11 +82,11 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
               start_worker: StartWorker | None = None) -> dict[str, Any]:
     """Prepare shards, write the run's state, then start one worker per shard."""
     run_id = run_id or new_run_id()
-    state, shape = _describe(cfg, workers, run_id)
+    state, spec = _describe(cfg, workers, run_id)
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
     if store.get_doc("run") is not None:
         raise ConfigError("run_id", f"run {run_id} already exists in the store")
-    store.init(init_params(shape, cfg.seed))
+    store.init(_initial(spec, cfg.seed))
     store.put_doc("run", state)
     record_run(kv, state)
     _launch(state, start_worker, list(range(workers)))
@@ -88,8 +99,8 @@ def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
     wait for it. Idempotent."""
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
     if claim(kv, store.key("init-claim")):
-        state, shape = _describe(cfg, workers, run_id)
-        store.init(init_params(shape, cfg.seed))
+        state, spec = _describe(cfg, workers, run_id)
+        store.init(_initial(spec, cfg.seed))
         store.put_doc("run", state)
         record_run(kv, state)
         return state
@@ -137,16 +148,29 @@ def load_run(kv: KV, run_id: str) -> tuple[ParameterStore, dict[str, Any]]:
 
 
 def write_checkpoint(store: ParameterStore, state: dict[str, Any], url: str) -> None:
+    """The run's documents, then its parameters (read after the states, so no state is ahead
+    of them), to ``url``. Worker states are the merged stored ones (``stored_docs``: the
+    document with its owner's last progress note), what a takeover would resume."""
     n = state["workers"]
-    names = [state_key(w) for w in range(n)] + [f"result:{w}" for w in range(n)]
-    names += ["stop", "avglatest"]
-    docs = store.get_docs(names)
+    names = [f"result:{w}" for w in range(n)] + ["stop", "avglatest"]
+    docs = {**stored_docs(store, range(n)), **store.get_docs(names)}
     params = np.empty(store.num_params, dtype=np.float32)
     store.fetch(params)
     workers = {k: v for k, v in docs.items() if k.startswith("worker:")}
     extra = {k: v for k, v in docs.items() if not k.startswith("worker:")}
     Checkpoints(url).write(store.run_id, {"run": state, "workers": workers, "extra": extra},
                            params)
+
+
+def run_model(state: dict[str, Any], cfg: TrainConfig,
+              image_shape: tuple[int, int, int]) -> Model:
+    """The network of a run, from its document's ModelSpec (validated: the document is data
+    from the store); a run set up before specs were recorded trains the MLP its config
+    describes."""
+    raw = state.get("model")
+    spec = (ModelSpec.from_dict(raw) if raw is not None
+            else cfg.model_spec(state["num_classes"], image_shape))
+    return build_model(spec, seed=cfg.seed)
 
 
 def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
@@ -159,13 +183,13 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
         raise ConfigError("worker_id", f"{worker_id} is outside run {run_id} "
                           f"(workers 0..{state['workers'] - 1})")
     cfg = TrainConfig(**state["config"])
-    shape = MLPShape(cfg.pixels_per_image, cfg.hidden_size, state["num_classes"])
-    if shape.num_params != store.num_params:
+    shard = open_shard(state["shard_dir"], worker_id)
+    model = run_model(state, cfg, shard.image_shape)
+    if model.num_params != store.num_params:
         raise MissingState(f"run {run_id} stores {store.num_params} parameters, "
-                           f"its config needs {shape.num_params}")
+                           f"its model needs {model.num_params}")
     lease = Lease(store, worker_id, cfg.lease_seconds)
     st = lease.acquire(hostname)
-    shard = open_shard(state["shard_dir"], worker_id)
     data = (shard.x, shard.y, *open_test(state["shard_dir"]))
     last_ckpt = [st.iteration]
 
@@ -184,7 +208,7 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
         tier.attach()
     try:
         if not st.done:
-            run_worker(cfg, tier or store, data, shape, st, workers=state["workers"],
+            run_worker(cfg, tier or store, data, model, st, workers=state["workers"],
                        steps_per_pass=state["steps_per_pass"], run_started=state["started"],
                        save=save, one_pass=cfg.execution_type == 2)
     finally:
@@ -193,7 +217,8 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     lease.save(st, release=True)
     finished = time.time()
     record = {**st.result(), "run_id": run_id, "finished": finished,
-              "since_setup": finished - state["started"]}
+              "since_setup": finished - state["started"], "model": model.spec.name,
+              "params": model.num_params, "threads": getattr(model, "threads", 1)}
     if tier is not None:
         record.update(tier_syncs=tier.syncs, tier_bytes_synced=tier.bytes_synced)
     if st.done:
@@ -225,8 +250,10 @@ def run_status(kv: KV, run_id: str, detail: bool = False) -> dict[str, Any]:
     if state is None:
         raise UnknownRun(f"unknown run id {run_id!r} (not in {kv.url})")
     n = state["workers"]
-    names = [state_key(w) for w in range(n)] + [f"result:{w}" for w in range(n)] + ["stop"]
-    docs = store.get_docs(names)
+    # worker states merged with their owners' progress notes (the documents alone lag the
+    # pushes by up to a heartbeat)
+    docs = {**stored_docs(store, range(n)),
+            **store.get_docs([f"result:{w}" for w in range(n)] + ["stop"])}
     progress = []
     for w in range(n):
         d = docs.get(state_key(w))
@@ -235,7 +262,7 @@ def run_status(kv: KV, run_id: str, detail: bool = False) -> dict[str, Any]:
     results = [docs.get(f"result:{w}") for w in range(n)]
     return {"run_id": run_id, "workers": n, "config": state["config"],
             "started": state["started"], "stop": docs.get("stop"), "now": time.time(),
-            "steps_per_pass": state.get("steps_per_pass"),
+            "steps_per_pass": state.get("steps_per_pass"), "model": state.get("model"),
             "num_classes": state.get("num_classes"), "num_params": state.get("num_params"),
             "restores": state.get("restores") or [], "progress": progress, "results": results,
             "done": all(r is not None for r in results)}

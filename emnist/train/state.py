@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -169,12 +169,23 @@ def resumable(doc: dict[str, Any], note: dict[str, Any] | None) -> dict[str, Any
 
 def stored_state(store: ParameterStore, worker_id: int) -> WorkerState | None:
     """What a new invocation would resume (``resumable``); None: no state yet."""
-    key = store.key(state_key(worker_id))
-    got = store.kv.get_many([key])
-    if key not in got:
-        return None
-    doc = codec.decode_doc(key, got[key])
-    return WorkerState.from_dict(resumable(doc, _note(store, worker_id, doc.get("lease", ""))))
+    doc = stored_docs(store, [worker_id]).get(state_key(worker_id))
+    return None if doc is None else WorkerState.from_dict(doc)
+
+
+def stored_docs(store: ParameterStore, worker_ids: Iterable[int]) -> dict[str, dict[str, Any]]:
+    """``{state_key(w): document}`` for the workers that have a state, each merged with its
+    owner's progress note (``resumable``): what a takeover would resume, for status pages and
+    checkpoints (the document alone lags the pushes by up to a heartbeat). Two round trips
+    for any number of workers."""
+    keys = {store.key(state_key(w)): w for w in worker_ids}
+    got = store.kv.get_many(list(keys))
+    docs = {keys[k]: codec.decode_doc(k, v) for k, v in got.items()}
+    owned = {w: d["lease"] for w, d in docs.items() if d.get("lease")}
+    note_keys = {store.key(note_key(w, o)): w for w, o in owned.items()}
+    notes = store.kv.get_many(list(note_keys)) if note_keys else {}
+    by_worker = {note_keys[k]: decode_note(k, v) for k, v in notes.items()}
+    return {state_key(w): resumable(d, by_worker.get(w)) for w, d in sorted(docs.items())}
 
 
 def _note(store: ParameterStore, worker_id: int, owner: str) -> dict[str, Any] | None:

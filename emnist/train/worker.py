@@ -8,6 +8,11 @@ write the last push's state. Each pass's minibatch order comes from (seed, worke
 each minibatch's dropout masks from (seed, worker, pass, offset), never from a stream, so a
 resumed pass visits the same minibatches in the same order with the same masks.
 
+The network is any ``emnist.models`` model (the run's ModelSpec): minibatches go to
+``loss_and_grad`` as uint8 shard slices (the model converts them), and each pass ends with
+``evaluate`` over the test set in batches; a batch-norm model calibrates first on
+``calibration_images`` of the worker's own shard (the rule every path uses).
+
 Stopping: the target accuracy, the iteration limit, a wall-clock limit, early stopping on
 validation loss (patience), or another worker's stop signal; the reason is recorded.
 """
@@ -20,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from emnist.model import MLP, MLPShape, to_float
+from emnist.model import MLPShape
+from emnist.models import Model, ModelSpec, build_model, calibration_images
 from emnist.store import ParameterStore
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
@@ -59,11 +65,26 @@ class DropoutSeeds:
         return self.rng
 
 
+def as_model(model: Model | ModelSpec | MLPShape, cfg: TrainConfig) -> Model:
+    """A built model; a ModelSpec is built, and a bare MLPShape (784 inputs: callers from
+    before models had specs) is the MLP with ``cfg``'s dropout."""
+    if isinstance(model, MLPShape):
+        if model.inputs != 784:
+            raise ValueError(f"an MLPShape names 784-pixel images, got {model.inputs}: "
+                             "pass a ModelSpec")
+        model = ModelSpec(name="mlp", classes=model.classes, hidden=model.hidden,
+                          dropout=cfg.dropout_percent)
+    if isinstance(model, ModelSpec):
+        return build_model(model, seed=cfg.seed)
+    return model
+
+
 def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, ...],
-               shape: MLPShape, st: WorkerState, *, workers: int, steps_per_pass: int,
-               run_started: float, save: Callable[[WorkerState], None],
+               model: Model | ModelSpec | MLPShape, st: WorkerState, *, workers: int,
+               steps_per_pass: int, run_started: float, save: Callable[[WorkerState], None],
                one_pass: bool = False) -> WorkerState:
-    """Train from ``st`` until a stop condition (or one pass with ``one_pass``).
+    """Train ``model`` (see ``as_model``) from ``st`` until a stop condition (or one pass
+    with ``one_pass``).
 
     ``save`` writes a state (the lease's save); with a lease in ``st`` and a plain parameter
     store, pushes also note progress themselves (in their transaction on Redis).
@@ -71,9 +92,10 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
     shard_x, shard_y, test_x, test_y = data
     t_start = time.perf_counter()
     seconds0 = st.seconds
-    model = MLP(shape, cfg.dropout_percent)
+    model = as_model(model, cfg)
+    calib = calibration_images(shard_x) if model.needs_calibration else None
     seeds = DropoutSeeds(cfg.seed, st.worker_id)
-    params = np.empty(shape.num_params, dtype=np.float32)
+    params = np.empty(model.num_params, dtype=np.float32)
     store.fetch(params)
     st.fetches += 1
     st.bytes_fetched += params.nbytes
@@ -110,7 +132,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             for pos in range(st.offset, len(order)):
                 at = order[pos]
                 model.rng = seeds.at(it, pos)
-                _, grad = model.loss_and_grad(params, to_float(shard_x[at:at + bs]),
+                _, grad = model.loss_and_grad(params, shard_x[at:at + bs],
                                               shard_y[at:at + bs])
                 grad *= -alpha
                 params += grad
@@ -125,7 +147,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             t0 = None
             if st.offset >= len(order):  # a whole pass (a stop signal may end one early)
                 st.iteration, st.offset = it, 0
-            _evaluate(model, params, test_x, test_y, st, elapsed())
+            _evaluate(model, params, (test_x, test_y), calib, st, elapsed())
             st.sample(time.time(), st.train_seconds)
             _decide(cfg, st, ex.stop, elapsed(), run_started)
             if st.reached:
@@ -145,10 +167,9 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
     return st
 
 
-def _evaluate(model: MLP, params: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              st: WorkerState, now: float) -> None:
-    st.accuracy = model.accuracy(params, test_x, test_y)
-    st.val_loss = model.loss(params, test_x, test_y)
+def _evaluate(model: Model, params: np.ndarray, test: tuple[np.ndarray, np.ndarray],
+              calib: np.ndarray | None, st: WorkerState, now: float) -> None:
+    st.accuracy, st.val_loss = model.evaluate(params, *test, calib=calib)
     st.curve.append([round(now, 4), st.iteration, st.accuracy, round(st.val_loss, 6),
                      st.samples])
 
