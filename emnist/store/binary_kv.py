@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from emnist.store.iostats import IOStats, nbytes
 from emnist.store.kv import StoreError, Updater, options
 from emnist.store.memcached import parse_servers
 from emnist.store.outcome import Lost, add_once, cas_loop
@@ -51,6 +52,7 @@ class BinaryMemcachedKV:
                      "send_timeout": timeout_ms * 1000}
         self._pool: Pool[Any] = Pool(lambda: _BytesOnly(servers, binary=True, behaviors=behaviors),
                                      lambda c: c.disconnect_all())
+        self.io = IOStats()
 
     def _run(self, name: str, args: tuple, kw: dict) -> Any:
         c = self._pool.take()
@@ -98,6 +100,7 @@ class BinaryMemcachedKV:
         got = self._idempotent("get_multi", keys)
         if len(got) < len(keys):
             got.update(self._idempotent("get_multi", [k for k in keys if k not in got]))
+        self.io.trip(len(keys), received=nbytes(got))
         return got
 
     def _gets(self, key: str) -> tuple[bytes | None, Any]:
@@ -105,6 +108,7 @@ class BinaryMemcachedKV:
         under threads it may read another key (measured: ~10% wrong values, 3 threads)."""
         raw = key.encode()
         got = self._idempotent("gets", raw)
+        self.io.trip(1, received=len(got[0] or b""))
         return got if got[0] is not None else self._idempotent("gets", raw)
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -112,6 +116,7 @@ class BinaryMemcachedKV:
 
     def set_many(self, values: Mapping[str, bytes]) -> None:
         failed = self._idempotent("set_multi", dict(values), time=self.ttl)
+        self.io.trip(len(values), sent=nbytes(values))
         if failed:
             raise StoreError(f"memcached refused to store {sorted(failed)[:5]}")
 
@@ -128,6 +133,7 @@ class BinaryMemcachedKV:
             return {k: self._gets(k) for k in pending}, others
 
         def write(key: str, new: bytes, token: Any) -> bool:
+            self.io.trip(1, sent=len(new))
             if token is None:
                 return bool(self._once("add", key, new, time=self.ttl))
             return bool(self._once("cas", key, new, token, time=self.ttl))
@@ -135,7 +141,9 @@ class BinaryMemcachedKV:
         return cas_loop(keys, fn, read, self.url, gets, write)
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        self._idempotent("delete_multi", list(keys))
+        keys = list(keys)
+        self._idempotent("delete_multi", keys)
+        self.io.trip(0)
 
     def close(self) -> None:
         """Close idle connections; the handle stays usable (threads may still share it)."""

@@ -114,3 +114,61 @@ def decode_doc(key: str, value: bytes | None) -> Any:
         return json.loads(d.raw)
     except ValueError as e:
         raise CorruptValue(key, f"invalid JSON ({e})") from None
+
+
+# -- streaming: headers apart from payloads (vectors of hundreds of MB, no joined copy) --------
+@dataclass
+class Header:
+    """A parsed value header: ``size`` header bytes, then ``payload`` bytes of ``dtype``."""
+
+    size: int
+    dtype: np.dtype | None
+    dims: tuple[int, ...]
+    clock: int
+    crc: int
+    zeroed_crc: int  # crc32c of the header with its checksum field zeroed: the running start
+
+    @property
+    def payload(self) -> int:
+        itemsize = 1 if self.dtype is None else self.dtype.itemsize
+        return itemsize * int(np.prod(self.dims, dtype=np.int64))
+
+
+def encode_parts(array: np.ndarray, clock: int = 0) -> tuple[bytes, memoryview]:
+    """``encode(array)`` as (header, payload view): the same bytes, the payload not copied
+    (``array`` must be C-contiguous with a little-endian storable dtype)."""
+    code = _CODES.get(np.dtype(array.dtype))
+    if code is None or array.dtype.byteorder == ">" or not array.flags.c_contiguous:
+        raise TypeError(f"encode_parts needs a C-contiguous little-endian array, got "
+                        f"{array.dtype} (contiguous: {array.flags.c_contiguous})")
+    payload = memoryview(array).cast("B")
+    head = bytearray(_HEAD.pack(MAGIC, VERSION, code, array.ndim, 0, clock, 0))
+    head += struct.pack(f"<{array.ndim}I", *array.shape)
+    struct.pack_into("<I", head, _CRC_AT, crc32c(payload, crc32c(head)))
+    return bytes(head), payload
+
+
+def header_size(ndim: int) -> int:
+    return _HEAD.size + 4 * ndim
+
+
+def read_header(key: str, data: bytes | memoryview) -> Header:
+    """Parse the header at the start of ``data`` (at least ``header_size(ndim)`` bytes; the
+    payload may follow or arrive later); the payload's checksum is the caller's to finish:
+    ``crc32c(payload, h.zeroed_crc) == h.crc``."""
+    if len(data) < _HEAD.size:
+        raise CorruptValue(key, f"truncated header ({len(data)} bytes)")
+    magic, version, code, ndim, _flags, clock, crc = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptValue(key, f"foreign value (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise CorruptValue(key, f"unsupported version {version}")
+    if code not in DTYPES:
+        raise CorruptValue(key, f"unknown dtype code {code}")
+    size = header_size(ndim)
+    if len(data) < size:
+        raise CorruptValue(key, "truncated shape")
+    dims = struct.unpack_from(f"<{ndim}I", data, _HEAD.size)
+    head = bytearray(memoryview(data)[:size])
+    head[_CRC_AT:_CRC_AT + 4] = b"\0\0\0\0"
+    return Header(size, DTYPES[code], tuple(dims), clock, crc, crc32c(head))

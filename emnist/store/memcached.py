@@ -16,6 +16,7 @@ from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
+from emnist.store.iostats import IOStats, nbytes
 from emnist.store.kv import StoreError, Updater, options
 from emnist.store.outcome import MAX_CONFLICTS, Lost, add_once, cas_loop
 from emnist.store.pool import Pool
@@ -57,6 +58,7 @@ class MemcachedKV:
             def make() -> Any:
                 return HashClient(servers, retry_attempts=1, dead_timeout=1, **kw)
         self._pool: Pool[Any] = Pool(make, lambda c: c.close())
+        self.io = IOStats()
 
     def _run(self, name: str, args: tuple, kw: dict) -> Any:
         c = self._pool.take()
@@ -92,14 +94,18 @@ class MemcachedKV:
             raise StoreError(f"memcached at {self.url}: {e!r}") from None
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        return self._idempotent("get_many", keys)
+        got = self._idempotent("get_many", keys)
+        self.io.trip(len(keys), received=nbytes(got))
+        return got
 
     def set_many(self, values: Mapping[str, bytes]) -> None:
         failed = self._idempotent("set_many", dict(values), expire=self.ttl, noreply=False)
+        self.io.trip(len(values), sent=nbytes(values))
         if failed:
             raise StoreError(f"memcached refused to store {sorted(failed)[:5]}")
 
     def add(self, key: str, value: bytes) -> bool:
+        self.io.trip(1, sent=len(value))
         return add_once(key, value, self.url,
                         lambda: bool(self._once("add", key, value, expire=self.ttl,
                                                 noreply=False)),
@@ -110,9 +116,11 @@ class MemcachedKV:
         """gets + cas per key, retrying only the keys another writer changed meanwhile."""
         def gets(pending: list[str], extra: list[str]) -> tuple[dict, dict]:
             got = self._idempotent("gets_many", pending + extra)
+            self.io.trip(len(pending) + len(extra), received=sum(len(v[0]) for v in got.values()))
             return got, {k: got[k][0] for k in extra if k in got}
 
         def write(key: str, new: bytes, token: Any) -> bool:
+            self.io.trip(1, sent=len(new))
             if token is None:
                 return bool(self._once("add", key, new, expire=self.ttl, noreply=False))
             return bool(self._once("cas", key, new, token, expire=self.ttl, noreply=False))
@@ -120,7 +128,9 @@ class MemcachedKV:
         return cas_loop(keys, fn, read, self.url, gets, write)
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        self._idempotent("delete_many", list(keys), noreply=False)
+        keys = list(keys)
+        self._idempotent("delete_many", keys, noreply=False)
+        self.io.trip(0)
 
     def close(self) -> None:
         """Close idle connections; the handle stays usable (threads may still share it)."""
