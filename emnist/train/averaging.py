@@ -11,6 +11,12 @@ A round is the sync point: the worker's progress is recorded after each one (its
 the store), and a worker resumed at its last round takes that round's average again and redoes
 the minibatches since (same order, same dropout masks). A pass end between rounds records
 nothing new: this worker's minibatches since its last round are only in its own memory.
+
+Big vectors move in the store's round-trip batches (``ParameterStore.batches``): a round
+writes this worker's vector batch by batch, and the average is taken one batch of chunks at
+a time (every member's copy of those chunks in one round trip, summed in worker order into a
+batch-sized buffer), so no whole-vector temporary exists and the bits are those of the
+whole-vector sum.
 """
 
 from __future__ import annotations
@@ -83,10 +89,13 @@ class Averaging:
     # -- one round ------------------------------------------------------------------------
     def average(self, params: np.ndarray, r: int) -> None:
         kv = self.store.kv
-        values = {k: codec.encode(params[a:b]) for k, (a, b) in zip(self._keys(r, self.me),
-                                                                   self.store.bounds)}
-        values[self._marker(r, self.me)] = codec.encode_doc({"round": r})
-        kv.set_many(values)
+        mine = self._keys(r, self.me)
+        batches = self.store.batches()
+        for j, batch in enumerate(batches):
+            values = {mine[i]: codec.encode(params[slice(*self.store.bounds[i])]) for i in batch}
+            if j == len(batches) - 1:  # the marker last: a reader that sees it sees it all
+                values[self._marker(r, self.me)] = codec.encode_doc({"round": r})
+            kv.set_many(values)
         if r > KEEP_ROUNDS:
             kv.delete_many(self._keys(r - KEEP_ROUNDS, self.me)
                            + [self._marker(r - KEEP_ROUNDS, self.me)])
@@ -124,15 +133,23 @@ class Averaging:
         members = sorted({*workers, self.me} if include_me else set(workers))
         # with include_me, this worker's vector is params; else (a rejoin) every member's,
         # its own round-r vector included, is read from the store
-        keys = [k for w in members if not (include_me and w == self.me) for k in self._keys(r, w)]
-        got = self.store.kv.get_many(keys) if keys else {}
-        total = np.zeros_like(params)
-        for w in members:
-            if include_me and w == self.me:
-                total += params
-                continue
-            for k, (a, b) in zip(self._keys(r, w), self.store.bounds):
-                total[a:b] += codec.decode(k, got.get(k), dtype=np.float32, shape=(b - a,)).array
-        np.multiply(total, np.float32(1.0 / len(members)), out=params)
+        stored = [w for w in members if not (include_me and w == self.me)]
+        keys = {w: self._keys(r, w) for w in stored}
+        bounds = self.store.bounds
+        scale = np.float32(1.0 / len(members))
+        for batch in self.store.batches(share=len(stored)):
+            lo, hi = bounds[batch[0]][0], bounds[batch[-1]][1]
+            wanted = [keys[w][i] for w in stored for i in batch]
+            got = self.store.kv.get_many(wanted) if wanted else {}
+            total = np.zeros(hi - lo, dtype=params.dtype)
+            for w in members:
+                if include_me and w == self.me:
+                    total += params[lo:hi]
+                    continue
+                for i in batch:
+                    k, (a, b) = keys[w][i], bounds[i]
+                    total[a - lo:b - lo] += codec.decode(k, got.get(k), dtype=np.float32,
+                                                         shape=(b - a,)).array
+            np.multiply(total, scale, out=params[lo:hi])
         self.st.bytes_fetched += 4 * params.size * (len(members) - int(include_me))
         self.st.bytes_pushed += 4 * params.size
