@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from emnist.sim.downpour import STOP_DOC, decide
-from emnist.sim.engine import CALIB_IMAGES, Sim, WorkerCtx
+from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.events import Proc
 from emnist.sim.store import SimParams
 from emnist.train.averaging import KEEP_ROUNDS
@@ -206,7 +206,6 @@ def averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
     skey = store.key(state_key(ctx.w))
     seeds = DropoutSeeds(cfg.seed, ctx.w)
     alpha, bs, every = np.float32(cfg.alpha), cfg.batch_size, cfg.average_every
-    calib = shard_x[:CALIB_IMAGES]
     suspect: set[int] = set()
     stop: list = [None]
     last_save = sim.loop.now
@@ -248,7 +247,7 @@ def averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
         if st.offset >= len(order):
             st.iteration, st.offset = it, 0
         yield sim.cpu(node, sim.eval_work(len(test_y)))
-        st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, calib)
+        st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, shard_x)
         st.curve.append([round(sim.loop.now - t_start, 4), st.iteration, st.accuracy,
                          round(st.val_loss, 6), st.samples])
         sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)

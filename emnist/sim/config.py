@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from emnist.p2p import compress
-from emnist.train.config import ALGORITHMS, UPDATE_MODES, TrainConfig
+from emnist.train.config import ALGORITHMS, UPDATE_MODES, ConfigError, TrainConfig
 
 SIM_ALGORITHMS = (*ALGORITHMS, "p2p")
 MAX_WORKERS = 100_000
@@ -30,7 +30,8 @@ class SimConfig:
     workers: int = 1
     model: str = "mlp"
     hidden_size: int = 100
-    dropout_percent: float = 0.0
+    dropout_percent: float = 0.0  # the MLP's dropout
+    model_dropout: float | None = None  # a torch model's (None: its published rate)
     dataset: str = "fashion-mnist"
     dataset_dir: str | None = None
     data_location: str = ""  # shards / split directory root ("" : the real default)
@@ -112,6 +113,12 @@ class SimConfig:
             raise SimConfigError("model", "p2p peers train the numpy MLP (emnist.p2p.peer)")
         if self.serverless and self.algorithm != "p2p":
             raise SimConfigError("serverless", "serverless gradients are a p2p variant")
+        if self.algorithm == "p2p" and self.dropout_percent:
+            raise SimConfigError("dropout_percent", "p2p peers train without dropout")
+        try:
+            self.train_config()  # the real config's own checks (model, dataset, ...)
+        except ConfigError as e:
+            raise SimConfigError(e.field, str(e).split(": ", 1)[-1]) from None
 
     def train_config(self) -> TrainConfig:
         """The real TrainConfig of this run (Downpour / averaging)."""
@@ -119,13 +126,16 @@ class SimConfig:
                            hidden_size=self.hidden_size, dropout_percent=self.dropout_percent,
                            batch_size=self.batch_size, number_of_workers=self.workers,
                            n_fetch=self.n_fetch, n_push=self.n_push,
-                           target_accuracy=self.target_accuracy, dataset=self.dataset,
+                           # p2p's 0 (no target) is not a TrainConfig value
+                           target_accuracy=(self.target_accuracy if self.algorithm != "p2p"
+                                            else self.target_accuracy or 1.0),
+                           dataset=self.dataset,
                            dataset_dir=self.dataset_dir, data_location=self.data_location,
                            algorithm=self.algorithm if self.algorithm != "p2p" else "downpour",
                            update=self.update, push_threshold=self.push_threshold,
                            push_top_k=self.push_top_k, average_every=self.average_every,
                            barrier_timeout=self.barrier_timeout, chunk_bytes=self.chunk_bytes,
-                           seed=self.seed)
+                           seed=self.seed, model=self.model, model_dropout=self.model_dropout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,7 +30,7 @@ import numpy as np
 
 from emnist.data import open_shard, open_test, prepare_shards
 from emnist.data.shards import Shard
-from emnist.sim.engine import CALIB_IMAGES, Sim, WorkerCtx
+from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.store import SimParams
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import STOP_CHECK_EVERY
@@ -197,7 +197,6 @@ def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_p
     last_save = sim.loop.now
     seeds = DropoutSeeds(cfg.seed, ctx.w)
     alpha, bs = np.float32(cfg.alpha), cfg.batch_size
-    calib = shard_x[:CALIB_IMAGES]
     limit = sim.cfg.max_steps
     while not st.done and st.iteration < cfg.iterations:
         it = st.iteration + 1
@@ -229,7 +228,7 @@ def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_p
         if st.offset >= len(order):
             st.iteration, st.offset = it, 0
         yield sim.cpu(node, sim.eval_work(len(test_y)))
-        st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, calib)
+        st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, shard_x)
         now = sim.loop.now - t_start
         st.curve.append([round(now, 4), st.iteration, st.accuracy, round(st.val_loss, 6),
                          st.samples])
@@ -261,7 +260,7 @@ def run_store_algorithm(sim: Sim, run_id: str = "sim") -> dict[str, Any]:
                                cfg.seed)
     shards = open_shards(shard_dir, cfg.workers)
     test_x, test_y = open_test(shard_dir)
-    model = sim.build_model(shards[0].num_classes)
+    model = sim.build_model(shards[0].num_classes, shards[0].image_shape)
     steps = max(1, min(len(s.y) for s in shards) // cfg.batch_size)
     store = sim.make_store(run_id)
     store.init(model.init_params(cfg.seed))
@@ -314,8 +313,10 @@ def open_shards(shard_dir: Any, workers: int) -> list[Shard]:
     d = Path(shard_dir)
     man = load_manifest(d)
     classes = int(man["num_classes"])
-    return [Shard(_load(d, f"worker-{w}-x.npy", man), _load(d, f"worker-{w}-y.npy", man),
-                  classes, w, workers) for w in range(workers)]
+    first = open_shard(d, 0)
+    return [first] + [Shard(_load(d, f"worker-{w}-x.npy", man),
+                            _load(d, f"worker-{w}-y.npy", man), classes, w, workers,
+                            first.image_shape) for w in range(1, workers)]
 
 
 def _vectors(sim: Sim, store: SimParams, workers: list[WorkerCtx]) -> dict[int, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from emnist.models import ModelSpec, build_model, param_count
+from emnist.models import ModelSpec, build_model, calibration_images, param_count
 from emnist.sim.billing import bill
 from emnist.sim.config import SimConfig, SimConfigError
 from emnist.sim.costs import Costs, ModelCost
@@ -33,18 +33,30 @@ from emnist.sim.net import Net, Node, make_nodes
 from emnist.sim.store import SimKV, SimParams
 from emnist.train.state import WorkerState
 
-__all__ = ["Sim", "WorkerCtx", "memory_bytes", "simulate"]
-
-CALIB_IMAGES = 2048  # batch-norm models re-estimate statistics from this many shard images
+__all__ = ["Sim", "WorkerCtx", "check_memory", "memory_bytes", "simulate"]
 
 
 def memory_bytes(cfg: SimConfig, num_params: int) -> int:
     """Parameter copies the simulation holds at once (the bound it refuses runs above)."""
-    per = {"downpour": 2, "averaging": 3, "p2p": 0}[cfg.algorithm]
+    per = {"downpour": 2, "averaging": 4, "p2p": 0}[cfg.algorithm]  # averaging: its vector
+    # plus its published copies of the last KEEP_ROUNDS rounds
     extra = 3 if cfg.algorithm != "p2p" else 4 + (cfg.workers if cfg.compression == "topk"
                                                  else 0)
     tier = 2 * max(1, cfg.workers) if cfg.tiered else 0
     return 4 * num_params * (per * cfg.workers + extra + tier)
+
+
+def check_memory(cfg: SimConfig, spec: ModelSpec | None = None) -> int:
+    """Refuse (SimConfigError naming ``workers``) a run whose parameter copies would exceed
+    ``max_memory_gb``, before any data or model is allocated; returns the bytes needed."""
+    spec = spec or cfg.train_config().model_spec()
+    n = param_count(spec)
+    need = memory_bytes(cfg, n)
+    if need > cfg.max_memory_gb * 2**30:
+        raise SimConfigError("workers", f"{cfg.workers} workers of {spec.name} ({n:,} "
+                             f"parameters) need {need / 2**30:.1f} GiB of parameter copies, "
+                             f"above max_memory_gb {cfg.max_memory_gb:g}")
+    return need
 
 
 @dataclass
@@ -79,23 +91,13 @@ class Sim:
         self._innov = costs["compute"]["drift"] * math.sqrt(1.0 - self._rho ** 2)
 
     # -- model and data ----------------------------------------------------------------------
-    def spec(self, classes: int) -> ModelSpec:
-        c = self.cfg
-        over: dict[str, Any] = {}
-        if c.model == "mlp":
-            over = {"hidden": c.hidden_size, "dropout": c.dropout_percent}
-        elif c.dropout_percent:
-            over = {"dropout": c.dropout_percent}
-        return ModelSpec.for_dataset(c.model, c.dataset, classes=classes, **over)
+    def spec(self, classes: int, image_shape: tuple[int, int, int] | None = None) -> ModelSpec:
+        """The run's ModelSpec, as the real setup derives it (``TrainConfig.model_spec``)."""
+        return self.cfg.train_config().model_spec(classes, image_shape)
 
-    def build_model(self, classes: int) -> Any:
-        spec = self.spec(classes)
-        n = param_count(spec)
-        need = memory_bytes(self.cfg, n)
-        if need > self.cfg.max_memory_gb * 2**30:
-            raise SimConfigError("workers", f"{self.cfg.workers} workers of {spec.name} "
-                                 f"({n:,} parameters) need {need / 2**30:.1f} GiB of parameter "
-                                 f"copies, above max_memory_gb {self.cfg.max_memory_gb:g}")
+    def build_model(self, classes: int, image_shape: tuple[int, int, int] | None = None) -> Any:
+        spec = self.spec(classes, image_shape)
+        check_memory(self.cfg, spec)
         self.model = build_model(spec, seed=self.cfg.seed)
         self.num_params = self.model.num_params
         self.mcost: ModelCost = self.costs.model(spec.name, self.cfg.hidden_size
@@ -103,11 +105,13 @@ class Sim:
         return self.model
 
     def evaluate(self, params: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 calib: np.ndarray | None) -> tuple[float, float]:
+                 shard_x: np.ndarray) -> tuple[float, float]:
+        """``_evaluate``: the model's evaluate (a batch-norm model calibrated on
+        ``calibration_images`` of the worker's own shard), on the first ``eval_samples``."""
         n = self.cfg.eval_samples or len(test_y)
+        calib = calibration_images(shard_x) if self.model.needs_calibration else None
         t = time.perf_counter()
-        acc, loss = self.model.evaluate(params, test_x[:n], test_y[:n],
-                                        calib=calib if self.model.needs_calibration else None)
+        acc, loss = self.model.evaluate(params, test_x[:n], test_y[:n], calib=calib)
         self.wall_math += time.perf_counter() - t
         return acc, loss
 
@@ -220,6 +224,7 @@ def simulate(cfg: SimConfig, costs: Costs, run_id: str = "sim") -> dict[str, Any
     """Run ``cfg`` on the cluster ``costs`` describes; the report (see ``Sim.report``)."""
     from emnist.sim.threads import one_blas_thread
     one_blas_thread()
+    check_memory(cfg)
     sim = Sim(cfg, costs)
     if cfg.algorithm == "p2p":
         from emnist.sim.p2p import run_p2p

@@ -132,8 +132,10 @@ class Fifo:
         return start, self.free_at
 
     def stats(self, horizon: float) -> dict[str, float]:
+        """Counters as of ``horizon`` (work already queued beyond it is not counted busy)."""
+        busy = max(0.0, self.busy - max(0.0, self.free_at - horizon))
         return {"requests": self.requests, "bytes": self.bytes,
-                "busy_s": self.busy, "utilisation": self.busy / horizon if horizon else 0.0,
+                "busy_s": busy, "utilisation": busy / horizon if horizon else 0.0,
                 "queue_wait_mean_s": self.waited / self.requests if self.requests else 0.0,
                 "queue_wait_max_s": self.max_wait,
                 "bytes_per_s": self.bytes / horizon if horizon else 0.0}

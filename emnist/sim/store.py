@@ -183,7 +183,7 @@ class SimParams:
         starts = range(0, num_params, self.chunk)
         self.bounds = [(a, min(a + self.chunk, num_params)) for a in starts]
         self.keys = [key_for(run_id, "w", i) for i in range(len(self.bounds))]
-        self.clock = [0] * len(self.keys)  # pushes applied per chunk (the codec clock)
+        self.clock = [0] * len(self.keys)  # writes landed per chunk (staleness is in these)
         self.counters = Counters()
 
     def key(self, *parts: object) -> str:
@@ -252,15 +252,15 @@ class SimParams:
         idx = self._index
 
         def apply(i: int, v: Value) -> np.ndarray:
-            a, b = self.bounds[i]
-            new = np.add(v.data, delta_of(i))  # the real add: old chunk + this delta
+            """The write lands: old chunk + this delta (the real add), clock = old + 1."""
+            new = np.add(v.data, delta_of(i))
             if seen is not None:
                 c.stale(self.clock[i] - seen[i])
             self.clock[i] += 1
             if seen is not None:
                 seen[i] = self.clock[i]
             if reader is not None:
-                reader(i, new, self.clock[i])
+                reader(i, new, v.clock + 1)
             return new
 
         def read_extra(got: dict[str, Value]) -> None:
@@ -279,10 +279,10 @@ class SimParams:
                 def store(_t: float, ks: list[str] = ks) -> None:
                     nonlocal lost
                     for k in ks:
-                        i = idx[k]
-                        lost += self.clock[i] - got[k].clock  # pushes since our read: gone
-                        new = apply(i, got[k])  # what we read plus our delta
-                        kv.write(k, new, clock=self.clock[i])
+                        # what we read plus our delta, over whatever landed since: those
+                        # pushes are gone (the clock counts the pushes a value holds)
+                        lost += kv.values[k].clock - got[k].clock
+                        kv.write(k, apply(idx[k], got[k]), clock=got[k].clock + 1)
                 calls.append(Call(kv.server(ks[0]),
                                   sum(got[k].size for k in ks) + KEY_BYTES * len(ks), REPLY,
                                   store))
@@ -300,7 +300,7 @@ class SimParams:
                     v = got[k]
                     yield client_cpu(v.size)  # decode, add, encode this chunk
                     ok = yield from kv.cas(node, k, lambda cur, i=idx[k]: (apply(i, cur),
-                                                                           self.clock[i]),
+                                                                           cur.clock + 1),
                                            v.version)
                     if ok is None:
                         again.append(k)
