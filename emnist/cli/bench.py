@@ -99,8 +99,16 @@ def bench_faults_cmd(c: Ctx, rounds: int, checkpoint_dir: str | None, json_out: 
 
 
 @bench.command("train")
+@click.option("--model", default="mlp", show_default=True,
+              help="The network (emnist train --model's names and aliases).")
 @click.option("--workers", "worker_counts", default="1,2", show_default=True,
               help="Comma-separated worker counts for the emnist runs.")
+@click.option("--ddp", "ddp_counts", default=None,
+              help="Comma-separated process counts of the torch DDP runs [default: 2 for "
+                   "torch models, none for the mlp].")
+@click.option("--alpha", type=float, default=None, help="Learning rate [the config's].")
+@click.option("--batch-size", type=int, default=None, help="Per-process minibatch.")
+@click.option("--iterations", type=int, default=None, help="Passes at most [the config's].")
 @click.option("--target-accuracy", type=float, default=0.85, show_default=True)
 @click.option("--dataset", default="fashion-mnist", show_default=True)
 @click.option("--n-fetch", type=int, default=10, show_default=True)
@@ -112,16 +120,28 @@ def bench_faults_cmd(c: Ctx, rounds: int, checkpoint_dir: str | None, json_out: 
 @store_option
 @pass_ctx
 @friendly
-def bench_train(c: Ctx, worker_counts: str, target_accuracy: float, dataset: str, n_fetch: int,
-                n_push: int, rounds: int, json_out: str | None, stack: str, store: str) -> None:
-    """A plain numpy loop against `emnist train` with 1..N workers, same model and data."""
+def bench_train(c: Ctx, model: str, worker_counts: str, ddp_counts: str | None,
+                alpha: float | None, batch_size: int | None, iterations: int | None,
+                target_accuracy: float, dataset: str, n_fetch: int, n_push: int, rounds: int,
+                json_out: str | None, stack: str, store: str) -> None:
+    """A plain loop against `emnist train` with 1..N workers and torch DDP, same model and
+    data."""
     from emnist.bench.train import COLUMNS
     from emnist.bench.train import bench_train as run_bench
+    from emnist.models import canonical_name
+    try:
+        model = canonical_name(model)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--model") from None
     counts = [int(x) for x in worker_counts.split(",") if x.strip()]
-    records = run_bench(lambda cfg: run_training(c, cfg, stack=stack, store=store, timeout=600,
+    ddp = None if ddp_counts is None else [int(x) for x in ddp_counts.split(",") if x.strip()]
+    extra = {k: v for k, v in (("alpha", alpha), ("batch_size", batch_size),
+                               ("iterations", iterations)) if v is not None}
+    records = run_bench(lambda cfg: run_training(c, cfg, stack=stack, store=store, timeout=1800,
                                                  progress=False),
                         counts, target_accuracy, dataset, n_fetch, n_push, rounds,
-                        echo=lambda m: click.echo(m, err=True))
+                        echo=lambda m: click.echo(m, err=True), model=model, extra=extra,
+                        ddp=ddp)
     click.echo(format_table(records, COLUMNS))
     write_json(json_out, records)
 

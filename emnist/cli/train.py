@@ -15,19 +15,25 @@ from emnist.bench.results import WORKER_COLUMNS, format_table
 from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option, write_json
 from emnist.cli.stack import bring_up, local_location
 from emnist.cluster import local
+from emnist.models import canonical_name
 from emnist.runner import TRAIN, RunOutcome, resume, start_run, status, wait_replicas, watch
 
 TRAIN_OPTIONS = [
     ("--workers", "number_of_workers", int, "Workers (also the emnist-train replica count)."),
-    ("--dataset", "dataset", str, "fashion-mnist, mnist, emnist-bymerge, ..., synthetic."),
+    ("--model", "model", str, "mlp (default), lenet5, cnn, mobilenet_v3_small, squeezenet1_1 "
+     "or vgg11 (aliases: squeezenet1.1, 'mobilenet v3 small', lenet-5)."),
+    ("--dataset", "dataset", str, "fashion-mnist, mnist, emnist-bymerge, ..., cifar10, "
+     "synthetic."),
     ("--target-accuracy", "target_accuracy", float, "Stop when test accuracy reaches this."),
     ("--batch-size", "batch_size", int, "Minibatch size."),
     ("--n-fetch", "n_fetch", int, "Fetch parameters every N minibatches."),
     ("--n-push", "n_push", int, "Push accumulated updates every N minibatches."),
     ("--iterations", "iterations", int, "Passes over each worker's shard, at most."),
     ("--alpha", "alpha", float, "Learning rate."),
-    ("--hidden-size", "hidden_size", int, "Hidden units."),
-    ("--dropout", "dropout_percent", float, "Dropout fraction of hidden units."),
+    ("--hidden-size", "hidden_size", int, "The mlp's hidden units."),
+    ("--dropout", "dropout_percent", float, "The mlp's dropout fraction of hidden units."),
+    ("--model-dropout", "model_dropout", float,
+     "A torch model's dropout (default: the architecture's published rate)."),
     ("--seed", "seed", int, "Seed for init, shards and dropout."),
     ("--dataset-dir", "dataset_dir", str, "Where the dataset files are."),
     ("--update", "update", str, "atomic (default) or overwrite (the original's lossy push)."),
@@ -59,8 +65,14 @@ def train_options(fn):
 
 
 def train_config(kwargs: dict[str, Any], gateway: str) -> dict[str, Any]:
-    """The request body from the options given (no store: the deployment has one)."""
+    """The request body from the options given (no store: the deployment has one); a model
+    alias is sent by its canonical name."""
     out = {k: v for k, v in kwargs.items() if v is not None}
+    if "model" in out:
+        try:
+            out["model"] = canonical_name(out["model"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--model") from None
     if "execution_type" in out:
         out["execution_type"] = int(out["execution_type"])
     if local.is_loopback(gateway):

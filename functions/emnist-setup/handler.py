@@ -1,8 +1,9 @@
 """emnist-setup: initialise a run in the parameter store and start one emnist-train per worker.
 
 POST a JSON object of config overrides (empty for the stack's defaults): 200 with the run
-document. POST {"resume": RUN_ID}: relaunch the run's unfinished workers, restoring the run
-from its checkpoint first if the store lost it. GET ?run_id=ID: the run's progress and results
+document (its ``model`` is the network's ModelSpec, which every worker builds). POST
+{"resume": RUN_ID}: relaunch the run's unfinished workers, restoring the run from its
+checkpoint first if the store lost it. GET ?run_id=ID: the run's progress and results
 (``&detail=1``: every worker's whole state, for the dashboard). GET ?runs=1[&limit=N]: the
 newest runs of the store's run index (at most 100), with their state.
 
@@ -127,7 +128,7 @@ def _setup(event, env: dict):
                                       "execution_type": 1}))
     state = setup_run(cfg, open_store(cfg.store_url, env), workers, run_id=run_id,
                       start_worker=start)
-    print(f"Run {state['run_id']}: {workers} workers on {cfg.dataset}", flush=True)
+    print(f"Run {state['run_id']}: {workers} workers, {cfg.model} on {cfg.dataset}", flush=True)
     return respond(200, redacted(state))
 
 

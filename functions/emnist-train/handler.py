@@ -1,9 +1,10 @@
 """emnist-train: one worker of a run.
 
-POST {"run_id": ID, "worker_id": N}: the run's config comes from the store (written by
-emnist-setup), so every worker of a run trains alike. Execution type 3 loops until done in
-this invocation; type 2 trains one pass and asks the gateway for the next invocation; type 1
-also carries "config" and the first worker to arrive initialises the run. A worker whose state
+POST {"run_id": ID, "worker_id": N}: the run's config and network (its ModelSpec) come from
+the store (written by emnist-setup), so every worker of a run trains the same model alike.
+Execution type 3 loops until done in this invocation; type 2 trains one pass and asks the
+gateway for the next invocation; type 1 also carries "config" and the first worker to arrive
+initialises the run. A worker whose state
 exists resumes where it stopped.
 
 The request is untrusted: its ``store_url`` and the places in a type-1 ``config`` must be this
