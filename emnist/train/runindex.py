@@ -27,7 +27,7 @@ RUNS = index_key("runs")
 def model_name(config: dict[str, Any], num_classes: int | None) -> str:
     """What the run trains: the config's ``model`` if it names one, else the MLP's shape."""
     model = config.get("model")
-    if isinstance(model, str) and model:
+    if isinstance(model, str) and model and model != "mlp":  # the mlp: its shape says more
         return model[:64]
     return f"mlp {config.get('pixels_per_image')}-{config.get('hidden_size')}-{num_classes}"
 

@@ -288,7 +288,7 @@ def store_run_view(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model(cfg: dict[str, Any], status: dict[str, Any]) -> str:
-    if isinstance(cfg.get("model"), str) and cfg["model"]:
+    if isinstance(cfg.get("model"), str) and cfg["model"] and cfg["model"] != "mlp":
         return cfg["model"][:64]
     return f"mlp {cfg.get('pixels_per_image')}-{cfg.get('hidden_size')}-" \
            f"{status.get('num_classes')}"
