@@ -69,6 +69,7 @@ class SimConfig:
     max_steps: int = 0  # minibatches per worker, at most (0: no limit)
     samples: int = 0  # training samples over all workers, at most (0: no limit)
     eval_samples: int = 0  # evaluate on the first N test images (0: all); time is for all
+    max_events: int = 20_000_000  # stop the clock after this many events (0: never)
     max_memory_gb: float = 8.0  # refuse runs whose parameter copies would need more
     spread: bool = True  # compute time spread and drift on/off
     timing_seed: int = 0  # seeds the spread and drift only (the training seed is ``seed``)
@@ -86,7 +87,7 @@ class SimConfig:
                 "grad_parallel": (0, 10_000), "patience": (1, 100_000),
                 "lr_patience": (1, 100_000), "max_steps": (0, 10**9), "samples": (0, 10**12),
                 "eval_samples": (0, 10**9), "seed": (0, 2**32 - 1),
-                "timing_seed": (0, 2**32 - 1)}
+                "timing_seed": (0, 2**32 - 1), "max_events": (0, 10**12)}
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

@@ -31,7 +31,7 @@ import numpy as np
 from emnist.data import open_shard, open_test, prepare_shards
 from emnist.data.shards import Shard
 from emnist.sim.engine import Sim, WorkerCtx
-from emnist.sim.store import SimParams
+from emnist.sim.store import CasGaveUp, SimParams
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import STOP_CHECK_EVERY
 from emnist.train.state import state_key
@@ -172,7 +172,17 @@ class Exchange:
 
 def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_pass: int,
                     cfg: TrainConfig, started: float) -> G:
-    """One worker, from its launch to its result document (see the module docstring)."""
+    """One worker, from its launch to its result document (see the module docstring); a
+    push that gives up (``CasGaveUp``, the real StoreError) ends it as it ends a real one."""
+    try:
+        yield from _downpour_worker(sim, ctx, vec, data, steps_per_pass, cfg, started)
+    except CasGaveUp as e:
+        ctx.st.done, ctx.st.stop_reason = True, f"store error: {e}"
+        ctx.finished = sim.loop.now
+
+
+def _downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_pass: int,
+                     cfg: TrainConfig, started: float) -> G:
     shard_x, shard_y, test_x, test_y = data
     yield max(0.0, started - sim.loop.now)
     t_start = sim.loop.now
@@ -282,7 +292,7 @@ def run_store_algorithm(sim: Sim, run_id: str = "sim") -> dict[str, Any]:
         else:
             gen = downpour_worker(sim, ctx, vecs[ctx.w], data, steps, tcfg, started)
         sim.loop.spawn(gen, f"worker-{ctx.w}")
-    sim.loop.run()
+    sim.run()
     c = store.counters
     extra: dict[str, Any] = {
         "steps_per_pass": steps, "shard_sizes": [len(s.y) for s in shards[:8]],

@@ -172,6 +172,15 @@ class Sim:
         if acc >= self.cfg.target_accuracy and self.first_target is None:
             self.first_target = t
 
+    def run(self) -> None:
+        """The virtual clock to the end, or to ``max_events`` (then the report says
+        ``aborted``: e.g. a saturated store whose cas loops livelock)."""
+        limit = self.cfg.max_events or None
+        self.loop.run(max_events=limit)
+        if limit and self.loop.pending and self.loop.events >= limit:
+            self.extra["aborted"] = (f"stopped after {limit:,} events at virtual "
+                                     f"{self.loop.now:.3f} s")
+
     # -- the store ---------------------------------------------------------------------------
     def make_store(self, run_id: str) -> SimParams:
         c = self.costs
@@ -203,7 +212,7 @@ class Sim:
             "iterations": max((x.st.iteration for x in workers), default=0),
             "steps": sum(x.st.step for x in workers),
             "stop_reasons": sorted({x.st.stop_reason for x in workers}),
-            "cost": price,
+            "cost": price, "aborted": self.extra.get("aborted", ""),
             "servers": [s.stats(horizon) for s in servers],
             "node_cpu_utilisation": [n.cpu.busy / (n.kind.cores * horizon) for n in self.nodes
                                      ][:16],

@@ -109,10 +109,10 @@ def run_p2p(sim: Sim) -> dict[str, Any]:
         gen = peer(sim, run, ctx, parts[r], test, batches, k, steps_per_epoch, broker, funcs,
                    store, max_steps)
         sim.loop.spawn(gen, f"peer-{r}", delay=costs["run"]["peer_start"])
-    sim.loop.run()
+    sim.run()
     servers = [broker.server] + (list(store.servers) if store else [])
     reached = [min((t for _, t, a in eps if a >= cfg.target_accuracy), default=None)
-               for eps in run.epochs.values()]
+               for eps in run.epochs.values()] if cfg.target_accuracy else [None]
     extra: dict[str, Any] = {
         "steps_per_epoch": steps_per_epoch, "batches_per_peer": batches,
         "time_to_target_training": (max(reached) if reached and None not in reached

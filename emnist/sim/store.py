@@ -35,7 +35,13 @@ from emnist.sim.costs import Server
 from emnist.sim.events import Fifo, Loop
 from emnist.sim.net import Call, Net, Node, ServerQ
 from emnist.store.keys import key_for
+from emnist.store.outcome import MAX_CONFLICTS
 from emnist.store.params import DEFAULT_CHUNK_BYTES, MODES
+
+
+class CasGaveUp(RuntimeError):
+    """A push conflicted more than the real ``cas_loop`` allows (its StoreError)."""
+
 
 HEADER = 40  # codec header + shape: bytes a value carries besides its array
 KEY_BYTES = 48  # a request's bytes per key
@@ -305,6 +311,9 @@ class SimParams:
                     if ok is None:
                         again.append(k)
                 retries += len(again)
+                if retries > MAX_CONFLICTS:  # the real cas_loop's limit
+                    c.conflicts += retries
+                    raise CasGaveUp(f"gave up after {retries} cas conflicts on {again[:1]}")
                 pending = again
             c.conflicts += retries
         c.pushes += 1
