@@ -25,10 +25,15 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=float, default=1 / 12, show_default=True,
               help="Part of each peer's data held out for validation.")
+@click.option("--train-samples", type=click.IntRange(1), default=None,
+              help="Use only this many training samples (the first of the seeded permutation).")
+@click.option("--test-samples", type=click.IntRange(1), default=None,
+              help="Keep only this many test images.")
 @friendly
 def split_cmd(peers: int, batch_size: int | None, dataset: str, dataset_dir: str | None,
-              out: str | None, seed: int, val_fraction: float) -> None:
+              out: str | None, seed: int, val_fraction: float, train_samples: int | None,
+              test_samples: int | None) -> None:
     """Partition a dataset for N peers (and per-batch files); prints the split's location."""
     from emnist.p2p.split import split
     click.echo(split(dataset, dataset_dir, peers, out or default_data_root(), seed,
-                     val_fraction, batch_size))
+                     val_fraction, batch_size, train_samples, test_samples))

@@ -30,6 +30,33 @@ def default_data_root() -> Path:
     return cache_dir() / "p2p-data"
 
 
+class SeedSpelling(click.Command):
+    """Also accepts long options written with underscores, as the p2p seed's users type them
+    (``--model_str vgg11``, ``--batch_size 64``): each becomes its dashed name when that is an
+    option of the command. Option names themselves keep dashes only."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        known = {o for p in self.params for o in getattr(p, "opts", ())}
+        out = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                out += args[i:]
+                break
+            name, eq, value = arg.partition("=")
+            if name.startswith("--") and "_" in name and name.replace("_", "-") in known:
+                arg = name.replace("_", "-") + eq + value
+            out.append(arg)
+        return super().parse_args(ctx, out)
+
+
+def _model_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from emnist.models import canonical_name
+    try:
+        return canonical_name(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _sync_every(value: str) -> int:
     if value == "epoch":
         return 0
@@ -64,7 +91,13 @@ def peer_options(fn):
                      help="Minibatches per synchronous step, or 'epoch' (the original)."),
         click.option("--lr", type=float, default=0.3, show_default=True,
                      help="Learning rate."),
-        click.option("--hidden-size", type=click.IntRange(1), default=100, show_default=True),
+        click.option("--model", "--model-str", "model", default="mlp", show_default=True,
+                     callback=_model_name,
+                     help="mlp, lenet5, cnn, mobilenet_v3_small, squeezenet1_1 or vgg11 (torch "
+                          "models need the `torch` extra); the seed's names work too: "
+                          "squeezenet1.1, vgg11, 'mobilenet v3 small' (also as --model_str)."),
+        click.option("--hidden-size", type=click.IntRange(1), default=100, show_default=True,
+                     help="The mlp's hidden width."),
         click.option("--epochs", type=click.IntRange(1), default=20, show_default=True,
                      help="Passes over each partition, at most."),
         click.option("--target-accuracy", type=float, default=0.84, show_default=True,
@@ -83,6 +116,9 @@ def peer_options(fn):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--serverless", is_flag=True,
                      help="Compute each minibatch's gradient with the emnist-grad function."),
+        click.option("--frame-mb", type=click.FloatRange(0.004, 256), default=8,
+                     show_default=True,
+                     help="Messages larger than this travel in frames of this size."),
         store_option,
     ]
     for opt in reversed(opts):
@@ -98,7 +134,8 @@ def _peer_config(c: Ctx, run_id: str, rank: int, size: int, data_loc: str,
         broker_url=kw["broker"],
         compression=kw["compression"], qsgd_levels=kw["qsgd_levels"],
         topk_ratio=kw["topk_ratio"], batch_size=kw["batch_size"],
-        sync_every=_sync_every(kw["sync_every"]), lr=kw["lr"], hidden=kw["hidden_size"],
+        sync_every=_sync_every(kw["sync_every"]), lr=kw["lr"], model=kw["model"],
+        hidden=kw["hidden_size"], frame_bytes=int(kw["frame_mb"] * (1 << 20)),
         epochs=kw["epochs"], target_accuracy=kw["target_accuracy"], patience=kw["patience"],
         lr_patience=kw["lr_patience"], lr_factor=kw["lr_factor"], timeout=kw["timeout"],
         start_timeout=kw["start_timeout"], allow_missing=kw["allow_missing"], seed=kw["seed"],
@@ -106,7 +143,7 @@ def _peer_config(c: Ctx, run_id: str, rank: int, size: int, data_loc: str,
         store_url=kw["store"])
 
 
-@p2p.command()
+@p2p.command(cls=SeedSpelling)
 @click.option("--rank", type=click.IntRange(0), required=True)
 @click.option("--size", type=click.IntRange(1), required=True, help="Number of peers.")
 @click.option("--run-id", required=True, help="Shared by all peers of a run.")
@@ -149,12 +186,17 @@ def _argv(kw: dict[str, Any]) -> list[str]:
     return out
 
 
-@p2p.command()
+@p2p.command(cls=SeedSpelling)
 @click.option("--size", type=click.IntRange(1), required=True, help="Number of peers.")
 @click.option("--data", "data_loc", default=None,
               help="An existing split's location; default: split --dataset locally.")
-@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--dataset", default="fashion-mnist", show_default=True,
+              help="mnist, fashion-mnist, emnist-<split>, cifar10 (its binary release) ...")
 @click.option("--dataset-dir", default=None, help="Where the dataset files are.")
+@click.option("--train-samples", type=click.IntRange(1), default=None,
+              help="Split only this many training samples (short runs).")
+@click.option("--test-samples", type=click.IntRange(1), default=None,
+              help="Keep only this many test images (short runs).")
 @click.option("--data-root", default=None,
               help="Where to write the split [default: the cache's p2p-data/].")
 @click.option("--out", default=None,
@@ -171,8 +213,9 @@ def _argv(kw: dict[str, Any]) -> list[str]:
 @pass_ctx
 @friendly
 def run(c: Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: str | None,
-        data_root: str | None, out: str | None, run_id: str | None, grad_replicas: int,
-        run_timeout: float, json_out: str | None, down: bool, stack: str, **kw) -> None:
+        train_samples: int | None, test_samples: int | None, data_root: str | None,
+        out: str | None, run_id: str | None, grad_replicas: int, run_timeout: float,
+        json_out: str | None, down: bool, stack: str, **kw) -> None:
     """Start N local peers, wait for them, print the run's summary."""
     from emnist.p2p.broker import open_broker
     from emnist.p2p.report import summarize, table
@@ -182,7 +225,8 @@ def run(c: Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: str 
     if data_loc is None:
         data_loc = str(split(dataset, dataset_dir, size, data_root or default_data_root(),
                              kw["seed"],
-                             batch_size=kw["batch_size"] if kw["serverless"] else None))
+                             batch_size=kw["batch_size"] if kw["serverless"] else None,
+                             train_samples=train_samples, test_samples=test_samples))
     elif kw["serverless"] and not data_loc.startswith(("http://", "https://")):
         write_batches(Path(data_loc), kw["batch_size"])
     data_loc = local_location(data_loc)
@@ -191,7 +235,8 @@ def run(c: Ctx, size: int, data_loc: str | None, dataset: str, dataset_dir: str 
         started = _ensure_gateway(c, stack, kw["store"], grad_replicas, data_loc)
     out_dir = Path(out or cache_dir() / "p2p-runs") / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    click.echo(f"run {run_id}: {size} peers ({'serverless' if kw['serverless'] else 'p2p'}, "
+    click.echo(f"run {run_id}: {size} peers, {kw['model']} "
+               f"({'serverless' if kw['serverless'] else 'p2p'}, "
                f"{kw['compression']}, {kw['broker'].split('://')[0]}); metrics in {out_dir}",
                err=True)
     t0 = time.monotonic()

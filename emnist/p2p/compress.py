@@ -11,6 +11,12 @@ A compressor turns a float32 gradient into a few arrays (each sent codec-encoded
 - ``topk``: the ``ratio`` largest-magnitude values and their int32 indices. It is biased on its
   own, so the sender keeps what it did not send (error feedback) and adds it to the next
   gradient: nothing is lost, only delayed (Stich et al., 2018). 1/(2 ratio)x smaller.
+
+Big gradients: ``none`` sends and returns the gradient's own memory (no copy); QSGD works in
+slabs of ``SLAB`` values, so its temporaries stay a few MB whatever the size (the random draws
+follow one another exactly as in one pass: the same bits as unslabbed). Top-k selects over
+the whole vector (numpy's argpartition: temporaries of a few times its size). ``max_bytes``
+bounds what a receiver accepts for a gradient of n values.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 NAMES = ("none", "qsgd", "topk")
+SLAB = 1 << 20  # QSGD values per slab (a multiple of any bucket up to 2**20 that divides it)
 
 
 class CompressionError(ValueError):
@@ -36,15 +43,20 @@ class Compressor:
         """What a receiver must share to decompress: sent in every message, checked."""
         return {"name": self.name}
 
+    def max_bytes(self, n: int) -> int:
+        """The parts' payload bytes for a gradient of ``n`` values, at most."""
+        return 4 * n
+
     def compress(self, grad: np.ndarray) -> list[np.ndarray]:
         return [np.ascontiguousarray(grad, dtype=np.float32)]
 
     def decompress(self, parts: list[np.ndarray], n: int) -> np.ndarray:
+        """The dense gradient; for ``none`` the part itself (read-only: never written)."""
         _check(len(parts) == 1, f"none: 1 part expected, got {len(parts)}")
         g = parts[0]
         _check(g.dtype == np.float32 and g.shape == (n,),
                f"none: want float32 ({n},), got {g.dtype} {g.shape}")
-        return np.array(g, dtype=np.float32)
+        return g
 
 
 class QSGD(Compressor):
@@ -61,20 +73,35 @@ class QSGD(Compressor):
     def spec(self) -> dict[str, object]:
         return {"name": self.name, "levels": self.levels, "bucket": self.bucket}
 
+    def max_bytes(self, n: int) -> int:
+        return n + 4 * -(-n // self.bucket)
+
+    def _slab(self) -> int:
+        return max(1, SLAB // self.bucket) * self.bucket
+
     def compress(self, grad: np.ndarray) -> list[np.ndarray]:
-        g = np.asarray(grad, dtype=np.float32)
+        g = np.asarray(grad, dtype=np.float32).reshape(-1)
         n, b = g.size, self.bucket
         nb = -(-n // b)
-        padded = np.zeros(nb * b, dtype=np.float32)
-        padded[:n] = g
-        buckets = padded.reshape(nb, b)
-        norms = np.abs(buckets).max(axis=1).astype(np.float32)
-        safe = np.where(norms > 0, norms, np.float32(1.0))
-        scaled = np.abs(buckets) / safe[:, None] * np.float32(self.levels)  # in [0, s]
-        low = np.floor(scaled)
-        up = self.rng.random(scaled.shape, dtype=np.float32) < (scaled - low)
-        q = (low + up) * np.sign(buckets)
-        return [norms, q.reshape(-1)[:n].astype(np.int8)]
+        norms = np.empty(nb, dtype=np.float32)
+        q = np.empty(n, dtype=np.int8)
+        slab = self._slab()
+        for start in range(0, n, slab):  # whole buckets per slab: the same bits as one pass
+            part = g[start:start + slab]
+            m = part.size
+            k = -(-m // b)
+            padded = np.zeros(k * b, dtype=np.float32)
+            padded[:m] = part
+            buckets = padded.reshape(k, b)
+            mags = np.abs(buckets)
+            top = mags.max(axis=1).astype(np.float32)
+            norms[start // b:start // b + k] = top
+            safe = np.where(top > 0, top, np.float32(1.0))
+            scaled = mags / safe[:, None] * np.float32(self.levels)  # in [0, s]
+            low = np.floor(scaled)
+            up = self.rng.random(scaled.shape, dtype=np.float32) < (scaled - low)
+            q[start:start + m] = ((low + up) * np.sign(buckets)).reshape(-1)[:m]
+        return [norms, q]
 
     def decompress(self, parts: list[np.ndarray], n: int) -> np.ndarray:
         _check(len(parts) == 2, f"qsgd: 2 parts expected, got {len(parts)}")
@@ -84,11 +111,17 @@ class QSGD(Compressor):
                f"qsgd: want float32 norms ({nb},), got {norms.dtype} {norms.shape}")
         _check(q.dtype == np.int8 and q.shape == (n,),
                f"qsgd: want int8 levels ({n},), got {q.dtype} {q.shape}")
-        _check(bool(np.all(np.abs(q.astype(np.int16)) <= self.levels)),
+        _check(n == 0 or (int(q.min()) >= -self.levels and int(q.max()) <= self.levels),
                f"qsgd: a level beyond +-{self.levels}")
         _check(bool(np.all(np.isfinite(norms))), "qsgd: a norm is not finite")
-        scale = np.repeat(norms / np.float32(self.levels), self.bucket)[:n]
-        return q.astype(np.float32) * scale
+        out = np.empty(n, dtype=np.float32)
+        slab, b = self._slab(), self.bucket
+        for start in range(0, n, slab):
+            stop = min(start + slab, n)
+            scale = np.repeat(norms[start // b:-(-stop // b)] / np.float32(self.levels), b)
+            np.multiply(q[start:stop], scale[:stop - start], out=out[start:stop],
+                        dtype=np.float32)
+        return out
 
 
 class TopK(Compressor):
@@ -102,6 +135,9 @@ class TopK(Compressor):
 
     def spec(self) -> dict[str, object]:
         return {"name": self.name, "ratio": self.ratio}
+
+    def max_bytes(self, n: int) -> int:
+        return 8 * self.k_for(n)
 
     def k_for(self, n: int) -> int:
         return max(1, int(round(n * self.ratio)))

@@ -12,6 +12,14 @@ set and meets the others at a barrier that exchanges those numbers, so early sto
 (validation loss, ``patience``), learning-rate reduction on plateau and the target check are
 decided identically everywhere. A missing peer makes the others fail with :class:`PeerTimeout`
 after ``timeout`` seconds, or, with ``allow_missing``, go on without it.
+
+The network is any model of ``emnist.models`` (``model``: the MLP by default, or lenet5, cnn,
+mobilenet_v3_small, squeezenet1_1, vgg11; the seed's names such as ``squeezenet1.1`` resolve),
+built from the split's dataset (image shape, classes, normalisation). Dropout masks come from
+(seed, rank, step, batch), so a minibatch's gradient is the same bits whether the peer or
+``emnist-grad`` computes it. Batch-norm statistics are never exchanged: before validating, a
+peer re-estimates them for the current parameters from the first ``CALIB_IMAGES`` images of
+its own training partition (the same rule with and without serverless gradients).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +37,7 @@ import numpy as np
 from crc32c import crc32c
 
 from emnist.data import shard_sizes
-from emnist.model import MLP, MLPShape, init_params, to_float
+from emnist.models import Model, ModelSpec, build_model, canonical_name
 from emnist.p2p import compress, messages
 from emnist.p2p.broker import Broker, open_broker
 from emnist.p2p.messages import BadMessage, Message
@@ -40,6 +48,8 @@ from emnist.store.keys import valid_run_id
 from emnist.train.config import ConfigError
 
 log = logging.getLogger("emnist.p2p")
+CALIB_IMAGES = 2048  # training images a peer re-estimates batch-norm statistics from
+BARRIER_BYTES = 1 << 20  # a barrier message, at most
 
 
 class PeerTimeout(RuntimeError):
@@ -59,7 +69,8 @@ class PeerConfig:
     batch_size: int = 100
     sync_every: int = 1  # minibatches per synchronous step; 0 = one step per epoch
     lr: float = 0.3
-    hidden: int = 100
+    model: str = "mlp"  # a name of emnist.models (aliases accepted, stored canonical)
+    hidden: int = 100  # the MLP's hidden width
     epochs: int = 20
     target_accuracy: float = 0.0  # 0: no target, run to early stopping or `epochs`
     patience: int = 3
@@ -77,8 +88,16 @@ class PeerConfig:
     gateway: str = "http://127.0.0.1:8080"
     store_url: str = "memcached://127.0.0.1:11211"
     function: str = "emnist-grad"
+    frame_bytes: int = messages.MAX_FRAME  # a message bigger than this travels in frames
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "model", canonical_name(self.model))
+        except ValueError as e:
+            raise ConfigError("model", str(e)) from None
+        if not 4096 <= self.frame_bytes <= 256 << 20:
+            raise ConfigError("frame_bytes", f"must be in [4096, {256 << 20}], got "
+                                             f"{self.frame_bytes}")
         if not valid_run_id(self.run_id):
             raise ConfigError("run_id", "use 1-64 letters, digits, '-' or '_'")
         if self.size < 1:
@@ -107,42 +126,82 @@ class GradientSource(Protocol):
     def close(self) -> None: ...
 
 
+def model_spec(cfg: PeerConfig, manifest: dict[str, Any]) -> ModelSpec:
+    """The network every peer (and emnist-grad) builds for this split."""
+    extra = {"hidden": cfg.hidden} if cfg.model == "mlp" else {}
+    try:
+        spec = ModelSpec.for_dataset(cfg.model, str(manifest["dataset"]),
+                                     classes=int(manifest["num_classes"]), **extra)
+    except ValueError as e:
+        raise ConfigError("model", str(e)) from None
+    if spec.inputs != manifest["features"]:
+        raise ConfigError("model", f"{spec.name} takes {spec.channels}x{spec.height}x"
+                                   f"{spec.width} images, the split's have {manifest['features']} "
+                                   "values")
+    return spec
+
+
+def has_dropout(spec: ModelSpec) -> bool:
+    """Whether the network draws dropout masks (seeding them costs ~10 us a minibatch)."""
+    if spec.name in ("mlp", "lenet5"):
+        return bool(spec.dropout)
+    return spec.dropout is None or spec.dropout > 0
+
+
+def dropout_key(seed: int, rank: int, step: int, batch: int) -> list[int]:
+    """The seed of one minibatch's dropout masks: the same wherever it is computed."""
+    return [seed, rank, step, batch]
+
+
 class LocalGradients:
     """The peer computes its minibatches' gradients itself (batch b = rows [bB, (b+1)B))."""
 
-    def __init__(self, part: Partition, shape: MLPShape, batch_size: int) -> None:
+    def __init__(self, part: Partition, model: Model, batch_size: int, seed: int = 0,
+                 rank: int = 0) -> None:
         self.x, self.y, self.b = part.train_x, part.train_y, batch_size
-        self.model = MLP(shape)
-        self.acc = np.zeros(shape.num_params, dtype=np.float32)
+        self.model, self.seed, self.rank = model, seed, rank
+        self.dropout = has_dropout(model.spec)
+        self.acc = np.zeros(model.num_params, dtype=np.float32)
 
     def compute(self, params: np.ndarray, step: int,
                 batches: np.ndarray) -> tuple[np.ndarray, float]:
+        """The mean gradient (a buffer reused by the next call) and the mean loss."""
         self.acc[:] = 0.0
         loss = 0.0
         for b in batches:
+            if self.dropout:
+                self.model.rng = np.random.default_rng(dropout_key(self.seed, self.rank, step,
+                                                                   int(b)))
             rows = slice(int(b) * self.b, (int(b) + 1) * self.b)
-            batch_loss, g = self.model.loss_and_grad(params, to_float(self.x[rows]), self.y[rows])
+            batch_loss, g = self.model.loss_and_grad(params, self.x[rows], self.y[rows])
             self.acc += g
             loss += batch_loss
-        return self.acc * np.float32(1.0 / len(batches)), loss / len(batches)
+        self.acc *= np.float32(1.0 / len(batches))
+        return self.acc, loss / len(batches)
 
     def close(self) -> None:
         pass
 
 
 def collect(broker: Broker, topic: str, want: set[int], deadline: float,
-            accept: Callable[[Message], Any]) -> tuple[dict[int, Any], int]:
+            accept: Callable[[Message], Any],
+            max_bytes: int = 1 << 30) -> tuple[dict[int, Any], int]:
     """Read ``topic`` until every rank in ``want`` has sent one acceptable message or the
     deadline passes; returns ({rank: accept(msg)}, refused). A message that fails
-    ``accept`` (BadMessage) is logged as an error and skipped: the wait goes on."""
+    ``accept`` (BadMessage) is logged as an error and skipped: the wait goes on. Framed
+    messages are reassembled (``messages.Assembler``); none may exceed ``max_bytes``."""
     got: dict[int, Any] = {}
     refused = 0
     if not want:
         return got, refused
+    asm = messages.Assembler(max_bytes, want, topic)
     with closing(broker.receive(topic, deadline)) as stream:
         for raw in stream:
             try:
-                msg = messages.unpack(raw, topic)
+                whole = asm.feed(raw)
+                if whole is None:
+                    continue  # a frame of a message still arriving
+                msg = messages.unpack(whole, topic)
                 value = accept(msg)
                 if msg.sender not in want:
                     raise BadMessage(f"sender {msg.sender} is not a peer this step waits for")
@@ -167,8 +226,9 @@ class Peer:
         if man["peers"] != cfg.size:
             raise ConfigError("size", f"{cfg.data} is split for {man['peers']} peers, "
                                       f"not {cfg.size}")
-        self.shape = MLPShape(man["features"], cfg.hidden, man["num_classes"])
-        self.n = self.shape.num_params
+        self.spec = model_spec(cfg, man)
+        self.model = build_model(self.spec, seed=cfg.seed)
+        self.n = self.model.num_params
         self.batches = min(man["train_sizes"]) // cfg.batch_size  # equal on every peer
         if self.batches < 1:
             raise ConfigError("batch_size", f"larger than a peer's partition ({cfg.data})")
@@ -177,10 +237,13 @@ class Peer:
             raise ConfigError("sync_every", f"{self.k} minibatches per step, but a peer has "
                                             f"only {self.batches}")
         self.steps_per_epoch = self.batches // self.k
-        self.params = init_params(self.shape, cfg.seed)  # the same on every peer
-        self.model = MLP(self.shape)
+        self.params = self.model.init_params(cfg.seed)  # the same on every peer
+        self.calib = self.part.train_x[:CALIB_IMAGES]
+        self._total = np.zeros(self.n, dtype=np.float32)
+        self.max_bytes = 0  # set per compressor below: what a gradient message may take
         self.comp = compress.make(cfg.compression, seed=cfg.seed * 1009 + cfg.rank + 1,
                                   levels=cfg.qsgd_levels, ratio=cfg.topk_ratio)
+        self.max_bytes = self.comp.max_bytes(self.n) + messages.HEADROOM
         sizes = shard_sizes(len(self.part.test_y), cfg.size)  # this peer's slice of the test set
         start = sum(sizes[:cfg.rank])
         self.test = slice(start, start + sizes[cfg.rank])
@@ -188,9 +251,10 @@ class Peer:
         if source is None:
             if cfg.serverless:
                 from emnist.p2p.serverless import ServerlessGradients
-                source = ServerlessGradients(cfg, self.shape)
+                source = ServerlessGradients(cfg, self.spec, self.n)
             else:
-                source = LocalGradients(self.part, self.shape, cfg.batch_size)
+                source = LocalGradients(self.part, self.model, cfg.batch_size, cfg.seed,
+                                        cfg.rank)
         self.source = source
         self.present = set(range(cfg.size))
         self.metrics = MetricsWriter(cfg.metrics_dir, cfg.rank)
@@ -202,15 +266,19 @@ class Peer:
 
     # -- exchange ----------------------------------------------------------------------------
 
-    def exchange(self, topic: str, data: bytes, accept: Callable[[Message], Any]) -> dict:
-        """Publish ``data`` on ``topic`` to the others, then collect theirs."""
+    def exchange(self, topic: str, frames: Iterable[bytes], accept: Callable[[Message], Any],
+                 max_bytes: int) -> dict:
+        """Publish ``frames`` (one message) on ``topic`` to the others, then collect theirs."""
         others = self.present - {self.cfg.rank}
         t0 = time.perf_counter()
-        self.sent = self.broker.publish(topic, data, sorted(others))
+        self.sent = 0
+        for frame in frames:
+            self.sent += self.broker.publish(topic, frame, sorted(others))
         self.publish_s = time.perf_counter() - t0
         first = self.step_no == 0
         wait = self.cfg.start_timeout if first else self.cfg.timeout
-        got, refused = collect(self.broker, topic, others, time.monotonic() + wait, accept)
+        got, refused = collect(self.broker, topic, others, time.monotonic() + wait, accept,
+                               max_bytes)
         self.refused += refused
         missing = others - got.keys()
         if missing:
@@ -233,8 +301,8 @@ class Peer:
         t1 = time.perf_counter()
         parts = self.comp.compress(grad)
         own = self.comp.decompress(parts, self.n)  # exactly what the others will decode
-        data = messages.gradient(cfg.run_id, step, epoch, cfg.rank, self.comp, parts, self.n,
-                                 loss)
+        frames = messages.gradient_frames(cfg.run_id, step, epoch, cfg.rank, self.comp, parts,
+                                          self.n, loss, cfg.frame_bytes)
         t2 = time.perf_counter()
 
         def accept(msg: Message) -> np.ndarray:
@@ -242,13 +310,18 @@ class Peer:
                            epoch=epoch)
             return messages.read_gradient(msg, self.comp, self.n)
 
-        got = self.exchange(f"g.{step}", data, accept)
+        got = self.exchange(f"g.{step}", frames, accept, self.max_bytes)
         got[cfg.rank] = own
         t3 = time.perf_counter()
-        total = np.zeros(self.n, dtype=np.float32)
+        peers = len(got)
+        total = self._total
+        total[:] = 0.0
         for r in sorted(got):  # a fixed order: every peer computes the same bits
             total += got[r]
-        self.params -= np.float32(self.lr) * (total * np.float32(1.0 / len(got)))
+        del got, own  # the others' gradients (views into their messages) go now
+        total *= np.float32(1.0 / peers)
+        total *= np.float32(self.lr)  # lr * (sum / n), as one expression: the same bits
+        self.params -= total
         t4 = time.perf_counter()
         self.step_no += 1
         # send: compress + encode + publish; receive: the wait for and decoding of the others
@@ -256,17 +329,33 @@ class Peer:
                 "compute_s": t1 - t0, "send_s": (t2 - t1) + self.publish_s,
                 "recv_s": (t3 - t2) - self.publish_s, "update_s": t4 - t3,
                 "bytes_sent": self.sent, "loss": loss,
-                "peers": len(got), "params_crc": crc32c(self.params.data)}
+                "peers": peers, "params_crc": crc32c(self.params.data)}
 
     # -- epoch end ---------------------------------------------------------------------------
 
+    def _evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[int, float]:
+        """(correct, summed cross-entropy) in eval mode, in slices of the model's batch."""
+        correct, total = 0, 0.0
+        batch = getattr(self.model, "default_batch", 256)
+        for i in range(0, len(y), batch):
+            z = np.array(self.model.logits(self.params, self.model.prepare(x[i:i + batch])),
+                         dtype=np.float32)
+            yb = y[i:i + batch]
+            correct += int((z.argmax(axis=1) == yb).sum())
+            z -= z.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            total += float(-logp[np.arange(len(z)), yb].sum())
+        return correct, total
+
     def validate(self) -> dict[str, float]:
-        p, part = self.params, self.part
-        nv = len(part.val_y)
-        val_sum = self.model.loss(p, part.val_x, part.val_y) * nv if nv else 0.0
+        part = self.part
+        if self.model.needs_calibration:  # batch-norm statistics for these parameters
+            self.model.calibrate(self.params, self.calib)
+        _, val_sum = self._evaluate(part.val_x, part.val_y)
         tx, ty = part.test_x[self.test], part.test_y[self.test]
-        correct = round(self.model.accuracy(p, tx, ty) * len(ty))
-        return {"val_sum": val_sum, "val_n": nv, "correct": correct, "test_n": len(ty)}
+        correct, _ = self._evaluate(tx, ty)
+        return {"val_sum": val_sum, "val_n": len(part.val_y), "correct": correct,
+                "test_n": len(ty)}
 
     def barrier(self, epoch: int, stats: dict[str, float]) -> dict[int, dict[str, float]]:
         cfg = self.cfg
@@ -281,7 +370,7 @@ class Peer:
                 raise BadMessage(f"barrier stats {s!r} malformed")
             return s
 
-        got = self.exchange(f"b.{epoch}", data, accept)
+        got = self.exchange(f"b.{epoch}", [data], accept, BARRIER_BYTES)
         got[cfg.rank] = stats
         return got
 
@@ -290,6 +379,7 @@ class Peer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.metrics.write({"kind": "start", "config": asdict(cfg), "params": self.n,
+                            "model": self.spec.to_dict(),
                             "batches": self.batches, "steps_per_epoch": self.steps_per_epoch,
                             "time": time.time()})
         rng = np.random.default_rng(cfg.seed + 1 + cfg.rank)

@@ -49,8 +49,13 @@ def _has_manifest(d: Path) -> bool:
 
 def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
           out_dir: str | os.PathLike[str], seed: int = 0, val_fraction: float = 1 / 12,
-          batch_size: int | None = None) -> Path:
-    """Write (once) and return the split directory; with ``batch_size`` also its batch files."""
+          batch_size: int | None = None, train_samples: int | None = None,
+          test_samples: int | None = None) -> Path:
+    """Write (once) and return the split directory; with ``batch_size`` also its batch files.
+
+    ``train_samples`` / ``test_samples``: use only that many (the first of the seeded
+    permutation; the first test images), for short runs; the directory name records them.
+    """
     key = dataset.strip().lower()
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
@@ -58,20 +63,26 @@ def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
         raise ValueError(f"peers must be >= 1, got {peers}")
     if not 0.0 <= val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+    for name, value in (("train_samples", train_samples), ("test_samples", test_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     out = Path(out_dir)
-    final = out / f"{key}-p{peers}-s{seed}-v{round(val_fraction * 1000)}"
+    limits = (f"-n{train_samples}" if train_samples else "") + \
+        (f"-t{test_samples}" if test_samples else "")
+    final = out / f"{key}-p{peers}-s{seed}-v{round(val_fraction * 1000)}{limits}"
     if not (final / MANIFEST).exists():
         ds = load_dataset(key, root)
-        n = len(ds.train_y)
+        perm = np.random.default_rng(seed).permutation(len(ds.train_y))[:train_samples]
+        n = len(perm)
         if n < 2 * peers:
             raise ValueError(f"{key} has {n} training samples, too few for {peers} peers")
-        perm = np.random.default_rng(seed).permutation(n)
+        test_x, test_y = ds.test_x[:test_samples], ds.test_y[:test_samples]
         tmp = temp_dir_for(final)
         manifest: dict[str, Any] = {
             "format": FORMAT, "dataset": key, "peers": peers, "seed": seed,
             "val_fraction": val_fraction, "num_classes": int(ds.num_classes),
             "features": int(ds.train_x.shape[1]), "train_sizes": [], "val_sizes": [],
-            "test_size": int(len(ds.test_y)),
+            "test_size": int(len(test_y)), "train_samples": n,
         }
         start = 0
         for r, size in enumerate(shard_sizes(n, peers)):
@@ -85,8 +96,8 @@ def split(dataset: str, root: str | os.PathLike[str] | None, peers: int,
             _write(tmp / f"peer-{r}" / "val-y", ds.train_y[val])
             manifest["train_sizes"].append(int(len(train)))
             manifest["val_sizes"].append(int(len(val)))
-        _write(tmp / "test-x", ds.test_x)
-        _write(tmp / "test-y", ds.test_y)
+        _write(tmp / "test-x", test_x)
+        _write(tmp / "test-y", test_y)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         publish_dir(tmp, final, _has_manifest)
     if batch_size:

@@ -74,8 +74,11 @@ class ParameterStore:
     @classmethod
     def at_key(cls, kv: KV, base: str, **kw: Any) -> ParameterStore:
         """The vector whose layout is ``{base}:layout`` (a key its caller has validated)."""
+        n = kw.pop("num_params", None)
         ps = cls(kv, "x", **kw)
         ps.base, ps.run_id = base, None
+        if n is not None:
+            ps._layout(n)
         return ps
 
     def _layout(self, num_params: int) -> None:
