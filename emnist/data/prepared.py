@@ -375,7 +375,9 @@ def prepare_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
                         "image_shape": list(src.image_shape),
                         "sizes": [shapes[f"worker-{i}-y.npy"][0] for i in range(workers)],
                         "test_size": int(len(test_y)), "files": files}
-            writer.commit(manifest_bytes(manifest), expected)
+            raw = manifest_bytes(manifest)
+            writer.commit(raw, expected)
+            manifest = json.loads(raw)  # as every reader sees it (with its digest)
         except OSError as e:
             raise DataError(f"{base.url}: cannot write the set: {e}",
                             field="data_location") from e
