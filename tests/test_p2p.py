@@ -294,3 +294,71 @@ def test_corrupt_partition_file_is_refused(tmp_path, split_dir):
     (copy / "peer-0" / "train-y").write_bytes(bytes(data))
     with pytest.raises(DataError, match="checksum"):
         Location(str(copy)).array("peer-0/train-y")
+
+
+# -- frames: big messages in bounded pieces ------------------------------------------------------
+def _frames(n=100_000, sender=1, max_frame=30_000, step=3):
+    comp = compress.Compressor()
+    g = np.arange(n, dtype=np.float32)
+    return list(messages.gradient_frames("r1", step, 1, sender, comp, comp.compress(g), n, 0.5,
+                                         max_frame))
+
+
+def test_frames_reassemble_in_any_order_and_interleaved():
+    whole = _grad_msg(n=100_000, grad=np.arange(100_000, dtype=np.float32))
+    a, b = _frames(sender=1), _frames(sender=2)
+    assert len(a) == 14 and all(len(f) <= 30_000 + 200 for f in a)
+    asm = messages.Assembler(500_000, {1, 2})
+    done = [asm.feed(f) for pair in zip(reversed(a), b) for f in pair]
+    complete = [d for d in done if d is not None]
+    assert len(complete) == 2 and bytes(complete[0]) == whole  # peer 1's, reversed, first
+    msg = messages.unpack(complete[1])
+    assert msg.sender == 2 and messages.read_gradient(
+        msg, compress.Compressor(), 100_000)[99_999] == 99_999
+    assert _frames(n=10) == [_grad_msg(n=10, grad=np.arange(10, dtype=np.float32))]  # as before
+
+
+def test_frames_are_bounded_and_checked():
+    a = _frames()
+    with pytest.raises(BadMessage, match="more than the 100000 accepted"):
+        messages.Assembler(100_000, {1}).feed(a[0])  # the announced size, before any buffer
+    with pytest.raises(BadMessage, match="not a peer"):
+        messages.Assembler(500_000, {2}).feed(a[0])
+    asm = messages.Assembler(500_000, {1})
+    asm.feed(a[0])
+    with pytest.raises(BadMessage, match="twice"):
+        asm.feed(a[0])
+    with pytest.raises(BadMessage, match="another message"):
+        asm.feed(_frames()[1])  # a second message's frame from the same sender
+    bad = bytearray(a[2])
+    bad[-1] ^= 1
+    with pytest.raises(BadMessage, match="checksum"):
+        asm.feed(bytes(bad))
+    with pytest.raises(BadMessage, match="more than the 1000 accepted"):
+        messages.Assembler(1000, {1}).feed(_grad_msg(n=1000))  # a whole message, too
+
+
+def test_a_big_gradient_crosses_the_broker_in_frames(broker_url, run_id):
+    """64 MiB (16M float32) in 9 frames of at most 8 MiB: RabbitMQ's and Redis's limits on one
+    message (128 MB, 512 MB) are no limit on a gradient."""
+    n = 16 << 20
+    comp = compress.Compressor()
+    g = (np.arange(n) % 4096).astype(np.float32)
+    sender, me = open_broker(broker_url, run_id, 1, 2), open_broker(broker_url, run_id, 0, 2)
+    try:
+        frames = list(messages.gradient_frames(run_id, 0, 1, 1, comp, comp.compress(g), n, 0.0))
+        assert len(frames) == 9 and max(len(f) for f in frames) <= (8 << 20) + 300
+        sent = sum(sender.publish("g.0", f, [0]) for f in frames)
+        del frames
+
+        def accept(msg):
+            messages.check(msg, run=run_id, kind="grad", size=2, step=0, epoch=1)
+            return messages.read_gradient(msg, comp, n)
+
+        got, refused = collect(me, "g.0", {1}, time.monotonic() + 60, accept,
+                               comp.max_bytes(n) + messages.HEADROOM)
+        assert refused == 0 and np.array_equal(got[1], g) and sent >= 4 * n
+    finally:
+        for b in (me, sender):
+            b.cleanup()
+            b.close()

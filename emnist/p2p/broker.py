@@ -44,6 +44,8 @@ class Broker:
 
 
 class RedisBroker(Broker):
+    READ_COUNT = 8  # entries per XREAD: with 8 MiB frames, at most 64 MiB per reply
+
     def __init__(self, url: str, run: str, rank: int, ttl: int = 3600) -> None:
         import redis
 
@@ -77,7 +79,7 @@ class RedisBroker(Broker):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            got = self._call(self.r.xread, {key: last}, count=64,
+            got = self._call(self.r.xread, {key: last}, count=self.READ_COUNT,
                              block=max(1, int(min(left, 1.0) * 1000)))
             for _, entries in got or ():
                 for entry_id, fields in entries:
