@@ -12,10 +12,14 @@ What is measured, and with what:
   call (80% of it counted as round trip, 20% as the server's queued work: on loopback most
   of a small call is client and kernel time);
 - the gateway: ``emnist.bench.gateway`` (a no-op function called straight and through a real
-  local gateway) with a small body and with a gradient-sized one: ``invoke`` and
+  local gateway), then its local gateway with a handler answering a gradient-sized body,
+  called with ``GatewayClient`` as a serverless peer calls emnist-grad: ``invoke`` and
   ``per_byte``;
-- the broker: ``emnist.p2p.broker.RedisBroker`` publish + receive of a small and a
-  gradient-sized message;
+- the broker: a peer's own pieces on real Redis (``messages.gradient`` + ``publish``;
+  ``collect`` of two messages + ``finished``) for a tiny and a gradient-sized message;
+- the cores: one step loop per core at once runs slower than one alone when something else
+  uses the machine; the local node's ``cores`` is the cores this leaves (stores, broker and
+  functions here are ``on_node``: their calls take the same cores);
 - setup and worker start: ``emnist.train.run.setup_run`` (shards already prepared), then
   ``load_run``, the lease, ``open_shard`` and ``open_test`` as ``train_worker`` does them.
 
@@ -135,45 +139,131 @@ def measure_store(url: str, reps: int) -> dict[str, float]:
             "cas_s": max(call, push - fetch), "vector_bytes": nb}
 
 
+GRAD_HANDLER = ("def handle(event, context):\n"
+                "    return (b'\\0' * {n}, 200, {{'Content-Type': 'application/octet-stream'}})\n")
+
+
 def measure_gateway(calls: int) -> dict[str, float]:
-    from emnist.bench.gateway import invoke_overhead, local_noop_gateway
+    """``emnist.bench.gateway``'s no-op function, straight and through the local gateway,
+    then the same with a handler answering a gradient-sized body (as emnist-grad does),
+    called with ``GatewayClient`` (what a serverless peer uses)."""
+    from emnist.bench import gateway as bench_gateway
     from emnist.bench.store import REFERENCE
+    from emnist.gateway.client import GatewayClient
     nbytes = 4 * REFERENCE
-    with local_noop_gateway() as (gw, direct):
-        small = invoke_overhead(gw, direct, calls=calls, rounds=10, warmup=calls // 10)
-        big = invoke_overhead(gw, direct, calls=max(50, calls // 5), rounds=5,
-                              warmup=20, body=bytes(nbytes))
+    with bench_gateway.local_noop_gateway() as (gw, direct):
+        small = bench_gateway.invoke_overhead(gw, direct, calls=calls, rounds=10,
+                                              warmup=calls // 10)
+    saved = bench_gateway.NOOP_HANDLER
+    bench_gateway.NOOP_HANDLER = GRAD_HANDLER.format(n=nbytes)
+    try:
+        with bench_gateway.local_noop_gateway() as (gw, _):
+            client = GatewayClient(gw.rsplit("/function/", 1)[0])
+            times = []
+            for i in range(calls // 4 + 20):
+                t = time.perf_counter()
+                resp = client.invoke("noop", {"batch": i})
+                if len(resp.content) != nbytes:
+                    raise RuntimeError(f"the gradient-sized handler answered {len(resp.content)}"
+                                       " bytes")
+                times.append(time.perf_counter() - t)
+    finally:
+        bench_gateway.NOOP_HANDLER = saved
+    big = statistics.median(times[20:])
     g_small = small[1]["p50_ms"] / 1e3
-    g_big = big[1]["p50_ms"] / 1e3
+    # per byte: what a gradient-sized answer adds, requests' own overhead included (an
+    # effective figure: invoke + per_byte x bytes is the whole call as a peer sees it)
     return {"invoke_s": g_small, "direct_s": small[0]["p50_ms"] / 1e3,
-            "per_byte_s": max(0.0, (g_big - g_small) / nbytes), "big_body_s": g_big}
+            "client_big_s": big, "response_bytes": nbytes,
+            "per_byte_s": max(0.0, (big - g_small) / nbytes)}
 
 
 def measure_broker(url: str, reps: int) -> dict[str, float]:
+    """What a peer pays per message, with the real pieces: ``messages.gradient`` +
+    ``RedisBroker.publish`` to send, ``collect`` (XREAD, unpack, checks, decode) +
+    ``finished`` to receive two, for a tiny gradient and one of the reference MLP's size."""
+    import numpy as np
+
     from emnist.bench.store import REFERENCE
+    from emnist.p2p import compress, messages
     from emnist.p2p.broker import open_broker
+    from emnist.p2p.peer import collect
     run = "cal" + secrets.token_hex(4)
-    pub, sub = open_broker(url, run, 0, 2), open_broker(url, run, 1, 2)
+    peers = [open_broker(url, run, r, 3) for r in range(3)]
+    comp = compress.make("none")
     out: dict[str, float] = {}
     try:
-        for label, n in (("small", 100), ("big", 4 * REFERENCE)):
-            data = bytes(n)
-            times = []
-            for i in range(reps):
-                topic = f"{label}.{i}"
+        for label, n in (("small", 16), ("big", REFERENCE)):
+            g = np.random.default_rng(0).random(n, dtype=np.float32)
+            pubs, recvs = [], []
+            for s in range(reps):
+                topic = f"{label}.{s}"
                 t = time.perf_counter()
-                pub.publish(topic, data, [1])
-                next(iter(sub.receive(topic, time.monotonic() + 10)))
-                times.append(time.perf_counter() - t)
-            out[label] = statistics.median(times[reps // 10:])
+                parts = comp.compress(g)
+                comp.decompress(parts, n)
+                peers[1].publish(topic, messages.gradient(run, s, 1, 1, comp, parts, n, 0.0),
+                                 [0, 2])
+                pubs.append(time.perf_counter() - t)
+                peers[2].publish(topic, messages.gradient(run, s, 1, 2, comp, parts, n, 0.0),
+                                 [0, 1])
+                t = time.perf_counter()
+
+                def accept(msg: Any, s: int = s, n: int = n) -> Any:
+                    messages.check(msg, run=run, kind="grad", size=3, step=s, epoch=1)
+                    return messages.read_gradient(msg, comp, n)
+                collect(peers[0], topic, {1, 2}, time.monotonic() + 10, accept)
+                peers[0].finished(topic)
+                recvs.append(time.perf_counter() - t)
+            out[f"publish_{label}_s"] = statistics.median(pubs[reps // 10:])
+            out[f"receive2_{label}_s"] = statistics.median(recvs[reps // 10:])
     finally:
-        pub.cleanup()
-        pub.close()
-        sub.close()
-    nb = 4 * REFERENCE
-    per_byte = max(1e-12, (out["big"] - out["small"]) / (2 * nb))  # in and out of Redis
-    return {"small_s": out["small"], "big_s": out["big"], "per_byte_s": per_byte,
-            "call_s": out["small"] / 2}
+        peers[0].cleanup()
+        for b in peers:
+            b.close()
+    out["message_bytes"] = 4 * REFERENCE
+    return out
+
+
+def measure_wake(url: str, nbytes: int, messages: int = 200) -> dict[str, float]:
+    """Publish -> blocked XREAD return, two processes, the real RedisBroker."""
+    run = "cal" + secrets.token_hex(4)
+    spec = {"url": url, "run": run, "messages": messages, "bytes": nbytes}
+    cmd = [sys.executable, "-m", "emnist.sim.measure", "wake"]
+    sub = subprocess.Popen([*cmd, json.dumps({**spec, "role": "sub"})], stdout=subprocess.PIPE,
+                           text=True)
+    time.sleep(1.0)  # the reader is up and blocked
+    subprocess.run([*cmd, json.dumps({**spec, "role": "pub"})], check=True, timeout=120,
+                   stdout=subprocess.DEVNULL)
+    lat = json.loads(sub.communicate(timeout=120)[0])[messages // 10:]
+    return {"median_s": statistics.median(lat), "mean_s": statistics.fmean(lat)}
+
+
+def measure_exchange(url: str, peers: int, params: int, steps: int = 300) -> float:
+    """The median step of ``peers`` processes exchanging gradients and nothing else."""
+    run = "cal" + secrets.token_hex(4)
+    cmd = [sys.executable, "-m", "emnist.sim.measure", "exchange"]
+    procs = [subprocess.Popen([*cmd, json.dumps({"url": url, "run": run, "rank": r,
+                                                  "peers": peers, "params": params,
+                                                  "steps": steps})],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+             for r in range(peers)]
+    return statistics.median(json.loads(p.communicate(timeout=600)[0]) for p in procs)
+
+
+def io_factor(doc: dict[str, Any], peers: int, step_s: float, nbytes: int) -> float:
+    """How much more on-node call work costs when ``peers`` processes do it at once than the
+    single-call figures say: the measured exchange-only step against the CPU work those
+    figures give it (a publish, a read of every entry, a delete per peer, on the cores)."""
+    b, cl = doc["broker"], doc["client"]
+
+    def call(req: int, resp: int) -> float:
+        return b["rtt"] + b["op"] + req / b["write_bandwidth"] + resp / b["bandwidth"]
+    per_peer = (call(nbytes, 20) + call(100, peers * nbytes) + call(80, 20)
+                + nbytes * (cl["encode_per_byte"] + (peers - 1) * cl["decode_per_byte"]
+                            + 2 * cl["vector_per_byte"]))
+    cores = doc["nodes"][0]["cores"]
+    modelled = per_peer * peers / min(cores, peers)
+    return max(1.0, step_s / modelled)
 
 
 def measure_start(url: str, data_location: str, dataset: str) -> dict[str, float]:
@@ -223,8 +313,10 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
             "reps": 40 if fast else 400, "eval_images": 1000 if fast else 10000}
     echo("compute: one step per model and batch size ...")
     got = _subprocess("steps", spec)
-    doc["compute"]["models"] = {k: {f: v for f, v in m.items() if f != "spread_alone"}
-                                for k, m in got["models"].items()}
+    doc["compute"]["models"] = {
+        k: {**{f: v for f, v in m.items() if f not in ("spread_alone", "step")},
+            "step": {int(b): t for b, t in m["step"].items()}}  # JSON made the keys strings
+        for k, m in got["models"].items()}
     notes["steps_alone_spread"] = {k: m["spread_alone"] for k, m in got["models"].items()}
     doc["client"] = got["client"]
     if not fast:
@@ -233,6 +325,11 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
         doc["compute"].update(spread=round(d["spread"], 4), drift=round(d["drift"], 4),
                               drift_steps=round(d["drift_steps"], 1))
         notes["drift"] = d
+        # what else runs here takes cores: one step loop per core runs slower than one alone
+        alone = doc["compute"]["models"][f"mlp-h{hidden}"]["step"][100]
+        slow = max(1.0, d["concurrent_step_median_s"] / alone)
+        doc["nodes"][0]["cores"] = round(cores / slow, 3)
+        notes["effective_cores"] = {"cores": cores, "slowdown_of_one_loop_per_core": slow}
     else:
         notes["drift"] = "not measured (fast): template values"
     echo("store: fetch and push (emnist.bench.store) ...")
@@ -244,7 +341,8 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
     add = nb * (cl["decode_per_byte"] + cl["encode_per_byte"] + cl["vector_per_byte"])
     write_pb = max(1e-13, (s["cas_s"] - add - s["call_s"]) / nb)
     doc["store"].update(rtt=(1 - SERVER_SHARE) * s["call_s"], op=SERVER_SHARE * s["call_s"],
-                        bandwidth=min(1e12, 1.0 / read_pb), write_bandwidth=min(1e12, 1 / write_pb))
+                        bandwidth=min(1e12, 1.0 / read_pb), write_bandwidth=min(1e12, 1 / write_pb),
+                        on_node=True)
     if fast:
         notes["gateway"] = notes["broker"] = notes["start"] = "not measured (fast): template"
     else:
@@ -253,13 +351,31 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
         notes["gateway"] = g
         doc["gateway"].update({"invoke": g["invoke_s"], "per_byte": g["per_byte_s"],
                                "async": g["invoke_s"]})  # an async submit: one small call
-        echo("broker: Redis Streams publish + receive ...")
+        echo("broker: a peer's publish and receive (Redis Streams) ...")
         try:
             b = measure_broker(broker_url, 200)
             notes["broker"] = {"url": broker_url, **b}
-            bw = min(1e12, 1.0 / b["per_byte_s"])
-            doc["broker"].update(rtt=(1 - SERVER_SHARE) * b["call_s"],
-                                 op=SERVER_SHARE * b["call_s"], bandwidth=bw, write_bandwidth=bw)
+            nb, cl = b["message_bytes"], doc["client"]
+            call = b["publish_small_s"]
+            pub_pb = (b["publish_big_s"] - call) / nb - cl["encode_per_byte"] \
+                - 2 * cl["vector_per_byte"]
+            # a receive of two: one XREAD of three entries (its own included), two decodes
+            recv_pb = ((b["receive2_big_s"] - b["receive2_small_s"]) / nb
+                       - 2 * cl["decode_per_byte"]) / 3
+            doc["broker"].update(rtt=(1 - SERVER_SHARE) * call, op=SERVER_SHARE * call,
+                                 write_bandwidth=min(1e12, 1 / max(1e-13, pub_pb)),
+                                 bandwidth=min(1e12, 1 / max(1e-13, recv_pb)), on_node=True)
+            w = measure_wake(broker_url, nb)
+            br = doc["broker"]
+            path = br["rtt"] + 2 * br["op"] + nb / br["write_bandwidth"] + nb / br["bandwidth"]
+            notes["broker_wake"] = {**w, "modelled_path_s": path}
+            br["wake"] = max(0.0, w["median_s"] - path)
+            ratio = max(1.0, w["mean_s"] / w["median_s"])
+            br["wake_spread"] = min(3.0, (2 * np.log(ratio)) ** 0.5)
+            step = measure_exchange(broker_url, 3, nb // 4)
+            k = io_factor(doc, 3, step, nb)
+            notes["exchange"] = {"peers": 3, "step_s": step, "io_factor": k}
+            doc["nodes"][0]["io_factor"] = round(k, 3)
         except Exception as e:  # noqa: BLE001 - a missing broker keeps the template's figures
             notes["broker"] = f"not measured: {type(e).__name__}: {e}"
         echo("start-up: setup_run, a worker's start ...")

@@ -129,6 +129,63 @@ def loop(spec: dict[str, Any]) -> list[float]:
     return out
 
 
+def wake(spec: dict[str, Any]) -> list[float] | None:
+    """One side of a publish -> blocked-reader timing over the real RedisBroker: the
+    publisher stamps each message with its wall clock (the reader is on the same machine)."""
+    from emnist.p2p.broker import open_broker
+    role, n, size = spec["role"], spec["messages"], spec["bytes"]
+    b = open_broker(spec["url"], spec["run"], 0 if role == "pub" else 1, 2)
+    lat = []
+    try:
+        for s in range(n):
+            if role == "pub":
+                time.sleep(0.005)  # the reader is blocked by now
+                b.publish(f"w.{s}", f"{time.time():.9f}".encode().ljust(size, b" "), [1])
+            else:
+                for m in b.receive(f"w.{s}", time.monotonic() + 30):
+                    lat.append(time.time() - float(m[:24].strip()))
+                    break
+        if role == "pub":
+            time.sleep(0.5)
+            b.cleanup()
+    finally:
+        b.close()
+    return lat if role == "sub" else None
+
+
+def exchange(spec: dict[str, Any]) -> float:
+    """One of ``peers`` processes doing only a p2p step's communication (the real
+    messages.gradient, publish, collect with the real checks and decode, finished), for
+    ``steps`` steps; prints its median step time."""
+    from emnist.p2p import compress, messages
+    from emnist.p2p.broker import open_broker
+    from emnist.p2p.peer import collect
+    run, rank, peers, n = spec["run"], spec["rank"], spec["peers"], spec["params"]
+    comp = compress.make("none")
+    b = open_broker(spec["url"], run, rank, peers)
+    g = np.random.default_rng(rank).random(n, dtype=np.float32)
+    times = []
+    try:
+        for s in range(spec["steps"]):
+            t = time.perf_counter()
+            parts = comp.compress(g)
+            comp.decompress(parts, n)
+            b.publish(f"g.{s}", messages.gradient(run, s, 1, rank, comp, parts, n, 0.0), [])
+
+            def accept(msg: Any, s: int = s) -> Any:
+                messages.check(msg, run=run, kind="grad", size=peers, step=s, epoch=1)
+                return messages.read_gradient(msg, comp, n)
+            collect(b, f"g.{s}", set(range(peers)) - {rank}, time.monotonic() + 30, accept)
+            b.finished(f"g.{s}")
+            times.append(time.perf_counter() - t)
+    finally:
+        if rank == 0:
+            time.sleep(0.5)
+            b.cleanup()
+        b.close()
+    return float(np.median(times[len(times) // 10:]))
+
+
 if __name__ == "__main__":
     what, arg = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps(steps(arg) if what == "steps" else loop(arg)))
+    print(json.dumps({"steps": steps, "loop": loop, "wake": wake, "exchange": exchange}[what](arg)))

@@ -103,12 +103,25 @@ class Net:
         p, node, c, i, state, single = args
         now = self.loop.now
         cost = c.server.cost
-        start, end = c.server.fifo.reserve(now, cost.service(c.req, c.resp), c.req + c.resp)
+        service = cost.service(c.req, c.resp)
+        start, end = c.server.fifo.reserve(now, service, c.req + c.resp)
         state["replies"][i] = c.effect(start) if c.effect is not None else None
         _, got = node.down.reserve(start, c.resp / node.bw, c.resp)
         done = max(end, got) + cost.rtt / 2
         if done > state["done"]:
             state["done"] = done
+        if cost.on_node:  # the same cores do the work: done when that CPU job is done too
+            state["left"] += 1
+            node.cpu.run(node.kind.io_factor * (cost.rtt + service),
+                         lambda: self._cpu_done(p, state, single))
+        self._one_done(p, state, single)
+
+    def _cpu_done(self, p: Proc, state: dict, single: bool) -> None:
+        state["done"] = max(state["done"], self.loop.now)
+        self._one_done(p, state, single)
+
+    def _one_done(self, p: Proc, state: dict, single: bool) -> None:
         state["left"] -= 1
         if state["left"] == 0:
-            p.resume_at(state["done"], state["replies"][0] if single else state["replies"])
+            p.resume_at(max(state["done"], self.loop.now),
+                        state["replies"][0] if single else state["replies"])

@@ -93,7 +93,7 @@ def run_p2p(sim: Sim) -> dict[str, Any]:
         raise ValueError(f"sync_every {k} > {batches} minibatches per peer")
     steps_per_epoch = batches // k
     run = P2PRun(model.init_params(cfg.seed), cfg.workers, lr=cfg.lr)
-    broker = Broker(sim.loop, sim.net, costs)
+    broker = Broker(sim.loop, sim.net, costs, cfg.timing_seed)
     funcs = store = None
     if cfg.serverless:
         funcs = Functions(sim.loop, sim.net, costs, sim.nodes)

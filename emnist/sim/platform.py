@@ -25,6 +25,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from emnist.sim.costs import Costs, NodeKind
 from emnist.sim.events import CPU, Fifo, Loop, Proc
 from emnist.sim.net import Net, Node, ServerQ
@@ -67,7 +69,7 @@ class Functions:
 
     def _gateway(self, node: Node, nbytes: int) -> Any:
         work = self.g["invoke"] / 2 + self.g["per_byte"] * nbytes  # each direction half
-        return node.cpu.op(work) if self.g["on_node"] else work
+        return node.cpu.op(node.kind.io_factor * work) if self.g["on_node"] else work
 
     def acquire(self) -> Any:
         """A process op: resume with (instance, cold) once one may run."""
@@ -153,18 +155,27 @@ class _Stream:
 class Broker:
     """Redis Streams for peers: one stream per topic, every peer reads every entry."""
 
-    def __init__(self, loop: Loop, net: Net, costs: Costs) -> None:
+    def __init__(self, loop: Loop, net: Net, costs: Costs, seed: int = 0) -> None:
         self.loop, self.net = loop, net
         self.server = ServerQ("broker", costs.broker, Fifo("broker"))
         self.streams: dict[str, _Stream] = {}
+        b = costs["broker"]
+        self.wake, self.wake_spread = b["wake"], b["wake_spread"]
+        self.rng = np.random.default_rng([seed, 0xB0])
 
     def publish(self, node: Node, topic: str, sender: int, nbytes: int, data: Any) -> G:
         def land(_t: float) -> None:
             s = self.streams.setdefault(topic, _Stream())
             s.entries.append((sender, nbytes, data))
             blocked, s.blocked = s.blocked, []
-            for r in blocked:
-                self._serve(topic, r)
+            for r in blocked:  # a blocked XREAD returns later than a plain call would
+                delay = self.wake
+                if delay and self.wake_spread:
+                    delay *= float(self.rng.lognormal(0.0, self.wake_spread))
+                if delay:
+                    self.loop.after(delay, lambda _, r=r: self._serve(topic, r))
+                else:
+                    self._serve(topic, r)
         yield self.net.rpc(node, self.server, nbytes + 100, 20, land)
 
     def read(self, node: Node, topic: str, cursor: int) -> Any:
@@ -190,7 +201,13 @@ class Broker:
         start, end = self.server.fifo.reserve(self.loop.now, self.server.cost.service(100, nbytes),
                                               nbytes)
         _, down = r.node.down.reserve(start, nbytes / r.node.bw, nbytes)
-        r.proc.resume_at(max(end, down) + self.server.cost.rtt / 2, got)
+        done = max(end, down) + self.server.cost.rtt / 2
+        if self.server.cost.on_node:  # one machine: the read's work is on the reader's cores
+            work = r.node.kind.io_factor * (self.server.cost.rtt
+                                            + self.server.cost.service(100, nbytes))
+            r.node.cpu.run(work, lambda: r.proc.resume_at(max(done, self.loop.now), got))
+        else:
+            r.proc.resume_at(done, got)
 
     def delete(self, node: Node, topic: str) -> G:
         def drop(_t: float) -> None:
