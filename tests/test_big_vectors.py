@@ -314,3 +314,20 @@ def test_a_vgg11_sized_vector_round_trips_through_redis(big_redis):
         assert 0 < rep[op]["bytes_max"] <= 32 * MB + 4096 and rep[op]["trips"] >= 16, rep[op]
     print("\nredis", json.dumps({k: v for k, v in rep.items() if isinstance(v, dict)}))
     assert redis.Redis.from_url(BIG_REDIS).dbsize() > 0  # the checkpoint; flushed after
+
+
+def test_bench_store_takes_sizes_in_mb(tmp_path):
+    from click.testing import CliRunner
+
+    from emnist.bench.store import raw_echo, reps_for
+    from emnist.cli import main
+
+    out = tmp_path / "store.json"
+    r = CliRunner().invoke(main, ["bench", "store", "--store", MEMCACHED_URL, "--chunk-bytes",
+                                  "393216", "--vector-mb", "0.5", "--reps", "10", "--json",
+                                  str(out)])
+    assert r.exit_code == 0, r.output
+    (rec,) = json.loads(out.read_text())
+    assert rec["vector_bytes"] == 500_000 and rec["chunks"] == 2 and rec["push_mb_per_s"] > 0
+    assert reps_for(515_000_000, 300) == (3, 1) and reps_for(6_000_000, 300) == (300, 20)
+    assert len(raw_echo(64 * MB, 2, 1)) == 2  # bigger than the socket buffers: no deadlock

@@ -2,7 +2,10 @@
 next to the raw loopback ceiling (a plain TCP echo of the same bytes).
 
 Each measurement warms up first, then times single operations (p50/p99) and reports MB/s from
-the mean; the echo server runs in its own process so it does not share our GIL.
+the mean; the echo server runs in its own process so it does not share our GIL. Big vectors
+(``--vector-mb 6,515``: a MobileNetV3-small-sized and a VGG11-sized one) take fewer
+repetitions (about 2 GB moved per figure, at least 3) and move in the store's bounded batches;
+a 515 MB vector needs a memcached started with ``-m 1024`` or more.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from statistics import mean
@@ -27,8 +31,16 @@ COLUMNS = [("backend", "backend", ""), ("vector_bytes", "vector", ",d"),
            ("chunk_bytes", "chunk", ",d"), ("fetch_p50_ms", "fetch p50 ms", ".3f"),
            ("fetch_p99_ms", "fetch p99 ms", ".3f"), ("push_p50_ms", "push p50 ms", ".3f"),
            ("push_p99_ms", "push p99 ms", ".3f"), ("fetch_mb_per_s", "fetch MB/s", ",.0f"),
+           ("push_mb_per_s", "push MB/s", ",.0f"),
            ("raw_ceiling_mb_per_s", "raw TCP MB/s", ",.0f"),
-           ("fetch_vs_raw", "fetch/raw", ".0%")]
+           ("fetch_vs_raw", "fetch/raw", ".0%"), ("reps", "reps", "")]
+MOVED_PER_FIGURE = 2e9  # bytes: big vectors take fewer repetitions
+
+
+def reps_for(nbytes: int, reps: int) -> tuple[int, int]:
+    """(repetitions, warm-ups) for a vector of ``nbytes``: ``reps`` for small ones."""
+    n = max(3, min(reps, int(MOVED_PER_FIGURE // max(nbytes, 1))))
+    return n, min(20, max(1, n // 10))
 
 ECHO = """
 import socket, sys
@@ -69,10 +81,14 @@ def raw_echo(nbytes: int, reps: int, warmup: int = 20) -> list[float]:
         view = memoryview(buf)
 
         def trip() -> None:
-            sock.sendall(payload)
+            # send from a thread: a payload bigger than the socket buffers would otherwise
+            # block both ends (the echo waits for us to read what it sends back)
+            sender = threading.Thread(target=sock.sendall, args=(payload,))
+            sender.start()
             got = 0
             while got < nbytes:
                 got += sock.recv_into(view[got:])
+            sender.join()
 
         times = _timed(trip, reps, warmup)
         sock.close()
@@ -114,7 +130,8 @@ def bench_store(urls: list[str], chunk_sizes: list[int], vectors: list[int], rep
     records = []
     ceilings = {}
     for n in vectors:
-        raw = raw_echo(4 * n, reps)
+        r, w = reps_for(4 * n, reps)
+        raw = raw_echo(4 * n, r, w)
         ceilings[n] = (_ms(raw, 50), 4 * n / mean(raw) / 1e6)
     for url in urls:
         try:
@@ -125,7 +142,7 @@ def bench_store(urls: list[str], chunk_sizes: list[int], vectors: list[int], rep
         for n in vectors:
             for chunk in chunk_sizes:
                 echo(f"{url} vector {4 * n:,} B chunk {chunk:,} B ...")
-                r = measure(url, n, chunk, reps)
+                r = measure(url, n, chunk, *reps_for(4 * n, reps))
                 r["raw_p50_ms"], r["raw_ceiling_mb_per_s"] = ceilings[n]
                 r["fetch_vs_raw"] = r["fetch_mb_per_s"] / r["raw_ceiling_mb_per_s"]
                 records.append(r)

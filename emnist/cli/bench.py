@@ -42,15 +42,27 @@ def bench() -> None:
               help="Comma-separated chunk sizes.")
 @click.option("--scale", "scales", default="1,10", show_default=True,
               help="Vector sizes as multiples of the 784-100-47 model (333 KB).")
-@click.option("--reps", type=click.IntRange(10), default=300, show_default=True)
+@click.option("--vector-mb", "vector_mb", default=None,
+              help="Vector sizes in MB (10^6 bytes), comma-separated, instead of --scale: e.g. "
+                   "6,515 (MobileNetV3-small, VGG11; 515 needs a memcached with -m 1024).")
+@click.option("--reps", type=click.IntRange(10), default=300, show_default=True,
+              help="Timed operations per figure (fewer for big vectors: ~2 GB moved).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
 @friendly
-def bench_store_cmd(urls: tuple[str, ...], chunk_bytes: str, scales: str, reps: int,
-                    json_out: str | None) -> None:
+def bench_store_cmd(urls: tuple[str, ...], chunk_bytes: str, scales: str,
+                    vector_mb: str | None, reps: int, json_out: str | None) -> None:
     """Fetch and atomic-push latency and MB/s per backend, against raw loopback TCP."""
     from emnist.bench.store import COLUMNS, REFERENCE, bench_store, default_urls
     chunks = [int(x) for x in chunk_bytes.split(",") if x.strip()]
-    vectors = [int(float(x) * REFERENCE) for x in scales.split(",") if x.strip()]
+    if vector_mb:
+        try:
+            vectors = [max(1, int(float(x) * 1e6 / 4)) for x in vector_mb.split(",")
+                       if x.strip()]
+        except ValueError:
+            raise click.BadParameter("comma-separated numbers of MB",
+                                     param_hint="--vector-mb") from None
+    else:
+        vectors = [int(float(x) * REFERENCE) for x in scales.split(",") if x.strip()]
     records = bench_store(list(urls) or default_urls(), chunks, vectors, reps,
                           echo=lambda m: click.echo(m, err=True))
     click.echo(format_table(records, COLUMNS))
