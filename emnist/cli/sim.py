@@ -185,7 +185,12 @@ def sweep_cmd(costs_names: str, workers_list: str, variants: tuple[str, ...], js
 
 @sim.command("validate")
 @costs_option
-@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+@click.option("--calibrate/--no-calibrate", "recalibrate", default=True, show_default=True,
+              help="Calibrate first (into --costs-out) and simulate with that: the machine's "
+                   "load drifts, so measure it next to the runs.")
+@click.option("--costs-out", default="results/sim-validate-costs.yml", show_default=True,
+              type=click.Path(dir_okay=False), help="Where --calibrate writes its cost file.")
+@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
               help="Real runs per case (after a warm-up); the median is compared.")
 @click.option("--sim-rounds", type=click.IntRange(1), default=5, show_default=True,
               help="Simulations per case (timing seeds); the median is compared.")
@@ -199,14 +204,20 @@ def sweep_cmd(costs_names: str, workers_list: str, variants: tuple[str, ...], js
 @stack_option
 @pass_ctx
 @friendly
-def validate_cmd(c: Ctx, costs_name: str, rounds: int, sim_rounds: int, cases: tuple[str, ...],
-                 broker: str, store: str, json_out: str, stack: str) -> None:
+def validate_cmd(c: Ctx, costs_name: str, recalibrate: bool, costs_out: str, rounds: int,
+                 sim_rounds: int, cases: tuple[str, ...], broker: str, store: str,
+                 json_out: str, stack: str) -> None:
     """Real runs on this machine next to their simulations; time to target compared."""
     from emnist.cli.train import run_training
     from emnist.sim import validate
 
     def run_train(config: dict[str, Any]) -> Any:
         return run_training(c, config, stack=stack, store=store, timeout=600, progress=False)
+    if recalibrate:
+        from emnist.sim.calibrate import calibrate, write_costs
+        doc = calibrate(store_url=store, broker_url=broker,
+                        echo=lambda m: click.echo(m, err=True))
+        costs_name = str(write_costs(doc, costs_out))
     records = validate.validate(c.gateway, costs_name, rounds, sim_rounds, list(cases),
                                 broker=broker, store=store, run_train=run_train,
                                 echo=lambda m: click.echo(m, err=True))

@@ -97,44 +97,57 @@ def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases:
         raise ValueError(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
     out = []
     for name in cases or list(CASES):
-        kind, real, settings = CASES[name]
-        echo(f"{name}: warm-up, then {rounds} real run(s) ...")
-        measured, curves = [], []
-        for i in range(rounds + 1):
-            t = time.perf_counter()
-            if kind == "train":
-                outcome = run_train({**STORE_BASE, **real})
-                seconds = outcome.seconds
-                curves.append(sorted(outcome.results, key=lambda r: r["worker_id"])[0]
-                              .get("curve"))
-            else:
-                summary = _p2p_real(gateway, real, broker, store)
-                seconds = summary.get("time_to_target") or float("nan")
-            echo(f"  {'warm-up' if i == 0 else f'round {i}'}: {seconds:.3f} s "
-                 f"({time.perf_counter() - t:.1f} s wall)")
-            if i:
-                measured.append(seconds)
-        echo(f"{name}: {sim_rounds} simulation(s) ...")
-        sims = _simulated(costs, settings, sim_rounds, sim_extra or {})
-        simulated = [_sim_seconds(r) for r in sims]
-        m, s = statistics.median(measured), statistics.median(simulated)
-        rec: dict[str, Any] = {
-            "case": name, "model": "mlp", "costs": costs.name,
-            "measured_median_s": m, "simulated_median_s": s, "error": (s - m) / m,
-            "within": abs(s - m) <= TOLERANCE * m,
-            "measured_rounds": [round(x, 3) for x in measured],
-            "simulated_rounds": [round(x, 3) for x in simulated],
-            "curve_identical": "", "real": real, "simulated": settings,
-            "simulated_accuracy": [r["accuracy"] for r in sims],
-            "simulated_wall_s": [round(r["wall_s"], 2) for r in sims]}
-        if name == "downpour-1" and curves[-1] is not None:
-            real_curve = [(c[1], c[2]) for c in curves[-1]]
-            sim_curve = [(c[1], c[2]) for c in sims[0]["worker_curves"][0]]
-            rec["curve_identical"] = real_curve == sim_curve
-            rec["real_curve"], rec["sim_curve"] = real_curve, sim_curve
+        try:
+            rec = _case(name, gateway, costs, rounds, sim_rounds, broker, store, run_train, echo,
+                        sim_extra or {})
+        except Exception as e:  # noqa: BLE001 - one failed case must not lose the others
+            echo(f"{name}: FAILED: {e}")
+            rec = {"case": name, "model": "mlp", "costs": costs.name, "error": str(e)[-800:],
+                   "within": False}
         out.append(rec)
-        echo(f"{name}: measured {m:.3f} s, simulated {s:.3f} s ({rec['error']:+.0%})")
     return out
+
+
+def _case(name: str, gateway: str, costs: Any, rounds: int, sim_rounds: int, broker: str,
+          store: str, run_train: Callable[[dict[str, Any]], Any],
+          echo: Callable[[str], None], sim_extra: dict[str, Any]) -> dict[str, Any]:
+    kind, real, settings = CASES[name]
+    echo(f"{name}: warm-up, then {rounds} real run(s) ...")
+    measured, curves = [], []
+    for i in range(rounds + 1):
+        t = time.perf_counter()
+        if kind == "train":
+            outcome = run_train({**STORE_BASE, **real})
+            seconds = outcome.seconds
+            curves.append(sorted(outcome.results, key=lambda r: r["worker_id"])[0]
+                          .get("curve"))
+        else:
+            summary = _p2p_real(gateway, real, broker, store)
+            seconds = summary.get("time_to_target") or float("nan")
+        echo(f"  {'warm-up' if i == 0 else f'round {i}'}: {seconds:.3f} s "
+             f"({time.perf_counter() - t:.1f} s wall)")
+        if i:
+            measured.append(seconds)
+    echo(f"{name}: {sim_rounds} simulation(s) ...")
+    sims = _simulated(costs, settings, sim_rounds, sim_extra)
+    simulated = [_sim_seconds(r) for r in sims]
+    m, s = statistics.median(measured), statistics.median(simulated)
+    rec: dict[str, Any] = {
+        "case": name, "model": "mlp", "costs": costs.name,
+        "measured_median_s": m, "simulated_median_s": s, "error": (s - m) / m,
+        "within": abs(s - m) <= TOLERANCE * m,
+        "measured_rounds": [round(x, 3) for x in measured],
+        "simulated_rounds": [round(x, 3) for x in simulated],
+        "curve_identical": "", "real": real, "simulated": settings,
+        "simulated_accuracy": [r["accuracy"] for r in sims],
+        "simulated_wall_s": [round(r["wall_s"], 2) for r in sims]}
+    if name == "downpour-1" and curves[-1] is not None:
+        real_curve = [(c[1], c[2]) for c in curves[-1]]
+        sim_curve = [(c[1], c[2]) for c in sims[0]["worker_curves"][0]]
+        rec["curve_identical"] = real_curve == sim_curve
+        rec["real_curve"], rec["sim_curve"] = real_curve, sim_curve
+    echo(f"{name}: measured {m:.3f} s, simulated {s:.3f} s ({rec['error']:+.0%})")
+    return rec
 
 
 def table(records: list[dict[str, Any]]) -> str:
