@@ -402,18 +402,18 @@ def test_shards_concurrent_processes(tmp_path: Path) -> None:
 
 def test_shards_lost_race_keeps_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A caller that built its set while another published first keeps the published one."""
-    import emnist.data.shards as shards_mod
+    import emnist.data.prepared as prepared_mod
 
     p = prepare_shards("synthetic", None, 2, tmp_path, seed=3)
     stamps = {f.name: f.stat().st_mtime_ns for f in p.iterdir()}
-    real = shards_mod._is_complete
-    calls: list[Path] = []
+    real = prepared_mod._complete
+    calls: list = []
 
-    def first_check_misses(d: Path, expected: dict) -> bool:
-        calls.append(d)  # the first check misses, as if the winner had not yet renamed
-        return len(calls) > 1 and real(d, expected)
+    def first_check_misses(loc, expected: dict):
+        calls.append(loc)  # the first check misses, as if the winner had not yet renamed
+        return real(loc, expected) if len(calls) > 1 else None
 
-    monkeypatch.setattr(shards_mod, "_is_complete", first_check_misses)
+    monkeypatch.setattr(prepared_mod, "_complete", first_check_misses)
     assert prepare_shards("synthetic", None, 2, tmp_path, seed=3) == p
     assert {f.name: f.stat().st_mtime_ns for f in p.iterdir()} == stamps
     assert [q.name for q in tmp_path.iterdir()] == [p.name]

@@ -32,8 +32,8 @@ from emnist.paths import cache_dir
 from .idx import DataError
 from .location import LocalLocation, Location, open_location
 from .npyio import file_crc
-from .prepared import MANIFEST, parse_manifest, read_manifest
-from .shards import Shard, image_shape
+from .prepared import MANIFEST, parse_manifest
+from .shards import Shard, image_shape, load_manifest
 
 __all__ = ["CACHE_BYTES_ENV", "FetchStats", "SetReader", "open_set"]
 
@@ -58,7 +58,7 @@ class SetReader:
         self.loc, self.env = loc, os.environ if env is None else env
         self.stats = FetchStats()
         if isinstance(loc, LocalLocation):
-            self.manifest = read_manifest(loc)
+            self.manifest = load_manifest(loc.root)  # also a shard directory of format 2
             self.dir = loc.root
         else:
             raw = loc.read(MANIFEST, max_bytes=1 << 20)

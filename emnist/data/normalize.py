@@ -59,6 +59,8 @@ def stats_for(dataset: str) -> DatasetStats | None:
         key = "emnist"
     elif key in ("cifar-10", "cifar_10"):
         key = "cifar10"
+    elif key.startswith("fashion-mnist-gen-"):  # generated from Fashion-MNIST's images
+        key = "fashion-mnist"
     return DATASET_STATS.get(key)
 
 

@@ -42,9 +42,9 @@ from .location import LocalLocation, Location, open_location
 from .npyio import chunk_bytes, npy_size
 
 __all__ = ["FORMAT", "MANIFEST", "PREPROCESSING", "PreparedSet", "SetSummary",
-           "canonical_dataset", "find_set", "list_sets", "manifest_bytes", "parse_manifest",
-           "prepare_set", "read_manifest", "remove_set", "set_key", "set_name",
-           "source_fingerprint"]
+           "canonical_dataset", "ensure_set", "find_set", "list_sets", "manifest_bytes",
+           "parse_manifest", "prepare_set", "read_manifest", "remove_set", "set_key",
+           "set_name", "source_fingerprint"]
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # 3: content-addressed sets on any data URL (2: local shard directories)
@@ -499,6 +499,36 @@ def find_set(data_url: str, dataset: str, workers: int, seed: int, *,
     if best is None:
         return None
     return PreparedSet(base.child(best[1]).url, best[1], best[2], reused=True)
+
+
+def ensure_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
+               root: str | os.PathLike[str] | None = None,
+               env: Mapping[str, str] | None = None) -> PreparedSet:
+    """The set a run needs: prepared here when the source files are here (or found complete
+    by its key), else the newest complete one of these parameters at ``data_url`` (prepared
+    elsewhere, e.g. by ``emnist data prepare`` on a laptop). DataError ``missing`` when
+    neither exists."""
+    try:
+        return prepare_set(dataset, workers, data_url, seed=seed, root=root, env=env)
+    except DataError as e:
+        if not e.missing:
+            raise
+        if e.field == "data_location":  # a read-only location without the set
+            raise DataError(str(e), missing=True, field="data_location",
+                            public="no prepared set for this run there (run `emnist data "
+                                   "prepare` with the run's dataset, workers and seed)") \
+                from None
+        found = find_set(data_url, dataset, workers, seed, root=root, env=env)
+        if found is not None:
+            return found
+        if root is not None:  # the caller named where the source files are: they are not
+            raise
+        raise DataError(f"{data_url}: no prepared set of {canonical_dataset(dataset)} for "
+                        f"{workers} workers (seed {seed}), and the source files are not here "
+                        f"({e})", missing=True, field="data_location",
+                        public="no prepared set for this run there and no source files to "
+                               "prepare one (run `emnist data prepare` with the run's dataset, "
+                               "workers and seed)") from None
 
 
 def remove_set(data_url: str, name: str, env: Mapping[str, str] | None = None) -> int:

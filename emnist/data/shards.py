@@ -5,28 +5,24 @@ and the manifest records ``image_shape`` (C, H, W), so a conv model reshapes a r
 planes and the MLP takes it flat.
 
 Each worker memory-maps only its own shard, so N workers on one host share the page cache
-instead of each holding the whole training set. A shard set is prepared once per
-(dataset, workers, seed, source files) and reused: its directory name carries a fingerprint
-of the source files' names, sizes and mtimes, so changed data yields a new directory.
+instead of each holding the whole training set. A shard set in a directory is a prepared set
+(``emnist.data.prepared``: content-addressed, the same bytes as at an ``s3://`` data URL);
+this module opens one in place. Workers reading from a data URL go through
+``emnist.data.cache``, which fetches and verifies their own shard into the local cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from crc32c import crc32c
 
-from emnist.publish import publish_dir, temp_dir_for
-
-from .datasets import DATASETS, dataset_files, load_dataset
 from .idx import DataError
+from .npyio import file_crc
 
 __all__ = [
     "MANIFEST",
@@ -41,7 +37,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: CRC-32C of every file's data and of the manifest, checked on open
+FORMAT_VERSION = 2  # 2: CRC-32C of every file's data and of the manifest (3: prepared sets)
 
 
 @dataclass(eq=False)
@@ -65,31 +61,21 @@ def shard_sizes(n: int, workers: int) -> list[int]:
 
 
 def source_fingerprint(dataset_name: str, root: str | os.PathLike[str] | None = None) -> str:
-    """Short hash of the dataset's source file names, sizes and mtimes (no data is read)."""
-    key = dataset_name.strip().lower()
-    h = hashlib.sha256(f"format={FORMAT_VERSION};dataset={key}".encode())
-    for f in dataset_files(key, root):
-        st = f.stat()
-        h.update(f";{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:10]
+    """A hash of the dataset's source content (``emnist.data.prepared.source_fingerprint``)."""
+    from .prepared import source_fingerprint as content_fingerprint
 
-
-def _canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
-
-
-def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """The manifest as written: canonical JSON carrying the CRC-32C of its own content."""
-    body = {k: v for k, v in manifest.items() if k != "digest"}
-    return _canonical({**body, "digest": f"{crc32c(_canonical(body)):08x}"})
+    return content_fingerprint(dataset_name, root)
 
 
 def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``manifest.json`` of a shard directory; DataError if absent or altered.
 
     The file must be exactly the canonical form of its content with a matching digest, so any
-    change to it is refused rather than trusted.
+    change to it is refused rather than trusted. Format 3 (prepared sets) and format 2 (shard
+    directories written before) share that form and the file layout.
     """
+    from .prepared import FORMAT, manifest_bytes
+
     p = Path(shard_dir) / MANIFEST
     try:
         raw = p.read_bytes()
@@ -99,42 +85,17 @@ def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
                         missing=True) from e
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: unreadable shard manifest: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise DataError(f"{p}: not a format-{FORMAT_VERSION} shard manifest")
-    if _manifest_bytes(manifest) != raw:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT_VERSION, FORMAT):
+        raise DataError(f"{p}: not a format-{FORMAT} shard manifest")
+    if manifest_bytes(manifest) != raw:
         raise DataError(f"{p}: shard manifest fails its checksum (altered or damaged)")
     return manifest
 
 
-def _is_complete(shard_dir: Path, expected: dict[str, Any]) -> bool:
-    """True when the directory's manifest matches ``expected`` and every file has its size."""
-    try:
-        manifest = load_manifest(shard_dir)
-    except DataError:
-        return False
-    if any(manifest.get(k) != v for k, v in expected.items()):
-        return False
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return False
-    try:
-        return all(
-            (shard_dir / name).stat().st_size == meta["bytes"] for name, meta in files.items()
-        )
-    except (OSError, KeyError, TypeError):
-        return False
-
-
-def _save(path: Path, arr: np.ndarray) -> dict[str, int]:
-    arr = np.ascontiguousarray(arr)
-    np.save(path, arr, allow_pickle=False)
-    return {"bytes": path.stat().st_size, "crc32c": _file_crc(path)}
-
-
 def _file_crc(path: Path) -> int:
-    """CRC-32C of a whole file (header and data: any changed byte shows)."""
-    size = path.stat().st_size
-    return crc32c(np.memmap(path, dtype=np.uint8, mode="r")) if size else crc32c(b"")
+    """CRC-32C of a whole file (header and data: any changed byte shows), read in bounded
+    pieces so checking a shard does not map it all into the process."""
+    return file_crc(path)
 
 
 def prepare_shards(
@@ -144,7 +105,8 @@ def prepare_shards(
     out_dir: str | os.PathLike[str],
     seed: int,
 ) -> Path:
-    """Write (once) and return ``out_dir/<dataset>-w<workers>-s<seed>-<fingerprint>/``.
+    """Write (once) and return ``out_dir/<dataset>-w<workers>-s<seed>-<key>/``: the prepared
+    set of ``emnist.data.prepared.prepare_set`` in a local directory.
 
     The training set is permuted with ``seed`` and cut into ``workers`` contiguous parts whose
     sizes differ by at most one (``worker-<i>-{x,y}.npy``); the test set is stored whole
@@ -153,78 +115,12 @@ def prepare_shards(
     renamed into place, so concurrent callers (threads or processes) only ever see a complete
     set; an existing complete set is returned without loading any data.
     """
-    key = dataset_name.strip().lower()
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset_name!r}; known: {', '.join(DATASETS)}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    out = Path(out_dir)
-    try:
-        fingerprint = source_fingerprint(key, root)
-    except DataError as e:
-        e.field = e.field or "dataset_dir"
-        raise
-    except OSError as e:  # a source file vanished or is unreadable
-        raise DataError(f"{key}: cannot read its source files: {e}", field="dataset_dir") from e
-    final = out / f"{key}-w{workers}-s{seed}-{fingerprint}"
-    expected = {
-        "format": FORMAT_VERSION,
-        "dataset": key,
-        "workers": workers,
-        "seed": seed,
-        "source": fingerprint,
-    }
-    if _is_complete(final, expected):
-        return final
+    from .prepared import prepare_set
 
     try:
-        ds = load_dataset(key, root)
-    except DataError as e:
-        e.field = e.field or "dataset_dir"
-        raise
-    except OSError as e:
-        raise DataError(f"{key}: cannot read its source files: {e}", field="dataset_dir") from e
-    n = len(ds.train_y)
-    if n < workers:
-        raise DataError(f"{key} has {n} training samples, fewer than {workers} workers",
-                        field="number_of_workers",
-                        public=f"{key} has {n} training samples, fewer than {workers} workers")
-    perm = np.random.default_rng(seed).permutation(n)
-    sizes = shard_sizes(n, workers)
-    try:
-        return _write_shards(ds, perm, sizes, out, final, expected)
+        return Path(prepare_set(dataset_name, workers, str(out_dir), seed=seed, root=root).url)
     except OSError as e:  # not writable, full, ...: the shard location's problem
-        raise DataError(f"{out}: cannot write shards: {e}", field="data_location") from e
-
-
-def _write_shards(ds: Any, perm: np.ndarray, sizes: list[int], out: Path, final: Path,
-                  expected: dict[str, Any]) -> Path:
-    tmp = temp_dir_for(final)
-    try:
-        files: dict[str, dict[str, int]] = {}
-        start = 0
-        for i, size in enumerate(sizes):
-            idx = perm[start : start + size]
-            start += size
-            files[f"worker-{i}-x.npy"] = _save(tmp / f"worker-{i}-x.npy", ds.train_x[idx])
-            files[f"worker-{i}-y.npy"] = _save(tmp / f"worker-{i}-y.npy", ds.train_y[idx])
-        files["test-x.npy"] = _save(tmp / "test-x.npy", ds.test_x)
-        files["test-y.npy"] = _save(tmp / "test-y.npy", ds.test_y)
-        manifest = {
-            **expected,
-            "num_classes": int(ds.num_classes),
-            "features": int(ds.train_x.shape[1]),
-            "image_shape": [int(v) for v in ds.image_shape],
-            "sizes": sizes,
-            "test_size": int(len(ds.test_y)),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_bytes(_manifest_bytes(manifest))
-        publish_dir(tmp, final, lambda d: _is_complete(d, expected))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        raise DataError(f"{out_dir}: cannot write shards: {e}", field="data_location") from e
 
 
 def _load(d: Path, name: str, manifest: dict[str, Any]) -> np.ndarray:

@@ -11,8 +11,8 @@
                                       function; batch b is rows [b*B, (b+1)*B) of train-x/y
 
 Every file is a codec value (magic, dtype, shape, crc32c) of uint8 data, so a truncated or
-foreign file is refused. A data location is a local directory or an http(s) URL prefix that
-serves the same tree (reading over HTTP only; write locally and serve it).
+foreign file is refused. A data location is a local directory, an ``s3://bucket/prefix`` or an
+http(s) URL prefix that serves the same tree (write locally, then upload or serve it).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 
 from emnist.data import DATASETS, DataError, load_dataset, shard_sizes
+from emnist.data.location import HttpLocation, is_remote, open_location
 from emnist.publish import publish_dir, temp_dir_for
 from emnist.store import codec
 
@@ -134,15 +134,16 @@ def batch_name(batch_size: int, rank: int, b: int) -> str:
 
 
 class Location:
-    """Read files of a split from a local directory or an http(s) URL prefix."""
+    """Read files of a split from a local directory, an ``s3://bucket/prefix`` or an http(s)
+    URL prefix, through the one data-URL layer (``emnist.data.location``; S3 endpoint and
+    keys from the environment)."""
 
     def __init__(self, url: str, timeout: float = 30.0, max_bytes: int = 4 << 30) -> None:
         self.url = url.rstrip("/")
-        self.remote = self.url.startswith(("http://", "https://"))
+        self.remote = is_remote(self.url)
         self.timeout, self.max_bytes = timeout, max_bytes
-        self._session = requests.Session() if self.remote else None
-        if self._session is not None:
-            self._session.trust_env = False
+        self._loc = HttpLocation(self.url, timeout) if self.url.startswith(
+            ("http://", "https://")) else open_location(self.url)
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -150,33 +151,12 @@ class Location:
     def read(self, name: str) -> bytes:
         """The file's bytes; DataError (``missing`` when absent) naming the path in its
         message only (callers facing a request show neither path nor content)."""
-        if not self.remote:
-            path = Path(self.url) / name
-            try:
-                with open(path, "rb") as f:
-                    data = f.read(self.max_bytes + 1)
-            except (FileNotFoundError, NotADirectoryError):
-                raise DataError(f"{path}: missing (run `emnist data split`)",
-                                missing=True) from None
-            except OSError as e:
-                raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-            if len(data) > self.max_bytes:
-                raise DataError(f"{path}: larger than {self.max_bytes} bytes")
-            return data
-        url = f"{self.url}/{name}"
         try:
-            with self._session.get(url, timeout=self.timeout, stream=True) as resp:
-                if resp.status_code != 200:
-                    raise DataError(f"{url}: HTTP {resp.status_code}",
-                                    missing=resp.status_code in (404, 410))
-                data = bytearray()
-                for piece in resp.iter_content(1 << 16):
-                    data += piece
-                    if len(data) > self.max_bytes:
-                        raise DataError(f"{url}: larger than {self.max_bytes} bytes")
-                return bytes(data)
-        except requests.RequestException as e:
-            raise DataError(f"{url}: cannot read ({type(e).__name__}: {e})") from None
+            return self._loc.read(name, self.max_bytes)
+        except DataError as e:
+            if e.missing and not self.remote:
+                raise DataError(f"{e} (run `emnist data split`)", missing=True) from None
+            raise
 
     def manifest(self, sub: str = "") -> dict[str, Any]:
         name = f"{sub}/{MANIFEST}" if sub else MANIFEST

@@ -144,9 +144,15 @@ class TrainConfig:
                 raise ConfigError(name, f"must be one of {json.dumps(list(allowed))}, got "
                                   f"{show(getattr(self, name))}")
         from emnist.data import DATASETS  # local: keeps config importable without data deps
-        if self.dataset not in DATASETS:
+        from emnist.data.generated import GEN_PREFIX, generated_samples
+        try:
+            generated = generated_samples(self.dataset) is not None
+        except ValueError as e:
+            raise ConfigError("dataset", str(e)) from None
+        if self.dataset not in DATASETS and not generated:
             raise ConfigError("dataset", f"unknown dataset {show(self.dataset)}; "
-                              f"known: {', '.join(DATASETS)}")
+                              f"known: {', '.join(DATASETS)} or {GEN_PREFIX}<N> (N samples "
+                              "generated from fashion-mnist, e.g. 1300k)")
         schemes = ("memcached://", "memcached+binary://", "redis://")
         if not self.store_url.startswith(schemes):
             raise ConfigError("store_url", f"must start with one of {', '.join(schemes)}")

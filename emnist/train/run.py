@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from emnist.data import open_shard, open_test, prepare_shards
+from emnist.data.cache import open_set
+from emnist.data.prepared import ensure_set
+from emnist.data.shards import image_shape
 from emnist.models import Model, ModelSpec, build_model, param_count
 from emnist.store import KV, MissingState, ParameterStore, claim, shared_kv
 from emnist.store.tiered import TieredStore
@@ -40,30 +42,32 @@ def new_run_id() -> str:
 
 
 def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, Any], ModelSpec]:
-    """Prepare the shards and check the config against the data: the run document (with the
-    network's ModelSpec, built from the shards' image shape and class count)."""
+    """Find or prepare the run's set at its data location (a directory or s3://) and check the
+    config against its manifest (no shard is read here): the run document (with the
+    network's ModelSpec, built from the set's image shape and class count)."""
     if workers < 1:
         raise ConfigError("number_of_workers", f"must be >= 1, got {workers}")
-    shard_dir = prepare_shards(cfg.dataset, cfg.dataset_dir, workers, cfg.shard_location,
-                               cfg.seed)
-    shards = [open_shard(shard_dir, w) for w in range(workers)]
-    num_classes = shards[0].num_classes
+    found = ensure_set(cfg.dataset, workers, cfg.shard_location, seed=cfg.seed,
+                       root=cfg.dataset_dir)
+    man = found.manifest
+    num_classes, features = int(man["num_classes"]), int(man["features"])
+    shape = image_shape(man, features)
     if cfg.num_labels is not None and cfg.num_labels != num_classes:
         raise ConfigError("num_labels", f"{cfg.num_labels} given but {cfg.dataset} has "
                           f"{num_classes} classes")
-    if cfg.model == "mlp" and shards[0].x.shape[1] != cfg.pixels_per_image:
+    if cfg.model == "mlp" and features != cfg.pixels_per_image:
         raise ConfigError("pixels_per_image", f"{cfg.pixels_per_image} given but {cfg.dataset} "
-                          f"has {shards[0].x.shape[1]}")
+                          f"has {features}")
     try:
-        spec = cfg.model_spec(num_classes, shards[0].image_shape)
+        spec = cfg.model_spec(num_classes, shape)
         num_params = param_count(spec)
     except ValueError as e:  # e.g. an image shape the architecture cannot take
         raise ConfigError("model", f"{cfg.model} on {cfg.dataset}: {e}") from None
     # every worker does the same number of minibatches per pass: averaging rounds line up
-    steps = max(1, min(len(s.y) for s in shards) // cfg.batch_size)
+    steps = max(1, min(man["sizes"]) // cfg.batch_size)
     return {"run_id": run_id, "config": cfg.to_dict(), "model": spec.to_dict(),
-            "workers": workers, "shard_dir": str(shard_dir), "num_classes": num_classes,
-            "image_shape": list(shards[0].image_shape), "num_params": num_params,
+            "workers": workers, "shard_dir": found.url, "data_set": found.name,
+            "num_classes": num_classes, "image_shape": list(shape), "num_params": num_params,
             "steps_per_pass": steps, "started": time.time()}, spec
 
 
@@ -183,14 +187,17 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
         raise ConfigError("worker_id", f"{worker_id} is outside run {run_id} "
                           f"(workers 0..{state['workers'] - 1})")
     cfg = TrainConfig(**state["config"])
-    shard = open_shard(state["shard_dir"], worker_id)
+    # only this worker's shard and the test set: read in place from a directory, or fetched
+    # from s3:// into the node's cache, verified, memory-mapped
+    data_set = open_set(state["shard_dir"])
+    shard = data_set.shard(worker_id)
     model = run_model(state, cfg, shard.image_shape)
     if model.num_params != store.num_params:
         raise MissingState(f"run {run_id} stores {store.num_params} parameters, "
                            f"its model needs {model.num_params}")
     lease = Lease(store, worker_id, cfg.lease_seconds)
     st = lease.acquire(hostname)
-    data = (shard.x, shard.y, *open_test(state["shard_dir"]))
+    data = (shard.x, shard.y, *data_set.test())
     last_ckpt = [st.iteration]
 
     def save(s: WorkerState) -> None:
