@@ -17,11 +17,7 @@ processor sharing: with n busy, each gets ``speed * min(1, cores / n)``):
 - ``speed``: compute speed relative to the calibrated machine (0, 100] (a straggler kind: 0.5);
 - ``memory_gb`` per node (for the price) [0, 1e5]; ``link_bandwidth``: the node's NIC, bytes/s
   each direction, shared by its workers (0, 1e12];
-- ``io_factor`` (optional, default 1, [1, 1000]): on-node call work (``on_node`` servers,
-  the gateway, functions on the node) costs this many times its single-call figure: several
-  processes moving large values over loopback at once cost far more than one alone. Measured
-  here: three processes doing only p2p exchanges (the real publish/collect) take ~10 ms a
-  step where the single-call figures give ~2 ms on two cores.
+
 
 ``compute``: ``spread`` (lognormal sigma of one minibatch's time around its median, [0, 3]);
 ``drift`` and ``drift_steps``: each worker's speed also wanders slowly, a log-normal factor
@@ -67,12 +63,19 @@ background syncs, (0, 3600]).
 (optional, default 0) ``wake``, ``wake_spread``: a reader blocked in XREAD gets a new entry
 this much later than a request/response call would (median seconds, lognormal sigma);
 measured here from publish to a blocked reader's return with the real RedisBroker in two
-processes (1.8 ms median, 3.0 ms mean for a 333 KB message, against ~0.4 ms modelled).
+processes (1.8 ms median, 3.0 ms mean for a 333 KB message, against ~0.4 ms modelled);
+``io_factor`` (optional, default 1, [1, 1000]): with ``on_node``, a broker call's work on
+the caller's cores is this many times its single-call figure (three processes exchanging
+gradients at once over loopback cost far more than one alone: measured by calibrate with
+three exchange-only processes, ~3-5x on this VM when it is otherwise quiet).
 
 ``gateway``: ``invoke`` (s per synchronous call with a small body, the whole HTTP round trip
 through the gateway to a warm replica), ``per_byte`` (s per request or response byte through
 it), ``async`` (s from an async invoke to the replica starting); ``on_node`` (bool): the
-gateway's work runs on the workers' CPU (one machine: the local gateway), else it is a delay.
+gateway's work runs on the workers' CPU (one machine: the local gateway), else it is a delay;
+``io_factor`` (optional, default 1): with ``on_node``, that work costs this many times its
+single-call figure (measured by calibrate: three processes of two threads each calling a
+gradient-sized function at once, against processor sharing of the single-call cost).
 
 ``functions`` (emnist-grad): ``on_node`` (bool: replicas share the workers' CPU, as the local
 gateway's do; else each instance has its own core), ``instances`` (warm instances kept, 0:
@@ -126,7 +129,7 @@ PER_BYTE = (0, 1e-3, False)
 
 NODE = {"name": (STR,), "count": (INT, 1, 100_000, False), "cores": (NUM, 1, 1024, False),
         "speed": (NUM, 0, 100, True), "memory_gb": (NUM, 0, 1e5, False),
-        "link_bandwidth": (NUM, *BYTES_S), "io_factor": (NUM, 1, 1000, False)}
+        "link_bandwidth": (NUM, *BYTES_S)}
 SERVER = {"rtt": (NUM, *SECONDS), "op": (NUM, 0, 1.0, False), "bandwidth": (NUM, *BYTES_S),
           "write_bandwidth": (NUM, *BYTES_S), "on_node": (BOOL,), "vcpus": (NUM, 0, 1024, False),
           "memory_gb": (NUM, 0, 1e5, False)}
@@ -141,9 +144,10 @@ SCHEMA: dict[str, Any] = {
               "doc_bytes": (INT, 1, 10_000_000, False)},
     "tier": {"rtt": SERVER["rtt"], "op": SERVER["op"], "bandwidth": SERVER["bandwidth"],
              "write_bandwidth": SERVER["bandwidth"], "sync_interval": (NUM, 0, 3600, True)},
-    "broker": {**SERVER, "wake": (NUM, *SECONDS), "wake_spread": (NUM, 0, 3, False)},
+    "broker": {**SERVER, "wake": (NUM, *SECONDS), "wake_spread": (NUM, 0, 3, False),
+               "io_factor": (NUM, 1, 1000, False)},
     "gateway": {"invoke": (NUM, *SECONDS), "per_byte": (NUM, *PER_BYTE),
-                "async": (NUM, *SECONDS), "on_node": (BOOL,)},
+                "async": (NUM, *SECONDS), "on_node": (BOOL,), "io_factor": (NUM, 1, 1000, False)},
     "functions": {"on_node": (BOOL,), "instances": (INT, 0, 1_000_000, False),
                   "concurrency": (INT, 0, 1_000_000, False), "cold_start": (NUM, 0, 600, False),
                   "keep_warm": (NUM, 0, 1e6, False), "speed": (NUM, 0, 100, True),
@@ -291,7 +295,6 @@ class NodeKind:
     speed: float
     memory_gb: float
     link_bandwidth: float
-    io_factor: float = 1.0
 
 
 @dataclass(frozen=True)

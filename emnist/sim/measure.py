@@ -186,6 +186,31 @@ def exchange(spec: dict[str, Any]) -> float:
     return float(np.median(times[len(times) // 10:]))
 
 
+def gwcalls(spec: dict[str, Any]) -> float:
+    """``threads`` threads calling a function through ``GatewayClient`` ``calls`` times each
+    (as a serverless peer's pool does); the median call."""
+    import threading
+
+    from emnist.gateway.client import GatewayClient
+    times: list[float] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        client = GatewayClient(spec["gateway"])
+        for i in range(spec["calls"]):
+            t = time.perf_counter()
+            client.invoke(spec["function"], {"batch": i})
+            with lock:
+                times.append(time.perf_counter() - t)
+    threads = [threading.Thread(target=caller) for _ in range(spec["threads"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return float(np.median(times[len(times) // 10:]))
+
+
 if __name__ == "__main__":
     what, arg = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"steps": steps, "loop": loop, "wake": wake, "exchange": exchange}[what](arg)))
+    print(json.dumps({"steps": steps, "loop": loop, "wake": wake, "exchange": exchange,
+                      "gwcalls": gwcalls}[what](arg)))

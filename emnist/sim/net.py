@@ -112,7 +112,7 @@ class Net:
             state["done"] = done
         if cost.on_node:  # the same cores do the work: done when that CPU job is done too
             state["left"] += 1
-            node.cpu.run(node.kind.io_factor * (cost.rtt + service),
+            node.cpu.run(cost.rtt + service,
                          lambda: self._cpu_done(p, state, single))
         self._one_done(p, state, single)
 

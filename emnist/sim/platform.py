@@ -69,7 +69,7 @@ class Functions:
 
     def _gateway(self, node: Node, nbytes: int) -> Any:
         work = self.g["invoke"] / 2 + self.g["per_byte"] * nbytes  # each direction half
-        return node.cpu.op(node.kind.io_factor * work) if self.g["on_node"] else work
+        return node.cpu.op(self.g["io_factor"] * work) if self.g["on_node"] else work
 
     def acquire(self) -> Any:
         """A process op: resume with (instance, cold) once one may run."""
@@ -160,7 +160,7 @@ class Broker:
         self.server = ServerQ("broker", costs.broker, Fifo("broker"))
         self.streams: dict[str, _Stream] = {}
         b = costs["broker"]
-        self.wake, self.wake_spread = b["wake"], b["wake_spread"]
+        self.wake, self.wake_spread, self.io_factor = b["wake"], b["wake_spread"], b["io_factor"]
         self.rng = np.random.default_rng([seed, 0xB0])
 
     def publish(self, node: Node, topic: str, sender: int, nbytes: int, data: Any) -> G:
@@ -177,6 +177,7 @@ class Broker:
                 else:
                     self._serve(topic, r)
         yield self.net.rpc(node, self.server, nbytes + 100, 20, land)
+        yield from self._extra(node, nbytes + 120)
 
     def read(self, node: Node, topic: str, cursor: int) -> Any:
         """A process op: the entries past ``cursor`` (blocking until there is one)."""
@@ -203,8 +204,7 @@ class Broker:
         _, down = r.node.down.reserve(start, nbytes / r.node.bw, nbytes)
         done = max(end, down) + self.server.cost.rtt / 2
         if self.server.cost.on_node:  # one machine: the read's work is on the reader's cores
-            work = r.node.kind.io_factor * (self.server.cost.rtt
-                                            + self.server.cost.service(100, nbytes))
+            work = self.io_factor * (self.server.cost.rtt + self.server.cost.service(100, nbytes))
             r.node.cpu.run(work, lambda: r.proc.resume_at(max(done, self.loop.now), got))
         else:
             r.proc.resume_at(done, got)
@@ -213,6 +213,13 @@ class Broker:
         def drop(_t: float) -> None:
             self.streams.pop(topic, None)
         yield self.net.rpc(node, self.server, 80, 20, drop)
+        yield from self._extra(node, 100)
+
+    def _extra(self, node: Node, nbytes: int) -> G:
+        """The io_factor's share of an on-node call beyond the work ``rpc`` charged."""
+        c = self.server.cost
+        if c.on_node and self.io_factor > 1:
+            yield node.cpu.op((self.io_factor - 1) * (c.rtt + c.service(nbytes, 20)))
 
     def stats(self, horizon: float) -> dict[str, Any]:
         return self.server.stats(horizon)
