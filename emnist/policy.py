@@ -7,8 +7,10 @@ a request may pick another value only when the environment allows it by name:
 - ``allowed_store_urls``: comma-separated store URLs a request may name (``store_url``,
   ``local_store_url``), besides the environment's own value of that field. URLs compare
   exactly, or equal once the provider's host aliases are applied to both (the same server).
-- ``data_roots``: comma-separated directories or http(s) URL prefixes under which a request
-  may name ``dataset_dir``, ``data_location`` or emnist-grad's ``data``.
+- ``data_roots``: comma-separated directories, ``s3://bucket/prefix`` or http(s) URL prefixes
+  under which a request may name ``dataset_dir``, ``data_location`` or emnist-grad's ``data``.
+  An s3:// URL names a bucket and key prefix only: the endpoint and keys are the function's
+  (``DATA_ENV``), so a request can never point a function at another S3 server.
 - ``checkpoint_roots``: the same for ``checkpoint_url`` (directories, ``file://`` paths, or
   exact ``redis://`` URLs).
 - ``max_params`` (default 150,000,000), ``max_workers`` (default 256): caps on the model size
@@ -30,12 +32,16 @@ from urllib.parse import urlsplit
 
 from emnist.hostaliases import ALIASES_ENV, parse_aliases, resolve_url
 
-__all__ = ["DEFAULT_MAX_PARAMS", "DEFAULT_MAX_WORKERS", "POLICY_ENV", "STORE_SCHEMES",
+__all__ = ["DATA_ENV", "DEFAULT_MAX_PARAMS", "DEFAULT_MAX_WORKERS", "POLICY_ENV", "STORE_SCHEMES",
            "PolicyError", "check_checkpoint_url", "check_data_location", "check_store_url",
            "env_list", "env_number", "max_params", "max_workers", "resolve"]
 
+# where s3:// data lives and as whom (emnist.data.s3; the keys are secret NAMES), and the
+# size of a node's shard cache (emnist.data.cache): operator settings like the policy's
+DATA_ENV: tuple[str, ...] = ("s3_endpoint_url", "s3_region", "s3_access_key_secret",
+                             "s3_secret_key_secret", "max_cache_bytes")
 POLICY_ENV: tuple[str, ...] = ("allowed_store_urls", "data_roots", "checkpoint_roots",
-                               "max_params", "max_workers")
+                               "max_params", "max_workers", *DATA_ENV)
 DEFAULT_MAX_PARAMS = 150_000_000  # 600 MB of float32 per copy: the largest model served
 DEFAULT_MAX_WORKERS = 256
 HARD_MAX_PARAMS = 10_000_000_000  # what an operator may raise max_params to
@@ -114,7 +120,8 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _url_inside(url: str, root: str) -> bool:
-    """``url`` is the http(s) prefix ``root`` or below it (same scheme, host and port)."""
+    """``url`` is the URL prefix ``root`` or below it (same scheme, host and port; for s3://
+    the same bucket)."""
     u, r = urlsplit(url), urlsplit(root)
     if u.query or u.fragment or "@" in u.netloc or "%" in u.path or _bad_path(u.path):
         return False
@@ -139,7 +146,7 @@ def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: st
         raise PolicyError(field, f"a request may not choose it: set {own_env or field} in the "
                           f"function's environment, or list allowed places in {roots_env}")
     scheme = urlsplit(value).scheme if "://" in value else ""
-    if scheme in ("http", "https") and scheme in schemes:
+    if scheme in ("http", "https", "s3") and scheme in schemes:
         if any(_url_inside(value, r) for r in roots if "://" in r):
             return value
         raise PolicyError(field, f"this URL is not allowed: {allow}")
@@ -165,11 +172,11 @@ def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: st
 
 def check_data_location(env: Mapping[str, str], field: str, value: str,
                         configured: str | None, urls: bool = False, own_env: str = "") -> str:
-    """``value`` (a directory, or with ``urls`` an http(s) URL prefix) if it is the
-    environment's own setting (``own_env``, default ``field``) or inside one of
-    ``data_roots``."""
+    """``value`` (a directory or an s3:// prefix, or with ``urls`` also an http(s) URL
+    prefix) if it is the environment's own setting (``own_env``, default ``field``) or inside
+    one of ``data_roots``."""
     return _check_rooted(env, field, value, configured, "data_roots",
-                         ("http", "https") if urls else (), own_env)
+                         ("s3", "http", "https") if urls else ("s3",), own_env)
 
 
 def check_checkpoint_url(env: Mapping[str, str], value: str, configured: str) -> str:

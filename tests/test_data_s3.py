@@ -359,3 +359,121 @@ def test_a_broken_download_resumes_at_the_byte_it_reached(env, bucket):
         proxy.sock.close()
     assert Path(r.dir / "worker-0-x.npy").stat().st_size == ps.manifest["files"][
         "worker-0-x.npy"]["bytes"]
+
+
+# -- the whole path: prepare on a "laptop", train on "nodes" that only reach S3 -----------------
+
+def _node_env(env, tmp_path, node: str) -> dict[str, str]:
+    """A node: its own cache, no dataset files anywhere it looks, S3 settings as a function's."""
+    empty = tmp_path / "no-datasets"
+    empty.mkdir(exist_ok=True)
+    return {**os.environ, **env, "EMNIST_HOME": str(tmp_path / node),
+            "EMNIST_DATA_DIR": str(empty), "PYTHONPATH": str(ROOT),
+            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _worker(store_url: str, run_id: str, w: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "emnist.bench.dataworker", store_url, run_id,
+                             str(w)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env)
+
+
+def test_workers_on_nodes_without_the_shards_train_from_s3_alone(env, bucket, tmp_path,
+                                                                 monkeypatch, run_id):
+    from click.testing import CliRunner
+
+    from emnist.cli import main
+    from emnist.store import open_kv
+    from emnist.train.config import TrainConfig
+    from emnist.train.run import run_status, setup_run
+    from tests.conftest import MEMCACHED_URL
+
+    url = f"s3://{bucket}/sets"
+    laptop = {**env, "EMNIST_HOME": str(tmp_path / "laptop")}
+    r = CliRunner().invoke(main, ["data", "prepare", "--dataset", "fashion-mnist", "--workers",
+                                  "2", "--data-url", url], env=laptop)
+    assert r.exit_code == 0, r.output
+    set_url = r.output.strip().splitlines()[-1]
+    assert set_url.startswith(f"{url}/fashion-mnist-w2-s0-")
+    r = CliRunner().invoke(main, ["data", "ls", "--data-url", url], env=laptop)
+    assert r.exit_code == 0 and set_url.rsplit("/", 1)[1] in r.output and "complete" in r.output
+    # setup on a node with no dataset files: it finds the uploaded set, reads only its manifest
+    setup_node = _node_env(env, tmp_path, "setup-node")
+    for k, v in setup_node.items():
+        monkeypatch.setenv(k, v)
+    cfg = TrainConfig(store_url=MEMCACHED_URL, dataset="fashion-mnist", data_location=url,
+                      iterations=2, target_accuracy=0.99, number_of_workers=2)
+    state = setup_run(cfg, open_kv(MEMCACHED_URL), 2, run_id=run_id)
+    assert state["shard_dir"] == set_url and not (tmp_path / "setup-node").exists()
+    procs = [_worker(MEMCACHED_URL, run_id, w, _node_env(env, tmp_path, f"node-{w}"))
+             for w in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    for w, o in enumerate(outs):
+        assert o["iterations"] == 2 and o["accuracy"] > 0.7
+        cache = tmp_path / f"node-{w}" / "sets" / set_url.rsplit("/", 1)[1]
+        assert sorted(p.name for p in cache.iterdir()) == sorted(
+            [MANIFEST, f"worker-{w}-x.npy", f"worker-{w}-y.npy", "test-x.npy", "test-y.npy"])
+        assert o["downloaded"] == sum(f.stat().st_size for f in cache.iterdir()
+                                      if f.name != MANIFEST)
+    status = run_status(open_kv(MEMCACHED_URL), run_id)
+    assert status["done"] and all(res["iterations"] == 2 for res in status["results"])
+    # laptop and nodes hold the same bytes: node 0 trained on exactly the laptop's shard 0
+    from emnist.data.datasets import FASHION_DEBIAN_ROOT
+
+    ref = prepare_set("fashion-mnist", 2, str(tmp_path / "ref"), root=FASHION_DEBIAN_ROOT,
+                      env=laptop)
+    assert outs[0]["checksum"] == int(open_set(ref.url, laptop).shard(0).x.sum(dtype=np.uint64))
+
+
+def test_a_workers_peak_memory_is_its_shard_plus_a_bounded_rest(env, bucket, tmp_path,
+                                                                monkeypatch, run_id):
+    """Peak RSS (VmHWM) of a real worker process: its shard + test set + at most 150 MB,
+    on a set whose training part alone is larger than that bound (6 shards of 250k)."""
+    from emnist.store import open_kv
+    from emnist.train.config import TrainConfig
+    from emnist.train.run import setup_run
+    from tests.conftest import MEMCACHED_URL
+
+    url = f"s3://{bucket}/sets"
+    ps = prepare_set("fashion-mnist-gen-250k", 6, url, env=env, processes=2)
+    train_bytes = sum(m["bytes"] for n, m in ps.manifest["files"].items()
+                      if n.startswith("worker-"))
+    for k, v in {**env, "EMNIST_HOME": str(tmp_path / "setup")}.items():
+        monkeypatch.setenv(k, v)
+    cfg = TrainConfig(store_url=MEMCACHED_URL, dataset="fashion-mnist-gen-250k",
+                      data_location=url, iterations=1, target_accuracy=0.99,
+                      number_of_workers=6)
+    setup_run(cfg, open_kv(MEMCACHED_URL), 6, run_id=run_id)
+    p = _worker(MEMCACHED_URL, run_id, 5, _node_env(env, tmp_path, "node"))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    o = json.loads(out.strip().splitlines()[-1])
+    assert o["iterations"] == 1 and o["shard_bytes"] == (250_000 // 6) * 785
+    bound = o["shard_bytes"] + o["test_bytes"] + (150 << 20)
+    assert o["peak_rss"] <= bound, (o["peak_rss"], bound)
+    assert train_bytes + o["rss_before_data"] > bound  # holding every shard would not fit
+
+
+def test_cli_rm_and_its_errors(env, bucket, tmp_path):
+    from click.testing import CliRunner
+
+    from emnist.cli import main
+
+    url = f"s3://{bucket}/sets"
+    ps = prepare_set("synthetic", 2, url, env=env)
+    run = CliRunner().invoke
+    r = run(main, ["data", "rm", "--data-url", url, ps.name], env=env, input="n\n")
+    assert r.exit_code == 1 and [s.name for s in list_sets(url, env)] == [ps.name]
+    r = run(main, ["data", "rm", "--data-url", url, "--yes", ps.name], env=env)
+    assert r.exit_code == 0 and "files removed" in r.output and list_sets(url, env) == []
+    r = run(main, ["data", "rm", "--data-url", url, "--yes", "../x"], env=env)
+    assert r.exit_code == 1 and "not a prepared set's name" in r.output
+    r = run(main, ["data", "prepare", "--dataset", "fashion-mnist-gen", "--workers", "2"],
+            env=env)
+    assert r.exit_code == 2 and "--samples" in r.output
+    r = run(main, ["data", "ls", "--data-url", "s3://Bad_Bucket/x"], env=env)
+    assert r.exit_code == 1 and "Traceback" not in r.output

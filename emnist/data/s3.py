@@ -35,6 +35,7 @@ from typing import Any
 
 from crc32c import crc32c
 
+from emnist.policy import DATA_ENV
 from emnist.secrets import SecretError, read_secret, secrets_dir
 
 from .idx import DataError
@@ -43,8 +44,7 @@ from .location import MAX_LIST, Location, ObjectInfo, check_name
 __all__ = ["DEFAULT_ACCESS_SECRET", "DEFAULT_SECRET_SECRET", "S3Location", "S3Settings",
            "S3_ENV", "parse_s3_url", "s3_settings"]
 
-S3_ENV: tuple[str, ...] = ("s3_endpoint_url", "s3_region", "s3_access_key_secret",
-                           "s3_secret_key_secret")
+S3_ENV: tuple[str, ...] = DATA_ENV[:4]  # s3_endpoint_url, s3_region, s3_*_secret
 DEFAULT_ACCESS_SECRET = "emnist-s3-access-key"
 DEFAULT_SECRET_SECRET = "emnist-s3-secret-key"
 SINGLE_PUT = 32 << 20  # objects up to this size go in one PUT; larger ones in parts
