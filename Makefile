@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
-	$(VENV)/bin/pip install -q -e '.[dev,torch]'
+	$(VENV)/bin/pip install -q -e '.[dev,torch,s3]'
 	touch $@
 
 servers: deps
