@@ -1,7 +1,7 @@
 """One real train worker in a process of its own, reporting what its data cost: how long its
 shard took to arrive (S3 or a directory into the node's cache, verified, memory-mapped, every
-page touched) and the process's peak resident memory (``VmHWM`` from /proc), then the worker's
-result. Used by ``emnist bench data`` and the memory test.
+page touched; the test set timed apart) and the process's peak resident memory (``VmHWM``
+from /proc), then the worker's result. Used by ``emnist bench data`` and the memory test.
 
 ``python -m emnist.bench.dataworker STORE_URL RUN_ID WORKER``: one JSON line on stdout. The
 data URL, S3 endpoint and keys come from the environment, as in a function.
@@ -46,9 +46,11 @@ def run(store_url: str, run_id: str, worker: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     reader = open_set(state["shard_dir"])
     shard = reader.shard(worker)
-    test_x, test_y = reader.test()
     checksum = int(np.add.reduce(shard.x, axis=None, dtype=np.uint64))  # every page, read
     load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test_x, test_y = reader.test()
+    test_load = time.perf_counter() - t0
     shard_bytes = int(shard.x.nbytes + shard.y.nbytes)
     test_bytes = int(test_x.nbytes + test_y.nbytes)
     stats = reader.stats
@@ -58,6 +60,7 @@ def run(store_url: str, run_id: str, worker: int) -> dict[str, Any]:
     return {"worker": worker, "shard_bytes": shard_bytes,
             "test_bytes": test_bytes, "load_seconds": load,
             "load_mb_s": shard_bytes / 1e6 / load if load else None,
+            "test_load_seconds": test_load,
             "downloaded": stats.downloaded, "cached": stats.cached, "checksum": checksum,
             "rss_before_data": base_rss,
             "peak_rss": peak_rss(), "train_seconds": time.perf_counter() - t1,

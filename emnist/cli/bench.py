@@ -254,3 +254,60 @@ def bench_report(c: Ctx, results: str, plots_dir: str | None, no_plots: bool,
         click.echo(f"plots skipped: {e}", err=True)
         return
     click.echo("plots: " + ", ".join(str(p) for p in paths))
+
+
+@bench.command("data")
+@click.option("--only", default="gen,load,rss,runs", show_default=True,
+              help="Comma-separated pieces to run.")
+@click.option("--samples", type=click.IntRange(1000), default=1_300_000, show_default=True,
+              help="Size of the generated set (1300000: about 1 GB).")
+@click.option("--rss-workers", default="2,8", show_default=True,
+              help="Comma-separated worker counts of the peak-RSS runs.")
+@click.option("--models", default="mlp,lenet5", show_default=True,
+              help="Comma-separated models of the full runs.")
+@click.option("--passes", default="mlp=2,lenet5=1", show_default=True,
+              help="Each model's budget, in passes over the generated set (the 60k set gets "
+                   "the same number of samples).")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Interleaved rounds of the load measurements (the median is reported).")
+@click.option("--max-seconds", type=click.FloatRange(1), default=600, show_default=True,
+              help="Wall-clock cap of each full run.")
+@click.option("--s3-endpoint", envvar="EMNIST_BENCH_S3", default=None, metavar="URL",
+              help="S3-compatible endpoint (env EMNIST_BENCH_S3) [default: a moto server "
+                   "started on loopback].")
+@click.option("--processes", type=click.IntRange(1), default=None,
+              help="Processes generating images [default: every core].")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the directory sets and node caches go [default: the temp dir].")
+@click.option("--json", "json_out", default="results/bench-data.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Write the results here.")
+@store_option
+@friendly
+def bench_data_cmd(only: str, samples: int, rss_workers: str, models: str, passes: str,
+                   rounds: int, max_seconds: float, s3_endpoint: str | None,
+                   processes: int | None, work_dir: str | None, json_out: str,
+                   store: str) -> None:
+    """The data path: generation and upload MB/s, shard load from S3 vs disk vs raw reads,
+    workers' peak RSS, and full runs on the generated set against the 60k set."""
+    from emnist.bench.data import COLUMNS, PIECES, bench_data, parse_passes
+    pieces = [p.strip() for p in only.split(",") if p.strip()]
+    if not pieces or set(pieces) - set(PIECES):
+        raise click.BadParameter(f"choose from {','.join(PIECES)}", param_hint="--only")
+    try:
+        budgets = parse_passes(passes)
+        counts = [int(x) for x in rss_workers.split(",") if x.strip()]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    doc = bench_data(pieces, samples,
+                     rss_workers=counts, models=[m.strip() for m in models.split(",")
+                                                 if m.strip()],
+                     passes=budgets, rounds=rounds, s3_endpoint=s3_endpoint, store_url=store,
+                     work_dir=work_dir, processes=processes, max_seconds=max_seconds,
+                     echo=lambda m: click.echo(m, err=True))
+    for piece, columns in COLUMNS.items():
+        rows = [r for r in doc["records"] if r["piece"] == piece]
+        if rows:
+            click.echo(f"\n{piece}:\n" + format_table(rows, columns))
+    click.echo(f"\ntargets: {json.dumps(doc['targets'])}\nload average: "
+               f"{doc['loadavg_start']} -> {doc['loadavg_end']} ({doc['cpus']} cores)")
+    write_json(json_out, doc)
