@@ -74,7 +74,8 @@ def test_deploy_k8s_applies_manifests_then_deploys_functions_through_the_gateway
     pw.write_text("pw-for-redis")
     r = CliRunner().invoke(main, ["--gateway", stack_env["url"], "deploy", "-f",
                                   str(variants / "emnist641.yml"), "--store-password-file",
-                                  str(pw), "--manifests", str(ROOT / "deploy" / "k8s")],
+                                  str(pw), "--manifests", str(ROOT / "deploy" / "k8s"),
+                                  "--no-s3"],  # MinIO and its Secrets: tests/test_k8s_s3.py
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
     [call] = _calls(tmp_path)

@@ -19,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from emnist.cli import main
-from emnist.cluster import k8s
+from emnist.cluster import k8s, objectstore
 from emnist.gateway.client import deploy_request
 from emnist.gateway.stack import load_stack
 
@@ -91,7 +91,7 @@ def test_design_fields_the_stores_depend_on():
     assert (ref["name"], ref["key"]) == (k8s.SECRET_NAME, k8s.SECRET_NAME)
     assert _selects(_one("Service", "redis")["spec"]["selector"], _pod_labels(sts))
     # NetworkPolicy: every store pod selected; ingress only from the functions' namespace
-    [pol] = _objs("NetworkPolicy", objs)
+    pol = _one("NetworkPolicy", "emnist-stores", objs)
     sel = pol["spec"]["podSelector"]["matchLabels"]
     for w in (dep, ds, sts):
         assert _selects(sel, _pod_labels(w))
@@ -103,15 +103,17 @@ def test_design_fields_the_stores_depend_on():
 
 
 def test_render_moves_namespace_adds_secret_and_keeps_policy_on_functions_ns():
-    objs = k8s.render(k8s.load_manifests(MANIFESTS), namespace="emnist-stores", password="s3")
-    assert objs[0]["kind"] == "Secret" and objs[0]["stringData"] == {k8s.SECRET_NAME: "s3"}
+    objs = k8s.render(k8s.load_manifests(MANIFESTS), namespace="emnist-stores",
+                      password="pw-9f3e1c")
+    assert objs[0]["kind"] == "Secret" and objs[0]["stringData"] == {
+        k8s.SECRET_NAME: "pw-9f3e1c"}
     for m in objs:
         kubernetes_validate.validate(m, VERSION, strict=True)
         assert m["metadata"]["namespace"] == "emnist-stores"
-    pol = _objs("NetworkPolicy", objs)[0]
+    pol = _one("NetworkPolicy", "emnist-stores", objs)
     assert pol["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == \
         {"kubernetes.io/metadata.name": "openfaas-fn"}
-    assert "s3" not in k8s.to_yaml([k8s.redact(m) for m in objs])
+    assert "pw-9f3e1c" not in k8s.to_yaml([k8s.redact(m) for m in objs])
 
 
 def _fake_kubectl(tmp_path: Path, answers: dict[str, str] | None = None) -> Path:
@@ -154,9 +156,13 @@ def test_deploy_dry_run_prints_manifests_and_gateway_requests_without_a_cluster(
     manifest_text, _, rest = r.output.partition("# PUT ")
     docs = [d for d in yaml.safe_load_all(manifest_text) if d]
     shown = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert shown == {("Secret", k8s.SECRET_NAME)} | {
+    assert shown == {("Secret", k8s.SECRET_NAME), ("Secret", "emnist-minio-root"),
+                     ("Secret", "emnist-s3")} | {
         (m["kind"], m["metadata"]["name"]) for m in k8s.load_manifests(MANIFESTS)}
-    stack = load_stack(ROOT / "emnist.yml")
+    plan = objectstore.S3Plan(objectstore.DEFAULT_DATA_URL,
+                              objectstore.minio_endpoint("openfaas-fn"), minio=True)
+    stack = load_stack(ROOT / "emnist.yml", {**os.environ,
+                                             **objectstore.stack_env(plan, os.environ)})
     for fn in stack.functions.values():
         assert json.dumps(deploy_request(fn), indent=2, sort_keys=True) in r.output
     assert r.output.count("# PUT http://127.0.0.1:9/system/functions") == len(stack.functions)

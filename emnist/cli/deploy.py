@@ -13,11 +13,16 @@ import click
 from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option
 from emnist.cli.stack import bring_up, print_functions
 from emnist.cluster import build as builder
-from emnist.cluster import k8s
+from emnist.cluster import k8s, objectstore
+from emnist.data.idx import DataError
+from emnist.data.s3 import DEFAULT_ACCESS_SECRET, DEFAULT_SECRET_SECRET, parse_s3_url
 from emnist.gateway.client import deploy_request
 from emnist.gateway.stack import load_stack
 
 PASSWORD_ENV = "EMNIST_STORE_PASSWORD"
+S3_ENDPOINT_ENV = "EMNIST_S3_ENDPOINT"  # the functions' endpoint (never the laptop's)
+DATA_URL_ENV = "EMNIST_DATA_URL"  # the same name `emnist data prepare --data-url` reads
+ACCESS_ENV, SECRET_ENV = "EMNIST_S3_ACCESS_KEY", "EMNIST_S3_SECRET_KEY"
 
 REGISTRY_OPT = click.option("--registry", envvar="REGISTRY", default=None,
                             help="Image prefix, e.g. ghcr.io/you (env REGISTRY; the stack's "
@@ -82,6 +87,22 @@ def _password(value: str | None, path: str | None) -> str | None:
 @click.option("--store-password-file", type=click.Path(exists=True, dir_okay=False),
               help="Read the Redis password from this file.")
 @click.option("--skip-stores", is_flag=True, help="Deploy only the functions.")
+@click.option("--s3/--no-s3", "use_s3", default=True, show_default=True,
+              help="Data sets in S3: MinIO in the cluster (or --s3-endpoint), its endpoint, "
+                   f"the secret {objectstore.KEYS_SECRET} and --data-url passed to the "
+                   "functions. --no-s3: no MinIO, data_location as the stack says.")
+@click.option("--s3-endpoint", envvar=S3_ENDPOINT_ENV, default=None, metavar="URL",
+              help="An external S3-compatible endpoint for the functions instead of MinIO "
+                   f"(env {S3_ENDPOINT_ENV}).")
+@click.option("--data-url", envvar=DATA_URL_ENV, default=objectstore.DEFAULT_DATA_URL,
+              show_default=True, metavar="S3URL",
+              help=f"s3://bucket/prefix of the prepared sets (env {DATA_URL_ENV}); MinIO's "
+                   "setup Job creates the bucket.")
+@click.option("--s3-access-key", envvar=ACCESS_ENV, default=None,
+              help=f"The functions' S3 access key (env {ACCESS_ENV}); default: generated for "
+                   "MinIO when the secret does not exist yet.")
+@click.option("--s3-secret-key", envvar=SECRET_ENV, default=None,
+              help=f"The functions' S3 secret key (env {SECRET_ENV}).")
 @REGISTRY_OPT
 @TAG_OPT
 @click.option("--dry-run", is_flag=True,
@@ -90,7 +111,9 @@ def _password(value: str | None, path: str | None) -> str | None:
 @friendly
 def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifests: str,
            store_password: str | None, store_password_file: str | None, skip_stores: bool,
-           registry: str | None, tag: str | None, dry_run: bool) -> None:
+           use_s3: bool, s3_endpoint: str | None, data_url: str, s3_access_key: str | None,
+           s3_secret_key: str | None, registry: str | None, tag: str | None,
+           dry_run: bool) -> None:
     """Deploy the stores (deploy/k8s) and the functions (like faas-cli deploy)."""
     if target == "local":
         if dry_run:
@@ -100,23 +123,43 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
         bring_up(c, stack, store)
         print_functions(c)
         return
-    spec = load_stack(stack, builder.image_env(os.environ, registry, tag))
+    plan = _s3_plan(use_s3, s3_endpoint, data_url, namespace)
+    env = builder.image_env(os.environ, registry, tag)
+    if plan:
+        env.update(objectstore.stack_env(plan, env))
+    spec = load_stack(stack, env)
     password = _password(store_password, store_password_file)
     objs: list[dict] = []
+    notes: list[str] = []
     if not skip_stores:
-        if password is None and not dry_run and not _secret_exists(namespace):
+        if password is None and not dry_run and not _secret_exists(k8s.SECRET_NAME, namespace):
             password = secrets.token_urlsafe(24)
             click.echo(f"generated a store password into Secret {k8s.SECRET_NAME} in "
                        f"{namespace} (read it with kubectl get secret)", err=True)
+        if password is None and dry_run:
+            notes.append(f"# Secret {k8s.SECRET_NAME}: a random password unless it exists "
+                         f"(or pass --store-password-file / {PASSWORD_ENV})")
         shown = password or ("<generated at deploy>" if dry_run else None)
-        objs = k8s.render(k8s.load_manifests(manifests), namespace=namespace, password=shown)
+        found = [m for m in k8s.load_manifests(manifests)
+                 if (plan and plan.minio) or not objectstore.is_minio(m)]
+        extra = _s3_secrets(plan, namespace, s3_access_key, s3_secret_key, dry_run,
+                            notes) if plan else []
+        objs = k8s.render(found, namespace=namespace, password=shown, secrets=extra)
+        if plan:
+            objs = objectstore.configure(objs, plan)
         _validate(objs)
     requests_ = [deploy_request(fn) for fn in spec.functions.values()]
+    rerun_job = ["delete", "job", objectstore.SETUP_JOB, "-n", namespace, "--ignore-not-found"]
+    minio = any(objectstore.is_minio(m) for m in objs)
     if dry_run:
+        if plan:
+            click.echo(f"# functions: data_location {plan.data_url} at {plan.endpoint}, keys "
+                       f"from the OpenFaaS secret {objectstore.KEYS_SECRET}")
         if objs:
-            if password is None:
-                click.echo(f"# Secret {k8s.SECRET_NAME}: a random password unless it exists "
-                           f"(or pass --store-password-file / {PASSWORD_ENV})")
+            for note in notes:
+                click.echo(note)
+            if minio:
+                click.echo(f"# kubectl {' '.join(rerun_job)}  (the setup Job runs again)")
             click.echo(f"# kubectl apply -f - ({len(objs)} objects)")
             click.echo(k8s.to_yaml([k8s.redact(m) for m in objs]))
         for body in requests_:
@@ -125,18 +168,84 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
         click.echo(f"dry run: {len(objs)} Kubernetes objects and {len(requests_)} functions; "
                    "nothing was changed")
         return
+    if minio:
+        k8s.kubectl(rerun_job)
     if objs:
         click.echo(k8s.apply(objs).rstrip())
     gw = c.gw
     for body in requests_:
         gw.deploy(body)
         click.echo(f"deployed {body['service']} ({body['image']}) to {c.gateway}")
+    if plan and plan.minio and not skip_stores:
+        click.echo(f"data: kubectl -n {namespace} port-forward svc/minio {objectstore.MINIO_PORT}"
+                   f" & emnist data prepare --data-url {plan.data_url} --s3-endpoint "
+                   f"http://127.0.0.1:{objectstore.MINIO_PORT} (keys: docs/deploy.md)")
     click.echo("next: emnist scale emnist-train --replicas N; emnist train --workers N")
 
 
-def _secret_exists(namespace: str) -> bool:
+def _s3_plan(use_s3: bool, endpoint: str | None, data_url: str,
+             namespace: str) -> objectstore.S3Plan | None:
+    if not use_s3:
+        if endpoint:
+            raise click.UsageError("--s3-endpoint needs --s3 (drop --no-s3)")
+        return None
+    if not data_url.startswith("s3://"):
+        raise click.UsageError(f"--data-url must be s3://bucket/prefix (or --no-s3), not "
+                               f"{data_url!r}")
     try:
-        k8s.kubectl(["get", "secret", k8s.SECRET_NAME, "-n", namespace, "-o", "name"])
+        parse_s3_url(data_url)
+    except DataError as e:
+        raise click.UsageError(f"--data-url: {e}") from None
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise click.UsageError("--s3-endpoint must be an http(s):// URL")
+    return objectstore.S3Plan(data_url.rstrip("/"), endpoint or
+                              objectstore.minio_endpoint(namespace), minio=not endpoint)
+
+
+def _s3_secrets(plan: objectstore.S3Plan, namespace: str, access: str | None,
+                secret: str | None, dry_run: bool, notes: list[str]) -> list[dict]:
+    """The MinIO root Secret and the functions' keys (generated when absent), or nothing for
+    what already exists. Keys live in the functions' namespace (OpenFaaS mounts them from
+    there) and, for MinIO's setup Job, in the stores' namespace too."""
+    if bool(access) != bool(secret):
+        raise click.UsageError("give both --s3-access-key and --s3-secret-key, or neither")
+    fns, out = k8s.FUNCTIONS_NAMESPACE, []
+    placeholder = ("<generated at deploy>",) * 2
+    if plan.minio:
+        if dry_run:
+            notes.append(f"# Secret {objectstore.ROOT_SECRET}: generated unless it exists")
+            out.append(objectstore.root_secret(*placeholder, namespace))
+        elif not _secret_exists(objectstore.ROOT_SECRET, namespace):
+            out.append(objectstore.root_secret(*objectstore.generate_root(), namespace))
+            click.echo(f"generated MinIO's administrator into Secret {objectstore.ROOT_SECRET} "
+                       f"in {namespace}", err=True)
+    keys: tuple[str, str] | None = (access, secret) if access and secret else None
+    if keys is None and dry_run:
+        if plan.minio:
+            notes.append(f"# Secret {objectstore.KEYS_SECRET}: generated unless it exists")
+            keys = placeholder
+        else:
+            notes.append(f"# Secret {objectstore.KEYS_SECRET} must exist in {fns} (or pass "
+                         f"--s3-access-key/--s3-secret-key)")
+    elif keys is None and not _secret_exists(objectstore.KEYS_SECRET, fns):
+        if not plan.minio:
+            raise click.UsageError(
+                f"the functions' S3 keys: pass --s3-access-key/--s3-secret-key (env {ACCESS_ENV}"
+                f"/{SECRET_ENV}) or create the Secret {objectstore.KEYS_SECRET} in {fns} with "
+                f"the keys {DEFAULT_ACCESS_SECRET} and {DEFAULT_SECRET_SECRET}")
+        keys = objectstore.generate_keys()
+        click.echo(f"generated the functions' S3 keys into Secret {objectstore.KEYS_SECRET} in "
+                   f"{fns}", err=True)
+    if keys:
+        out.append(objectstore.keys_secret(*keys, fns))
+        if plan.minio and namespace != fns:
+            out.append(objectstore.keys_secret(*keys, namespace))
+    return out
+
+
+def _secret_exists(name: str, namespace: str) -> bool:
+    try:
+        k8s.kubectl(["get", "secret", name, "-n", namespace, "-o", "name"])
         return True
     except k8s.KubectlError as e:
         if "NotFound" in str(e) or "not found" in str(e):

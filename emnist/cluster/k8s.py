@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,13 +70,15 @@ def store_secret(password: str, namespace: str = FUNCTIONS_NAMESPACE) -> dict[st
 
 
 def render(manifests: list[dict[str, Any]], *, namespace: str = FUNCTIONS_NAMESPACE,
-           functions_namespace: str = FUNCTIONS_NAMESPACE,
-           password: str | None = None) -> list[dict[str, Any]]:
+           functions_namespace: str = FUNCTIONS_NAMESPACE, password: str | None = None,
+           secrets: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Copies placed in ``namespace``; NetworkPolicies admit ``functions_namespace`` only.
 
-    With a ``password`` the store Secret comes first (the Redis pods read it at start).
+    With a ``password`` the store Secret comes first, then ``secrets`` (already placed, e.g.
+    the S3 keys in the functions' namespace): the pods read them at start.
     """
     out = [store_secret(password, namespace)] if password else []
+    out += [copy.deepcopy(s) for s in secrets]
     for m in manifests:
         m = copy.deepcopy(m)
         if m["kind"] not in CLUSTER_SCOPED:
@@ -101,8 +103,21 @@ def redact(m: Mapping[str, Any]) -> dict[str, Any]:
     return m
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (a Job's script) as ``|`` blocks, readable in dry-run output."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def to_yaml(manifests: list[Mapping[str, Any]]) -> str:
-    return "---\n".join(yaml.safe_dump(dict(m), sort_keys=False) for m in manifests)
+    return "---\n".join(yaml.dump(dict(m), Dumper=_Dumper, sort_keys=False, width=100)
+                         for m in manifests)
 
 
 # -- kubectl -----------------------------------------------------------------------------------
