@@ -68,8 +68,10 @@ def emnist_record(outcome: Any, workers: int, target: float) -> dict[str, Any]:
 
 
 def median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median round by each timing; every round's figures are kept alongside."""
+    """The median round by each timing; every round's figures are kept alongside, with the
+    machine's 1-minute load average when the configuration finished (benchmarks share it)."""
     out = dict(rounds[0])
+    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     for key in ("samples_per_s_per_worker", "seconds_to_target"):
         out[key] = median(r[key] for r in rounds)
         out[f"{key}_rounds"] = [round(r[key], 4) for r in rounds]
@@ -81,31 +83,38 @@ def median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def bench_train(run: Callable[[dict[str, Any]], Any], worker_counts: list[int], target: float,
                 dataset: str, n_fetch: int, n_push: int, rounds: int = 3,
                 echo: Callable[[str], None] = print, model: str = "mlp",
-                extra: dict[str, Any] | None = None, ddp: list[int] | None = None
-                ) -> list[dict[str, Any]]:
+                extra: dict[str, Any] | None = None, ddp: list[int] | None = None,
+                warmup: bool = True) -> list[dict[str, Any]]:
     """Median of ``rounds`` timed runs per configuration, after one untimed warm-up each.
 
     ``extra``: more training settings for every run (alpha, batch_size, iterations, ...);
-    ``ddp``: process counts of the DDP runs (default [2] for torch models, none for the mlp).
+    ``ddp``: process counts of the DDP runs (default [2] for torch models, none for the mlp);
+    ``warmup`` False skips the warm-ups (a slow model on shards and replicas an earlier run
+    of the same dataset and worker counts left ready: each warm-up is a whole run).
     """
     base = {"target_accuracy": target, "dataset": dataset, "n_fetch": n_fetch,
             "n_push": n_push, "model": model, **(extra or {})}  # no store: the deployment's
     cfg = TrainConfig(**base)
     base["model"] = cfg.model  # the canonical name
     echo(f"plain loop ({cfg.model}): warm-up, then timed rounds ...")
-    plain_record(cfg)  # shard preparation, page cache
+    if warmup:
+        plain_record(cfg)  # shard preparation, page cache
     records = [median_record([plain_record(cfg) for _ in range(rounds)])]
     for workers in worker_counts:
         config = {**base, "number_of_workers": workers}
         echo(f"emnist, {workers} worker(s): warm-up, then timed rounds ...")
-        run(config)
+        if warmup:
+            run(config)
         records.append(median_record([emnist_record(run(config), workers, target)
                                       for _ in range(rounds)]))
     for processes in (ddp if ddp is not None else [2] if cfg.model != "mlp" else []):
         echo(f"torch DDP, {processes} processes (gloo, loopback): warm-up, then timed "
              "rounds ...")
-        ddp_record(cfg, processes)
+        if warmup:
+            ddp_record(cfg, processes)
         records.append(median_record([ddp_record(cfg, processes) for _ in range(rounds)]))
+    for r in records:
+        r["warmed_up"] = warmup
     compare(records)
     return records
 
