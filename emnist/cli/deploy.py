@@ -102,7 +102,8 @@ def _password(value: str | None, path: str | None) -> str | None:
               help=f"The functions' S3 access key (env {ACCESS_ENV}); default: generated for "
                    "MinIO when the secret does not exist yet.")
 @click.option("--s3-secret-key", envvar=SECRET_ENV, default=None,
-              help=f"The functions' S3 secret key (env {SECRET_ENV}).")
+              help=f"The functions' S3 secret key (env {SECRET_ENV}: better than the flag, "
+                   "which other users see in ps).")
 @REGISTRY_OPT
 @TAG_OPT
 @click.option("--dry-run", is_flag=True,

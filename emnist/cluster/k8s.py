@@ -2,7 +2,8 @@
 
 Manifests are plain YAML that ``kubectl apply -f deploy/k8s`` also accepts; :func:`render` only
 moves them to another namespace and adds the store password Secret, built here from a value the
-user passes (flag, env or file) so that no password is ever committed.
+user passes (flag, env or file) so that no password is ever committed, and the S3 Secrets that
+:mod:`emnist.cluster.objectstore` builds.
 """
 
 from __future__ import annotations
