@@ -147,8 +147,10 @@ def make_server(app: Dashboard, host: str, port: int) -> tuple[Any, str]:
     if not is_loopback(host) and app.auth is None:
         raise ValueError(f"--host {host} would show the dashboard (and relay scale calls) to "
                          "the network without a password: set OPENFAAS_PASSWORD")
+    # poll, not select: close() from another thread then marks the socket POLLNVAL instead of
+    # making the loop's select() raise EBADF (seen as an unhandled thread exception in tests)
     server = create_server(app, host=host, port=port, threads=16, ident="emnist-dashboard",
-                           max_request_body_size=MAX_BODY)
+                           max_request_body_size=MAX_BODY, asyncore_use_poll=True)
     bound = int(server.effective_port)
     app.set_port(bound)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
