@@ -31,6 +31,7 @@ functions:
     lang: python3-http
     handler: {functions}/emnist-setup
     image: ${{REGISTRY:-docker.io/emnist}}/emnist-setup:${{TAG:-latest}}
+    secrets: [${{S3_SECRET:-}}]
     environment:
       batch_size: {batch}
       number_of_workers: {workers}
@@ -38,6 +39,9 @@ functions:
       dataset: ${{DATASET:-fashion-mnist}}
       dataset_dir: ${{DATASET_DIR:-}}
       data_location: ${{DATA_LOCATION:-}}
+      data_roots: ${{DATA_ROOTS:-}}
+      s3_endpoint_url: ${{S3_ENDPOINT_URL:-}}
+      s3_region: ${{S3_REGION:-}}
       store_url: ${{STORE_URL:-memcached://memcached.openfaas-fn:11211}}
       OPENBLAS_NUM_THREADS: 1
       OMP_NUM_THREADS: 1
@@ -51,7 +55,11 @@ functions:
     image: ${{REGISTRY:-docker.io/emnist}}/emnist-train:${{TAG:-latest}}
     labels:
       com.openfaas.scale.min: {workers}
+    secrets: [${{S3_SECRET:-}}]
     environment:
+      data_roots: ${{DATA_ROOTS:-}}
+      s3_endpoint_url: ${{S3_ENDPOINT_URL:-}}
+      s3_region: ${{S3_REGION:-}}
       store_url: ${{STORE_URL:-memcached://memcached.openfaas-fn:11211}}
       OPENBLAS_NUM_THREADS: 1
       OMP_NUM_THREADS: 1
