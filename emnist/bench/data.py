@@ -453,30 +453,41 @@ def bench_data(pieces: list[str], samples: int, *, rss_workers: list[int], model
                passes: Mapping[str, float], rounds: int = 3, s3_endpoint: str | None = None,
                store_url: str = "memcached://127.0.0.1:11211", work_dir: str | None = None,
                processes: int | None = None, max_seconds: float = 600.0,
-               echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``pieces`` (of PIECES, in that order) and return the results document."""
+               echo: Callable[[str], None] = print,
+               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``pieces`` (of PIECES, in that order) and return the results document; ``save``
+    gets the document so far after each piece (a long run keeps what it measured)."""
     unknown = set(pieces) - set(PIECES)
     if unknown:
         raise ValueError(f"unknown pieces {sorted(unknown)}; choose from {', '.join(PIECES)}")
     started, load0 = time.time(), _loadavg()
     work = Path(tempfile.mkdtemp(prefix="emnist-bench-data-", dir=work_dir))
+    doc: dict[str, Any] = {}
+
+    def document(done: list[str]) -> dict[str, Any]:
+        doc.update({"bench": "data", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                              time.gmtime(started)),
+                    "seconds": time.time() - started, "cpus": os.cpu_count(),
+                    "loadavg_start": load0, "loadavg_end": _loadavg(), "samples": samples,
+                    "dataset": b.dataset, "pieces": done,
+                    "s3": s3_endpoint or "moto_server on loopback",
+                    "targets": targets(b.records), "records": b.records})
+        return doc
+
+    steps: dict[str, Callable[[], None]] = {
+        "gen": lambda: bench_gen(b), "load": lambda: bench_load(b, rounds),
+        "rss": lambda: bench_rss(b, rss_workers),
+        "runs": lambda: bench_runs(b, models, passes, max_seconds)}
     try:
         with moto(s3_endpoint) as endpoint:
             b = Bench(endpoint, work, samples, store_url, processes, echo)
-            if "gen" in pieces:
-                bench_gen(b)
-            if "load" in pieces:
-                bench_load(b, rounds)
-            if "rss" in pieces:
-                bench_rss(b, rss_workers)
-            if "runs" in pieces:
-                bench_runs(b, models, passes, max_seconds)
+            done: list[str] = []
+            for piece in PIECES:
+                if piece in pieces:
+                    steps[piece]()
+                    done.append(piece)
+                    if save is not None:
+                        save(document(done))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"bench": "data", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                      time.gmtime(started)),
-            "seconds": time.time() - started, "cpus": os.cpu_count(), "loadavg_start": load0,
-            "loadavg_end": _loadavg(), "samples": samples, "dataset": b.dataset,
-            "pieces": [p for p in PIECES if p in pieces],
-            "s3": "moto_server on loopback" if not s3_endpoint else s3_endpoint,
-            "targets": targets(b.records), "records": b.records}
+    return document(done)

@@ -265,7 +265,7 @@ def bench_report(c: Ctx, results: str, plots_dir: str | None, no_plots: bool,
               help="Comma-separated worker counts of the peak-RSS runs.")
 @click.option("--models", default="mlp,lenet5", show_default=True,
               help="Comma-separated models of the full runs.")
-@click.option("--passes", default="mlp=2,lenet5=1", show_default=True,
+@click.option("--passes", default="mlp=3,lenet5=1", show_default=True,
               help="Each model's budget, in passes over the generated set (the 60k set gets "
                    "the same number of samples).")
 @click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
@@ -303,7 +303,8 @@ def bench_data_cmd(only: str, samples: int, rss_workers: str, models: str, passe
                                                  if m.strip()],
                      passes=budgets, rounds=rounds, s3_endpoint=s3_endpoint, store_url=store,
                      work_dir=work_dir, processes=processes, max_seconds=max_seconds,
-                     echo=lambda m: click.echo(m, err=True))
+                     echo=lambda m: click.echo(m, err=True),
+                     save=lambda d: write_json(json_out, d))
     for piece, columns in COLUMNS.items():
         rows = [r for r in doc["records"] if r["piece"] == piece]
         if rows:
