@@ -4,9 +4,11 @@
   and into S3 (generation + multipart upload), and the upload alone (the directory set's files
   PUT through the same S3 code, nothing generated). Target: 1 GB in under 3 minutes.
 - ``load``: worker 0's shard from S3 (download in parallel ranges, CRC-32C, memory map, every
-  page touched) and from a directory (CRC-32C, map, touch), next to a raw read of the same
-  bytes (one plain ranged GET per object; a plain file read), interleaved rounds, medians.
-  Target: S3 streaming >= 50% of the raw loopback GET rate.
+  page touched) and from a directory (CRC-32C, map, touch), next to raw reads of the same
+  bytes (one plain ranged GET per object, or plain GETs in the worker's ranges; a plain file
+  read) and the worker's download with one range per object; interleaved rounds, medians.
+  Target: S3 streaming >= 50% of the raw loopback GET rate. (moto serves a range by reading
+  the whole object, so on moto many ranges cost many whole reads.)
 - ``rss``: peak RSS (VmHWM) of real train workers (emnist.bench.dataworker, one process each,
   all at once) training one pass from S3, at each worker count. Target: shard + 150 MiB.
 - ``runs``: 2 Downpour workers per model on the generated set and on Fashion-MNIST's 60k, the
