@@ -39,7 +39,8 @@ __all__ = ["DATA_ENV", "DEFAULT_MAX_PARAMS", "DEFAULT_MAX_WORKERS", "POLICY_ENV"
 # where s3:// data lives and as whom (emnist.data.s3; the keys are secret NAMES), and the
 # size of a node's shard cache (emnist.data.cache): operator settings like the policy's
 DATA_ENV: tuple[str, ...] = ("s3_endpoint_url", "s3_region", "s3_access_key_secret",
-                             "s3_secret_key_secret", "max_cache_bytes")
+                             "s3_secret_key_secret", "s3_range_mb", "s3_readers",
+                             "max_cache_bytes")
 POLICY_ENV: tuple[str, ...] = ("allowed_store_urls", "data_roots", "checkpoint_roots",
                                "max_params", "max_workers", *DATA_ENV)
 DEFAULT_MAX_PARAMS = 150_000_000  # 600 MB of float32 per copy: the largest model served

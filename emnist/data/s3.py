@@ -12,6 +12,10 @@ OpenFaaS secrets named there, never from the URL or a request:
   keys (default ``emnist-s3-access-key`` / ``emnist-s3-secret-key``, used when mounted); else
   ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` from the mapping (the CLI on a laptop),
   else boto3's own chain (profile, instance role).
+- ``s3_range_mb`` (64) and ``s3_readers`` (4): a download's byte ranges and how many are read
+  at once. Parallel ranges beat one connection's throughput cap on AWS S3 and MinIO; a server
+  that reads the whole object to answer each range (moto) wants ``s3_range_mb=0``: one
+  streaming GET per object, resumed with a range where it broke.
 
 Objects are written whole or not at all (one PUT, or a multipart upload completed only after
 its last part; a failed one is aborted). A single PUT carries its CRC-32C as metadata
@@ -44,7 +48,7 @@ from .location import MAX_LIST, Location, ObjectInfo, check_name
 __all__ = ["DEFAULT_ACCESS_SECRET", "DEFAULT_SECRET_SECRET", "S3Location", "S3Settings",
            "S3_ENV", "parse_s3_url", "s3_settings"]
 
-S3_ENV: tuple[str, ...] = DATA_ENV[:4]  # s3_endpoint_url, s3_region, s3_*_secret
+S3_ENV: tuple[str, ...] = tuple(n for n in DATA_ENV if n.startswith("s3_"))
 DEFAULT_ACCESS_SECRET = "emnist-s3-access-key"
 DEFAULT_SECRET_SECRET = "emnist-s3-secret-key"
 SINGLE_PUT = 32 << 20  # objects up to this size go in one PUT; larger ones in parts
@@ -82,6 +86,8 @@ class S3Settings:
     region: str
     access_key: str | None
     secret_key: str | None
+    range_bytes: int | None = None  # None: RANGE_BYTES; a huge value: one GET per object
+    readers: int | None = None  # None: READERS
 
     def __repr__(self) -> str:  # never the keys
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
@@ -108,7 +114,7 @@ def _secret_pair(env: Mapping[str, str]) -> tuple[str, str] | None:
 
 def s3_settings(env: Mapping[str, str]) -> S3Settings:
     """The S3 endpoint, region and keys for ``env`` (see the module docstring)."""
-    from emnist.policy import resolve
+    from emnist.policy import PolicyError, env_number, resolve
 
     endpoint = (env.get("s3_endpoint_url") or env.get("AWS_ENDPOINT_URL_S3")
                 or env.get("AWS_ENDPOINT_URL") or None)
@@ -120,7 +126,15 @@ def s3_settings(env: Mapping[str, str]) -> S3Settings:
     region = (env.get("s3_region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
               or "us-east-1")
     keys = _secret_pair(env) or (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"))
-    return S3Settings(endpoint, region, keys[0] or None, keys[1] or None)
+    try:
+        range_mb = env_number(env, "s3_range_mb", -1, 0, 4096)
+        readers = env_number(env, "s3_readers", -1, 1, 10)  # boto3 pools 10
+    except PolicyError as e:
+        raise DataError(str(e), field="data_location",
+                        public="the function's S3 download settings are invalid") from None
+    return S3Settings(endpoint, region, keys[0] or None, keys[1] or None,
+                      None if range_mb < 0 else (range_mb << 20 or 1 << 62),
+                      None if readers < 0 else readers)
 
 
 def _client(settings: S3Settings) -> Any:
@@ -291,11 +305,13 @@ class S3Location(Location):
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, size)
-            spans = [(s, min(s + RANGE_BYTES, size)) for s in range(0, size, RANGE_BYTES)]
+            step = self.settings.range_bytes or RANGE_BYTES
+            spans = [(s, min(s + step, size)) for s in range(0, size, step)]
             if len(spans) <= 1:
                 self._range(name, fd, 0, size) if size else None
             else:
-                with ThreadPoolExecutor(min(READERS, len(spans))) as pool:
+                with ThreadPoolExecutor(min(self.settings.readers or READERS,
+                                            len(spans))) as pool:
                     for f in [pool.submit(self._range, name, fd, s, e) for s, e in spans]:
                         f.result()
         finally:
