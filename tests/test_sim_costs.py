@@ -105,3 +105,34 @@ def test_bill_arithmetic():
     assert b["function_usd"] == pytest.approx(b["function_gb_s"] * 1e-5 + 3 * 1e-7)
     assert b["usd"] == pytest.approx(b["vm_usd"] + b["function_usd"]) and b["function_calls"] == 3
     assert math.isfinite(b["usd"])
+
+
+def test_load_figures_make_the_simulated_steps_the_measured_throughput():
+    """One loop alone at twice the median -> speed 0.5; two loops on 2 cores each at twice
+    the alone time -> one effective core; both clamped to what a node can be."""
+    import numpy as np
+
+    from emnist.sim.calibrate import load_figures, window_means
+    assert load_figures(1e-3, 2e-3, 4e-3, 2) == (0.5, 1.0)
+    assert load_figures(1e-3, 0.8e-3, 0.8e-3, 2) == (1.25, 2.0)  # quieter than at calibration
+    assert load_figures(1e-3, 1e-3, 9e-3, 2) == (1.0, 1.0)  # at least one core
+    t = np.array([1e-3] * 1000 + [3e-3] * 1000)  # 1 s of fast steps, then 3 s of slow ones
+    w = window_means(t, 0.25)
+    assert len(w) == 16 and w[0] == pytest.approx(1e-3) and w[-1] == pytest.approx(3e-3)
+
+
+def test_on_node_call_costs_are_stored_at_speed_one():
+    """Measured at speed 0.5, an on-node call's work is half as much at speed 1 (the
+    simulator runs it on the node at its speed); delays off the node are left alone."""
+    import copy
+
+    from emnist.sim.calibrate import TEMPLATE, to_speed_one
+    doc = copy.deepcopy(TEMPLATE)
+    doc["nodes"][0]["speed"] = 0.5
+    doc["store"]["on_node"], doc["broker"]["on_node"] = True, False
+    to_speed_one(doc)
+    assert doc["store"]["rtt"] == TEMPLATE["store"]["rtt"] * 0.5
+    assert doc["store"]["bandwidth"] == TEMPLATE["store"]["bandwidth"] * 2
+    assert doc["broker"]["rtt"] == TEMPLATE["broker"]["rtt"]
+    assert doc["gateway"]["invoke"] == TEMPLATE["gateway"]["invoke"] * 0.5
+    assert doc["client"]["decode_per_byte"] == TEMPLATE["client"]["decode_per_byte"] * 0.5

@@ -108,3 +108,26 @@ def test_a_runs_vm_cost_is_its_nodes_and_store_for_its_duration(root):
     assert r["cost"]["usd"] == pytest.approx(vcpu_s / 3600 * p["vcpu_hour"]
                                              + gb_s / 3600 * p["gb_hour"])
     assert r["cost"]["function_calls"] == 0
+
+
+def test_p2p_phases_add_up_to_every_peers_time(root):
+    """The per-epoch phases (the real report's compute/send/receive/update/validate/barrier
+    columns) cover a peer's whole loop: summed over peers and epochs they are its time."""
+    cfg = SimConfig(algorithm="p2p", workers=3, batch_size=50, sync_every=4, iterations=2,
+                    target_accuracy=0.0, max_steps=6, data_location=root, dataset="synthetic")
+    r = simulate(cfg, costs("local"))
+    ph, epochs = r["phases_per_epoch"], sum(len(e) for e in r["peer_epochs"].values())
+    total = sum(v for v in ph.values()) * epochs
+    peers = sum(e[-1][1] for e in r["peer_epochs"].values())  # each peer's last epoch time
+    assert total == pytest.approx(peers, abs=1e-5)  # epoch times are kept to 1 us
+    assert ph["compute_s"] > 0 and ph["send_s"] > 0 and ph["recv_s"] > 0
+
+
+def test_lenet5_peers_train_in_the_simulator(root):
+    """p2p peers build any emnist.models network from the split (as emnist.p2p.peer does)."""
+    cfg = SimConfig(algorithm="p2p", workers=2, model="lenet5", batch_size=32, sync_every=1,
+                    iterations=1, target_accuracy=0.0, max_steps=3, data_location=root,
+                    dataset="fashion-mnist", val_fraction=0.01)
+    r = simulate(cfg, costs("local"))
+    assert r["model"] == "lenet5" and r["params"] == 61706 and r["steps"] == 6
+    assert r["phases_per_epoch"]["compute_s"] > 0

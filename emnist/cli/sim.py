@@ -196,6 +196,11 @@ def sweep_cmd(costs_names: str, workers_list: str, variants: tuple[str, ...], js
               help="Simulations per case (timing seeds); the median is compared.")
 @click.option("--case", "cases", multiple=True,
               help="Only these cases (repeatable; default: all). See docs/sim.md.")
+@click.option("--model", "models", multiple=True, default=("mlp", "lenet5"), show_default=True,
+              help="Models to validate each case with (repeatable).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Re-measure the cores left (and for p2p the exchange) before each case "
+                   "(with --calibrate).")
 @click.option("--broker", default=DEFAULT_BROKER, show_default=True)
 @click.option("--store", envvar="STORE_URL", default=DEFAULT_STORE, show_default=True,
               help="Store of the local stack this may start (env STORE_URL).")
@@ -205,21 +210,30 @@ def sweep_cmd(costs_names: str, workers_list: str, variants: tuple[str, ...], js
 @pass_ctx
 @friendly
 def validate_cmd(c: Ctx, costs_name: str, recalibrate: bool, costs_out: str, rounds: int,
-                 sim_rounds: int, cases: tuple[str, ...], broker: str, store: str,
-                 json_out: str, stack: str) -> None:
+                 sim_rounds: int, cases: tuple[str, ...], models: tuple[str, ...], probe: bool,
+                 broker: str, store: str, json_out: str, stack: str) -> None:
     """Real runs on this machine next to their simulations; time to target compared."""
     from emnist.cli.train import run_training
     from emnist.sim import validate
 
     def run_train(config: dict[str, Any]) -> Any:
         return run_training(c, config, stack=stack, store=store, timeout=600, progress=False)
+    probe_fn = None
     if recalibrate:
-        from emnist.sim.calibrate import calibrate, write_costs
-        doc = calibrate(store_url=store, broker_url=broker,
-                        echo=lambda m: click.echo(m, err=True))
-        costs_name = str(write_costs(doc, costs_out))
+        from emnist.sim import calibrate as cal
+        doc = cal.calibrate(store_url=store, broker_url=broker, models=models,
+                            echo=lambda m: click.echo(m, err=True))
+        costs_name = str(cal.write_costs(doc, costs_out))
+        stem = Path(costs_out)
+
+        def probe_case(kind: str) -> tuple[str, dict[str, Any]]:
+            new, notes = cal.probe(doc, kind, broker_url=broker, store_url=store)
+            path = stem.with_name(f"{stem.stem}-probe{stem.suffix}")
+            return str(cal.write_costs(new, path)), notes
+        probe_fn = probe_case if probe else None
     records = validate.validate(c.gateway, costs_name, rounds, sim_rounds, list(cases),
                                 broker=broker, store=store, run_train=run_train,
-                                echo=lambda m: click.echo(m, err=True))
+                                echo=lambda m: click.echo(m, err=True), models=models,
+                                probe=probe_fn)
     click.echo(validate.table(records))
     write_json(json_out, records)

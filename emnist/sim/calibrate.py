@@ -46,7 +46,7 @@ import yaml
 
 from emnist.sim.costs import parse_costs, validate
 
-__all__ = ["TEMPLATE", "calibrate", "write_costs"]
+__all__ = ["TEMPLATE", "calibrate", "load_figures", "probe", "write_costs"]
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 BATCHES = (16, 32, 64, 100, 128)
@@ -87,16 +87,33 @@ def _subprocess(what: str, spec: dict[str, Any], timeout: float = 1200) -> Any:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_drift(spec: dict[str, Any], procs: int, seconds: float) -> dict[str, float]:
-    """``procs`` step loops at once: spread of single steps, drift of 25-step means."""
+def measure_drift(spec: dict[str, Any], procs: int, seconds: float,
+                  sessions: str = "each") -> dict[str, float]:
+    """``procs`` step loops at once: spread of single steps, drift of 25-step means, the
+    throughput. With the kernel's autogroup scheduling a session's processes share one fair
+    share of the CPU, so the loops run as the real processes they stand for do: ``each`` in
+    its own session (gateway replicas are started so), or ``one`` session for all (the peers
+    of ``emnist p2p run``)."""
     args = json.dumps({**spec, "seconds": seconds, "batch": 100})
     cmd = [sys.executable, "-m", "emnist.sim.measure", "loop", args]
-    running = [subprocess.Popen(cmd, env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE,
-                                text=True) for _ in range(procs)]
-    series = [json.loads(p.communicate(timeout=seconds + 120)[0]) for p in running]
-    spreads, drifts, rhos, medians = [], [], [], []
+    env = {**os.environ, **ONE_THREAD}
+    if sessions == "one":
+        group = ("import subprocess, sys\n"
+                 f"ps = [subprocess.Popen({cmd!r}, stdout=subprocess.PIPE, text=True) "
+                 f"for _ in range({procs})]\n"
+                 "print('[' + ','.join(p.communicate()[0].strip() for p in ps) + ']')\n")
+        out = subprocess.run([sys.executable, "-c", group], env=env, capture_output=True,
+                             text=True, timeout=seconds + 180, check=True,
+                             start_new_session=True)
+        series = json.loads(out.stdout)
+    else:
+        running = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True) for _ in range(procs)]
+        series = [json.loads(p.communicate(timeout=seconds + 120)[0]) for p in running]
+    spreads, drifts, rhos, medians, windows = [], [], [], [], []
     for ts in series:
         t = np.asarray(ts[len(ts) // 20:])  # warm-up aside
+        windows.extend(window_means(t, WINDOW_S))
         logs = np.log(t)
         spreads.append(float(1.4826 * np.median(np.abs(logs - np.median(logs)))))
         win = logs[: len(logs) // 25 * 25].reshape(-1, 25).mean(axis=1)
@@ -107,7 +124,25 @@ def measure_drift(spec: dict[str, Any], procs: int, seconds: float) -> dict[str,
     rho = min(0.999, max(0.01, statistics.median(rhos) if rhos else 0.5))
     return {"spread": statistics.median(spreads), "drift": statistics.median(drifts),
             "drift_steps": float(min(1e6, max(1.0, -25.0 / np.log(rho)))),
-            "concurrent_step_median_s": statistics.median(medians), "procs": procs}
+            "concurrent_step_median_s": statistics.median(medians),
+            "window_step_s": statistics.median(windows) if windows else float("nan"),
+            "procs": procs}
+
+
+WINDOW_S = 0.25  # throughput windows: long enough to hold the descheduled steps load causes
+
+
+def window_means(t: np.ndarray, seconds: float) -> list[float]:
+    """Mean step time in consecutive windows of about ``seconds`` of steps: the throughput a
+    loop got, window by window (the median over windows keeps a rare burst of someone else's
+    load out, and the steps descheduled by the usual load in)."""
+    edges = np.searchsorted(np.cumsum(t), np.arange(seconds, float(t.sum()) + 1e-12, seconds))
+    out, start = [], 0
+    for e in edges:
+        if e > start:
+            out.append(float(t[start:e].mean()))
+            start = e
+    return out
 
 
 def measure_store(url: str, reps: int) -> dict[str, float]:
@@ -272,9 +307,82 @@ def io_factor(doc: dict[str, Any], peers: int, step_s: float, nbytes: int) -> fl
     per_peer = (call(nbytes, 20) + call(100, peers * nbytes) + call(80, 20)
                 + nbytes * (cl["encode_per_byte"] + (peers - 1) * cl["decode_per_byte"]
                             + 2 * cl["vector_per_byte"]))
-    cores = doc["nodes"][0]["cores"]
-    modelled = per_peer * peers / min(cores, peers)
+    node = doc["nodes"][0]
+    modelled = per_peer * peers / min(node["cores"], peers) / node.get("speed", 1.0)
     return max(1.0, step_s / modelled)
+
+
+def store_figures(s: dict[str, float], cl: dict[str, float]) -> dict[str, float]:
+    """The store's rtt, op and bandwidths from ``measure_store`` and the client's per-byte
+    costs (at the same speed): a call's intercept split 80/20 (``SERVER_SHARE``), a read's
+    slope less the decode, a cas's less the client's decode + add + encode."""
+    nb = s["vector_bytes"]
+    read_pb = max(1e-13, s["read_per_byte_s"] - cl["decode_per_byte"])
+    add = nb * (cl["decode_per_byte"] + cl["encode_per_byte"] + cl["vector_per_byte"])
+    write_pb = max(1e-13, (s["cas_s"] - add - s["call_s"]) / nb)
+    return {"rtt": (1 - SERVER_SHARE) * s["call_s"], "op": SERVER_SHARE * s["call_s"],
+            "bandwidth": min(1e12, 1.0 / read_pb), "write_bandwidth": min(1e12, 1 / write_pb)}
+
+
+def load_figures(median_s: float, alone_mean_s: float, concurrent_mean_s: float,
+                 cores: int) -> tuple[float, float]:
+    """(speed, cores) of the node that make the simulator's step times the measured
+    throughput (``window_means``): one loop alone takes median / speed, so speed = median /
+    alone; ``cores`` loops at once each take median / (speed * effective / cores), so
+    effective = cores * alone / concurrent (at least one core, at most ``cores``)."""
+    speed = min(100.0, median_s / alone_mean_s)  # > 1: quieter than at calibration
+    eff = min(float(cores), max(1.0, cores * alone_mean_s / concurrent_mean_s))
+    return round(speed, 4), round(eff, 3)
+
+
+def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "",
+          dataset: str = "fashion-mnist", data_location: str = "", hidden: int = 100
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the machine's load changes, re-measured into a copy of a calibrated ``doc`` just
+    before a validation case: the MLP's mean step alone and one step loop per core at once
+    (``speed`` and ``cores`` by ``load_figures``; the hypothesis is that load slows every
+    model's compute alike; spread and drift as ``calibrate``), and for ``p2p`` the
+    exchange-only step (the broker's ``io_factor``), and with ``store_url`` the store's
+    fetch and push. Returns (new doc, what it measured).
+    """
+    import copy
+
+    from emnist.train.config import default_data_location
+    doc = copy.deepcopy(doc)
+    cores = os.cpu_count() or 1
+    spec = {"dataset": dataset, "data_location": data_location or default_data_location(),
+            "hidden": hidden, "models": ["mlp"], "batches": [100], "reps": 400,
+            "eval_images": 1000}
+    key = f"mlp-h{hidden}"
+    calibrated = doc["compute"]["models"][key]["step"][100]
+    alone = measure_drift(spec, 1, 2.0)["window_step_s"]
+    # p2p's peers share one session (and so one fair share); replicas have one each
+    d = measure_drift(spec, cores, 4.0, "one" if kind == "p2p" else "each")
+    speed, eff = load_figures(calibrated, alone, d["window_step_s"], cores)
+    node = doc["nodes"][0]
+    node.update(speed=speed, cores=eff)
+    doc["compute"].update(spread=round(d["spread"], 4), drift=round(d["drift"], 4),
+                          drift_steps=round(d["drift_steps"], 1))
+    notes: dict[str, Any] = {"alone_window_step_s": alone, "calibrated_step_s": calibrated,
+                             "speed": node["speed"], "cores": node["cores"],
+                             "concurrent_window_step_s": d["window_step_s"],
+                             "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    if store_url:  # the store's figures, at this speed, stored at speed 1
+        m = measure_store(store_url, 100)
+        cl = {k: v / speed for k, v in doc["client"].items()}
+        f = store_figures(m, cl)
+        doc["store"].update(rtt=f["rtt"] * speed, op=f["op"] * speed,
+                            bandwidth=min(1e12, f["bandwidth"] / speed),
+                            write_bandwidth=min(1e12, f["write_bandwidth"] / speed))
+        notes.update(push_p50_s=m["push_p50_s"], fetch_p50_s=m["fetch_p50_s"])
+    if kind == "p2p":
+        nb = doc["calibrated"]["broker"]["message_bytes"]  # the MLP's gradient message
+        step = measure_exchange(broker_url, 3, nb // 4)
+        k = io_factor(doc, 3, step, nb)
+        doc["broker"]["io_factor"] = round(k, 3)
+        notes.update(exchange_step_s=step, io_factor=round(k, 3))
+    doc.setdefault("calibrated", {})["probe"] = notes
+    return validate(doc), notes
 
 
 def measure_start(url: str, data_location: str, dataset: str) -> dict[str, float]:
@@ -325,7 +433,7 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
     echo("compute: one step per model and batch size ...")
     got = _subprocess("steps", spec)
     doc["compute"]["models"] = {
-        k: {**{f: v for f, v in m.items() if f not in ("spread_alone", "step")},
+        k: {**{f: v for f, v in m.items() if f not in ("spread_alone", "step", "step_mean")},
             "step": {int(b): t for b, t in m["step"].items()}}  # JSON made the keys strings
         for k, m in got["models"].items()}
     notes["steps_alone_spread"] = {k: m["spread_alone"] for k, m in got["models"].items()}
@@ -336,24 +444,23 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
         doc["compute"].update(spread=round(d["spread"], 4), drift=round(d["drift"], 4),
                               drift_steps=round(d["drift_steps"], 1))
         notes["drift"] = d
-        # what else runs here takes cores: one step loop per core runs slower than one alone
-        alone = doc["compute"]["models"][f"mlp-h{hidden}"]["step"][100]
-        slow = max(1.0, d["concurrent_step_median_s"] / alone)
-        doc["nodes"][0]["cores"] = round(cores / slow, 3)
-        notes["effective_cores"] = {"cores": cores, "slowdown_of_one_loop_per_core": slow}
+        # what else runs here takes CPU time: mean step times (a descheduled step is a long
+        # one) against the median table give the node's speed (one loop alone) and cores
+        # (one loop per core at once)
+        key = f"mlp-h{hidden}"
+        alone = measure_drift(spec, 1, 2.0)["window_step_s"]
+        speed, eff = load_figures(doc["compute"]["models"][key]["step"][100], alone,
+                                  d["window_step_s"], cores)
+        doc["nodes"][0].update(speed=speed, cores=eff)
+        notes["effective_cores"] = {"cores": cores, "speed": speed, "effective": eff,
+                                    "alone_window_step_s": alone,
+                                    "concurrent_window_step_s": d["window_step_s"]}
     else:
         notes["drift"] = "not measured (fast): template values"
     echo("store: fetch and push (emnist.bench.store) ...")
     s = measure_store(store_url, 30 if fast else 300)
     notes["store"] = {"url": store_url, **s}
-    cl = doc["client"]
-    nb = s["vector_bytes"]
-    read_pb = max(1e-13, s["read_per_byte_s"] - cl["decode_per_byte"])
-    add = nb * (cl["decode_per_byte"] + cl["encode_per_byte"] + cl["vector_per_byte"])
-    write_pb = max(1e-13, (s["cas_s"] - add - s["call_s"]) / nb)
-    doc["store"].update(rtt=(1 - SERVER_SHARE) * s["call_s"], op=SERVER_SHARE * s["call_s"],
-                        bandwidth=min(1e12, 1.0 / read_pb), write_bandwidth=min(1e12, 1 / write_pb),
-                        on_node=True)
+    doc["store"].update(store_figures(s, doc["client"]), on_node=True)
     if fast:
         notes["gateway"] = notes["broker"] = notes["start"] = "not measured (fast): template"
     else:
@@ -396,8 +503,31 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
         doc["run"].update(setup=st["setup_s"] + g["invoke_s"],
                           worker_start=st["worker_start_s"] + g["invoke_s"],
                           peer_start=st["peer_import_s"])
+    to_speed_one(doc)
     doc["calibrated"] = notes
     return validate(json.loads(json.dumps(doc)))
+
+
+def to_speed_one(doc: dict[str, Any]) -> None:
+    """On-node call costs and the client's per-byte costs are CPU work the simulator runs on
+    the node at its ``speed``; they were measured at that speed, so store them at speed 1
+    (times ``speed``), or the load would count twice."""
+    speed = doc["nodes"][0]["speed"]
+    if speed >= 1.0:
+        return
+    for k in doc["client"]:
+        doc["client"][k] *= speed
+    for sec in ("store", "broker"):
+        d = doc[sec]
+        if d.get("on_node"):
+            d["rtt"] *= speed
+            d["op"] *= speed
+            d["bandwidth"] = min(1e12, d["bandwidth"] / speed)
+            d["write_bandwidth"] = min(1e12, d["write_bandwidth"] / speed)
+    g = doc["gateway"]
+    if g.get("on_node"):
+        for k in ("invoke", "per_byte", "async"):
+            g[k] *= speed
 
 
 def _memory_gb() -> float:

@@ -110,8 +110,6 @@ class SimConfig:
             raise SimConfigError("compression", f"must be one of {', '.join(compress.NAMES)}")
         if self.chunk_bytes % 4:
             raise SimConfigError("chunk_bytes", "must be a multiple of 4")
-        if self.algorithm == "p2p" and self.model != "mlp":
-            raise SimConfigError("model", "p2p peers train the numpy MLP (emnist.p2p.peer)")
         if self.serverless and self.algorithm != "p2p":
             raise SimConfigError("serverless", "serverless gradients are a p2p variant")
         if self.algorithm == "p2p" and self.dropout_percent:

@@ -95,8 +95,9 @@ class Sim:
         """The run's ModelSpec, as the real setup derives it (``TrainConfig.model_spec``)."""
         return self.cfg.train_config().model_spec(classes, image_shape)
 
-    def build_model(self, classes: int, image_shape: tuple[int, int, int] | None = None) -> Any:
-        spec = self.spec(classes, image_shape)
+    def build_model(self, classes: int, image_shape: tuple[int, int, int] | None = None,
+                    spec: ModelSpec | None = None) -> Any:
+        spec = spec or self.spec(classes, image_shape)
         check_memory(self.cfg, spec)
         self.model = build_model(spec, seed=self.cfg.seed)
         self.num_params = self.model.num_params

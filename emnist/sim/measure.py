@@ -38,14 +38,14 @@ def _model(name: str, dataset: str, classes: int, hidden: int) -> Any:
     return build_model(ModelSpec.for_dataset(name, dataset, classes=classes, **over), seed=0)
 
 
-def _timed(fn: Any, reps: int, warmup: int) -> list[float]:
+def _timed(fn: Any, reps: int, warmup: int, clock: Any = time.perf_counter) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        out.append(time.perf_counter() - t)
+        out.append(clock() - t)
     return out
 
 
@@ -56,7 +56,12 @@ def robust_sigma(times: list[float]) -> float:
 
 
 def _step_times(model: Any, x: Any, y: Any, batches: list[int], n: int) -> dict[int, list]:
-    """Each batch size's step times, interleaved so machine load hits them all alike."""
+    """Each batch size's step times in CPU seconds of this process (``process_time``), the
+    intrinsic cost: a wall-clock median of a step longer than the scheduler's slice carries
+    the preemptions of a loaded machine (lenet5's 7 ms step measured 27 ms under a load of 6
+    on 2 cores, the MLP's 0.4 ms one did not), and load is the node's ``speed`` and
+    ``cores``, measured apart. Batch sizes interleaved so what is left of load hits all
+    alike."""
     params = model.init_params(0)
     alpha = np.float32(0.2)
     starts = {b: np.arange(0, len(y) - b, b) for b in batches}
@@ -65,19 +70,20 @@ def _step_times(model: Any, x: Any, y: Any, batches: list[int], n: int) -> dict[
     for r in range(n + warm):
         for b in batches:
             at = int(starts[b][r % len(starts[b])])
-            t = time.perf_counter()
+            t = time.process_time()
             _, grad = model.loss_and_grad(params, x[at:at + b], y[at:at + b])
             grad *= -alpha
             params += grad
             if r >= warm:
-                times[b].append(time.perf_counter() - t)
+                times[b].append(time.process_time() - t)
     return times
 
 
 def _eval_time(model: Any, x: Any, tx: Any, ty: Any) -> float:
     params = model.init_params(0)
     calib = x[:2048] if getattr(model, "needs_calibration", False) else None
-    times = _timed(lambda: model.evaluate(params, tx, ty, calib=calib), 3, 1)
+    times = _timed(lambda: model.evaluate(params, tx, ty, calib=calib), 3, 1,
+                   clock=time.process_time)  # CPU seconds, as the steps
     return float(np.median(times)) / len(ty)
 
 
@@ -93,6 +99,9 @@ def steps(spec: dict[str, Any]) -> dict[str, Any]:
         out["models"][key] = {
             "params": int(model.num_params),
             "step": {b: float(np.median(ts)) for b, ts in times.items()},
+            # the mean carries what load does (a descheduled step is a long one): the
+            # throughput a run gets, against the median's intrinsic cost
+            "step_mean": {b: float(np.mean(ts)) for b, ts in times.items()},
             "eval_per_sample": _eval_time(model, x, tx[:n_eval], ty[:n_eval]),
             "spread_alone": float(np.median([robust_sigma(ts) for ts in times.values()]))}
     n = int(out["models"][next(iter(out["models"]))]["params"])

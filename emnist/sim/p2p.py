@@ -43,6 +43,15 @@ from emnist.sim.store import SimKV
 
 G = Generator[Any, Any, Any]
 RUN_ID = "sim"
+PHASES = ("compute_s", "send_s", "recv_s", "update_s", "val_s", "barrier_s")
+
+
+def _peer_spec(cfg: Any, man: dict[str, Any]) -> Any:
+    """``emnist.p2p.peer.model_spec``: the network every peer builds for this split."""
+    from emnist.models import ModelSpec
+    extra = {"hidden": cfg.hidden_size} if cfg.model == "mlp" else {}
+    return ModelSpec.for_dataset(cfg.model, str(man["dataset"]),
+                                 classes=int(man["num_classes"]), **extra)
 
 
 @dataclass
@@ -55,6 +64,8 @@ class P2PRun:
     lr: float = 0.3
     bytes_sent: int = 0
     epochs: dict[int, list[list[float]]] = field(default_factory=dict)  # rank -> [epoch, t, acc]
+    # virtual seconds per phase over all peers, as the real report splits a step
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 def _join(n: int) -> tuple[Any, Any]:
@@ -83,7 +94,7 @@ def run_p2p(sim: Sim) -> dict[str, Any]:
                       cfg.val_fraction)
     parts = [load_partition(str(split_dir), r) for r in range(cfg.workers)]
     man = parts[0].manifest
-    model = sim.build_model(man["num_classes"])
+    model = sim.build_model(man["num_classes"], spec=_peer_spec(cfg, man))
     bs = cfg.batch_size
     batches = min(man["train_sizes"]) // bs
     if batches < 1:
@@ -121,6 +132,9 @@ def run_p2p(sim: Sim) -> dict[str, Any]:
         "mb_sent_per_epoch": run.bytes_sent / max(1, len(run.epochs.get(0, [1]))) / 1e6,
         "final_params_crc": _crc(run.params), "_servers": servers,
         "peer_epochs": {r: e for r, e in list(run.epochs.items())[:8]},
+        # per peer and epoch, the real report's columns (emnist.p2p.report)
+        "phases_per_epoch": {k: v / max(1, sum(len(e) for e in run.epochs.values()))
+                             for k, v in run.phases.items()},
     }
     if funcs is not None:
         extra.update(funcs.report())
@@ -145,6 +159,8 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
     tx, ty = part.test_x[test], part.test_y[test]
     others = run.size - 1
     par = cfg.grad_parallel or max(1, min(cfg.sync_every, 16))
+    ph, loop = run.phases, sim.loop
+    dropout = _has_dropout(model.spec)
     for epoch in range(1, cfg.iterations + 1):
         order = rng.permutation(batches)
         for s in range(steps_per_epoch):
@@ -154,6 +170,8 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
             acc_buf[:] = 0.0
             loss = 0.0
             for b in chosen:
+                if dropout:  # LocalGradients: the minibatch's masks from dropout_key
+                    model.rng = np.random.default_rng([cfg.seed, rank, step_no, int(b)])
                 rows = slice(int(b) * bs, (int(b) + 1) * bs)
                 batch_loss, g = model.loss_and_grad(run.params, part.train_x[rows],
                                                     part.train_y[rows])
@@ -168,11 +186,14 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
                                                   loss / len(chosen)))
             sim.math(t)
             work = sim.step_work(ctx, bs)
+            t_phase = loop.now
             if funcs is None:
                 yield sim.cpu(node, sum(sim.step_work(ctx, bs) for _ in chosen[1:]) + work
                               + sim.client(vector=4 * n * (len(chosen) + 1)))
             else:
                 yield from _serverless(sim, ctx, funcs, store, step_no, chosen, par)
+            ph["compute_s"] += loop.now - t_phase
+            t_phase = loop.now
             st.step += 1
             st.samples += bs * len(chosen)
             sim.count_samples(bs * len(chosen))
@@ -180,8 +201,12 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
             yield sim.cpu(node, sim.client(encode=msg_bytes, vector=2 * 4 * n))
             yield from broker.publish(node, f"g.{step_no}", rank, msg_bytes, None)
             run.bytes_sent += msg_bytes
+            ph["send_s"] += loop.now - t_phase
+            t_phase = loop.now
             # receive: every other peer's gradient of this step
             yield from _collect(sim, node, broker, f"g.{step_no}", rank, others, msg_bytes)
+            ph["recv_s"] += loop.now - t_phase
+            t_phase = loop.now
             # update: sum in rank order, apply (once for all peers: they are identical)
             yield sim.cpu(node, sim.client(vector=4 * n * (run.size + 2)))
             if run.applied < step_no:
@@ -193,13 +218,17 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
                 run.params -= np.float32(run.lr) * (total * np.float32(1.0 / len(got)))
                 run.applied = step_no
                 sim.math(t)
-            if prev_topic is not None:
+            ph["update_s"] += loop.now - t_phase
+            t_phase = loop.now
+            if prev_topic is not None:  # finished(): counted as the real report does, receive
                 yield from broker.delete(node, prev_topic)
+            ph["recv_s"] += loop.now - t_phase
             prev_topic = f"g.{step_no}"
             step_no += 1
             if max_steps and step_no >= max_steps:
                 break
         # validate on the own validation part and test slice, then the barrier
+        t_phase = loop.now
         yield sim.cpu(node, sim.eval_work(len(part.val_y) + len(ty)))
         t = time.perf_counter()
         nv = len(part.val_y)
@@ -208,8 +237,11 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
         sim.math(t)
         run.stats.setdefault(epoch, {})[rank] = {"val_sum": val_sum, "val_n": nv,
                                                  "correct": correct, "test_n": len(ty)}
+        ph["val_s"] += loop.now - t_phase
+        t_phase = loop.now
         yield from broker.publish(node, f"b.{epoch}", rank, 300, None)
         yield from _collect(sim, node, broker, f"b.{epoch}", rank, others, 300)
+        ph["barrier_s"] += loop.now - t_phase
         got = run.stats[epoch]
         ranks = sorted(got)
         val_loss = sum(got[r]["val_sum"] for r in ranks) / max(1, sum(got[r]["val_n"]
@@ -243,6 +275,13 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
         st.done, st.stop_reason = True, "max-epochs"
     st.seconds = sim.loop.now - t_start
     ctx.finished = sim.loop.now
+
+
+def _has_dropout(spec: Any) -> bool:
+    """``emnist.p2p.peer.has_dropout``."""
+    if spec.name in ("mlp", "lenet5"):
+        return bool(spec.dropout)
+    return spec.dropout is None or spec.dropout > 0
 
 
 def _collect(sim: Sim, node: Any, broker: Broker, topic: str, rank: int, want: int,

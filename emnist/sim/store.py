@@ -55,6 +55,7 @@ class Value:
     version: int
     size: int
     clock: int = 0  # the codec clock of a parameter chunk (pushes it has seen)
+    writes: int = 0  # pushes landed on the chunk when this value was written (SimParams)
 
 
 def value_size(data: Any, size: int | None = None) -> int:
@@ -98,10 +99,11 @@ class SimKV:
         self._version += 1
         self.values[key] = Value(data, self._version, value_size(data, size))
 
-    def write(self, key: str, data: Any, size: int | None = None, clock: int = 0) -> int:
+    def write(self, key: str, data: Any, size: int | None = None, clock: int = 0,
+              writes: int = 0) -> int:
         """Store a new value (at the current event); returns its version."""
         self._version += 1
-        self.values[key] = Value(data, self._version, value_size(data, size), clock)
+        self.values[key] = Value(data, self._version, value_size(data, size), clock, writes)
         return self._version
 
     # -- simulated calls (use with ``yield from`` in a process) ----------------------------
@@ -138,8 +140,8 @@ class SimKV:
             v = self.values.get(key)
             if v is None or v.version != version:
                 return None
-            data, clock = compute(v)
-            self.write(key, data, clock=clock)
+            data, clock, *writes = compute(v)
+            self.write(key, data, clock=clock, writes=writes[0] if writes else 0)
             return data
         size = self.values[key].size if key in self.values else HEADER
         return (yield self.net.rpc(node, self.server(key), size + KEY_BYTES, REPLY, swap))
@@ -221,7 +223,7 @@ class SimParams:
             def read(_t: float) -> None:
                 for k in ks:
                     v = self.kv.values[k]
-                    reader(self._index[k], v.data, v.clock)
+                    reader(self._index[k], v.data, v.writes)
             return read
         calls = [Call(self.kv.server(ks[0]), KEY_BYTES * len(ks),
                       sum(self.kv.values[k].size for k in ks) + REPLY, read_chunks(ks))
@@ -266,15 +268,15 @@ class SimParams:
             if seen is not None:
                 seen[i] = self.clock[i]
             if reader is not None:
-                reader(i, new, v.clock + 1)
+                reader(i, new, self.clock[i])
             return new
 
         def read_extra(got: dict[str, Value]) -> None:
             for k in extra:
                 i = idx[k]
                 if seen is not None:
-                    seen[i] = got[k].clock
-                reader(i, got[k].data, got[k].clock)
+                    seen[i] = got[k].writes
+                reader(i, got[k].data, got[k].writes)
 
         if mode == "overwrite":  # the original's read-add-write: no check, losses possible
             got = yield from kv.get_many(node, pending + extra + list(also))
@@ -288,7 +290,8 @@ class SimParams:
                         # what we read plus our delta, over whatever landed since: those
                         # pushes are gone (the clock counts the pushes a value holds)
                         lost += kv.values[k].clock - got[k].clock
-                        kv.write(k, apply(idx[k], got[k]), clock=got[k].clock + 1)
+                        kv.write(k, apply(idx[k], got[k]), clock=got[k].clock + 1,
+                                 writes=self.clock[idx[k]])
                 calls.append(Call(kv.server(ks[0]),
                                   sum(got[k].size for k in ks) + KEY_BYTES * len(ks), REPLY,
                                   store))
@@ -305,9 +308,8 @@ class SimParams:
                 for k in pending:
                     v = got[k]
                     yield client_cpu(v.size)  # decode, add, encode this chunk
-                    ok = yield from kv.cas(node, k, lambda cur, i=idx[k]: (apply(i, cur),
-                                                                           cur.clock + 1),
-                                           v.version)
+                    ok = yield from kv.cas(node, k, lambda cur, i=idx[k]: (
+                        apply(i, cur), cur.clock + 1, self.clock[i]), v.version)
                     if ok is None:
                         again.append(k)
                 retries += len(again)

@@ -31,6 +31,12 @@ COLUMNS = [("costs", "costs", ""), ("variant", "variant", ""), ("workers", "W", 
            ("accuracy", "accuracy", ".4f"), ("wall_s", "wall s", ".1f")]
 
 
+# p2p and serverless counters a record keeps when the run has them
+P2P_KEYS = ("time_to_target_training", "phases_per_epoch", "epochs", "steps_per_epoch",
+            "function_calls", "cold_starts", "function_instances", "function_max_running",
+            "function_mean_s", "function_queue_wait_s", "mb_sent_per_epoch")
+
+
 class PlotUnavailable(RuntimeError):
     pass
 
@@ -69,7 +75,28 @@ def record(r: dict[str, Any], costs: str, variant: str) -> dict[str, Any]:
             "usd": r["cost"]["usd"], "cost": r["cost"], "nodes": r["nodes"],
             "steps_per_pass": r.get("steps_per_pass"), "stop_reasons": r["stop_reasons"],
             "wall_s": r["wall_s"], "bookkeeping_fraction": r["bookkeeping_fraction"],
+            "events": r["events"], "aborted": r.get("aborted", ""),
+            "alpha": r["config"]["alpha"],
+            "shard_sizes": (r.get("shard_sizes") or [None])[:1],
+            **{k: r[k] for k in P2P_KEYS if k in r},
             "config": r["config"]}
+
+
+ALPHA_SCALING = {"none": lambda w: 1.0, "linear": lambda w: 1.0 / w,
+                 "sqrt": lambda w: w ** -0.5}
+
+
+def scaled(d: dict[str, Any]) -> dict[str, Any]:
+    """A variant's ``alpha_scaling`` (not a SimConfig field: the sweep's): Downpour's W
+    workers all add their steps to one vector, so ``linear`` divides alpha by W (the sum of
+    a round of pushes moves as far as one worker would), ``sqrt`` by sqrt(W)."""
+    d = dict(d)
+    how = d.pop("alpha_scaling", "none")
+    if how not in ALPHA_SCALING:
+        raise ValueError(f"alpha_scaling must be one of {', '.join(ALPHA_SCALING)}, "
+                         f"got {how!r}")
+    d["alpha"] = d["alpha"] * ALPHA_SCALING[how](d["workers"])
+    return d
 
 
 def sweep(base: SimConfig, cost_names: list[str], counts: list[int],
@@ -80,7 +107,7 @@ def sweep(base: SimConfig, cost_names: list[str], counts: list[int],
         costs = load_costs(name)
         for vname, over in variants:
             for w in counts:
-                cfg = SimConfig.from_dict({**base.to_dict(), **over, "workers": w})
+                cfg = SimConfig.from_dict(scaled({**base.to_dict(), **over, "workers": w}))
                 t = time.perf_counter()
                 r = simulate(cfg, costs)
                 rec = record(r, costs.name, vname)
