@@ -44,7 +44,8 @@ def bench() -> None:
               help="Vector sizes as multiples of the 784-100-47 model (333 KB).")
 @click.option("--vector-mb", "vector_mb", default=None,
               help="Vector sizes in MB (10^6 bytes), comma-separated, instead of --scale: e.g. "
-                   "6,515 (MobileNetV3-small, VGG11; 515 needs a memcached with -m 1024).")
+                   "6,515 (MobileNetV3-small, VGG11; 515 over the four default chunk sizes "
+                   "needs a memcached with -m 4096: its slabs keep what earlier sizes took).")
 @click.option("--reps", type=click.IntRange(10), default=300, show_default=True,
               help="Timed operations per figure (fewer for big vectors: ~2 GB moved).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write records here.")
