@@ -252,7 +252,8 @@ class SimParams:
         if mode not in MODES:
             raise ValueError(f"update mode must be one of {MODES}, got {mode!r}")
         chosen = list(range(len(self.keys))) if chunks is None else sorted(set(chunks))
-        others = [i for i in range(len(self.keys)) if i not in set(chosen)]
+        picked = set(chosen)
+        others = [i for i in range(len(self.keys)) if i not in picked]
         kv, c = self.kv, self.counters
         pending = [self.keys[i] for i in chosen]
         extra = [self.keys[i] for i in others] if reader is not None else []
