@@ -4,9 +4,17 @@ In one invocation, for one model: the plain single-process loop (emnist.bench.pl
 train` with each worker count, and torch DistributedDataParallel with 2 processes (gloo on
 loopback, emnist.bench.ddp; torch models only), all with the same data, hyper-parameters and
 per-process batch, one thread per process. Each configuration runs once untimed first
-(replica start, imports, shard preparation), then ``rounds`` times timed (the median is
-reported), like nanoGPT's bench.py warms up before it measures. Every record carries
-``model`` and ``params``.
+(replica start, imports, shard preparation), like nanoGPT's bench.py warms up before it
+measures; then the timed rounds go round-robin over the configurations (plain, 1 worker, 2
+workers, DDP, plain, ...), the order rotated each round, so a change in the machine's load
+(benchmarks share it) hits every configuration alike instead of whichever ran during it.
+Measured before this (lenet5, 2 cores, one configuration's rounds after another's, load
+2-5): the plain loop's rounds spread 6,359-9,864 samples/s and 1 worker's 6,988-9,957, which
+read as a 15% gap; profiled in one process, a worker's lenet5 minibatch of 64 costs no more
+than the plain loop's (~5.2 vs ~5.7 ms), the exchange ~2% of the loop and the heartbeats
+0.4%. The median round is reported; every round's figures, its load and its ratios to the
+same round's plain loop, 1 worker and DDP are kept. Every record carries ``model`` and
+``params``.
 """
 
 from __future__ import annotations
@@ -69,9 +77,10 @@ def emnist_record(outcome: Any, workers: int, target: float) -> dict[str, Any]:
 
 def median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median round by each timing; every round's figures are kept alongside, with the
-    machine's 1-minute load average when the configuration finished (benchmarks share it)."""
+    machine's 1-minute load average as each round finished (benchmarks share the machine)."""
     out = dict(rounds[0])
-    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    out["load_avg_1m_rounds"] = [r.get("load_avg_1m") for r in rounds]
+    out["load_avg_1m"] = median(r.get("load_avg_1m") or 0.0 for r in rounds)
     for key in ("samples_per_s_per_worker", "seconds_to_target"):
         out[key] = median(r[key] for r in rounds)
         out[f"{key}_rounds"] = [round(r[key], 4) for r in rounds]
@@ -80,12 +89,17 @@ def median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _loaded(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def bench_train(run: Callable[[dict[str, Any]], Any], worker_counts: list[int], target: float,
                 dataset: str, n_fetch: int, n_push: int, rounds: int = 3,
                 echo: Callable[[str], None] = print, model: str = "mlp",
                 extra: dict[str, Any] | None = None, ddp: list[int] | None = None,
                 warmup: bool = True) -> list[dict[str, Any]]:
-    """Median of ``rounds`` timed runs per configuration, after one untimed warm-up each.
+    """Median of ``rounds`` timed runs per configuration, after one untimed warm-up each;
+    the rounds interleave the configurations (see the module docstring).
 
     ``extra``: more training settings for every run (alpha, batch_size, iterations, ...);
     ``ddp``: process counts of the DDP runs (default [2] for torch models, none for the mlp);
@@ -96,40 +110,61 @@ def bench_train(run: Callable[[dict[str, Any]], Any], worker_counts: list[int], 
             "n_push": n_push, "model": model, **(extra or {})}  # no store: the deployment's
     cfg = TrainConfig(**base)
     base["model"] = cfg.model  # the canonical name
-    echo(f"plain loop ({cfg.model}): warm-up, then timed rounds ...")
-    if warmup:
-        plain_record(cfg)  # shard preparation, page cache
-    records = [median_record([plain_record(cfg) for _ in range(rounds)])]
-    for workers in worker_counts:
+
+    def emnist(workers: int) -> Callable[[], dict[str, Any]]:
         config = {**base, "number_of_workers": workers}
-        echo(f"emnist, {workers} worker(s): warm-up, then timed rounds ...")
-        if warmup:
-            run(config)
-        records.append(median_record([emnist_record(run(config), workers, target)
-                                      for _ in range(rounds)]))
-    for processes in (ddp if ddp is not None else [2] if cfg.model != "mlp" else []):
-        echo(f"torch DDP, {processes} processes (gloo, loopback): warm-up, then timed "
-             "rounds ...")
-        if warmup:
-            ddp_record(cfg, processes)
-        records.append(median_record([ddp_record(cfg, processes) for _ in range(rounds)]))
-    for r in records:
-        r["warmed_up"] = warmup
+        return lambda: emnist_record(run(config), workers, target)
+
+    def torch_ddp(processes: int) -> Callable[[], dict[str, Any]]:
+        return lambda: ddp_record(cfg, processes)
+
+    configs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        (f"plain loop ({cfg.model})", lambda: plain_record(cfg))]
+    configs += [(f"emnist, {w} worker(s)", emnist(w)) for w in worker_counts]
+    configs += [(f"torch DDP, {p} processes (gloo, loopback)", torch_ddp(p))
+                for p in (ddp if ddp is not None else [2] if cfg.model != "mlp" else [])]
+    if warmup:
+        for label, measure in configs:  # shard preparation, page cache, replicas
+            echo(f"{label}: warm-up ...")
+            measure()
+    done: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for r in range(rounds):
+        for i in [(r + j) % len(configs) for j in range(len(configs))]:
+            echo(f"round {r + 1}/{rounds}: {configs[i][0]} ...")
+            done[i].append(_loaded(configs[i][1]()))
+    records = [median_record(rs) for rs in done]
+    for rec in records:
+        rec["warmed_up"] = warmup
     compare(records)
     return records
+
+
+def _per_round(mine: dict[str, Any], other: dict[str, Any], key: str) -> list[float]:
+    a, b = mine[f"{key}_rounds"], other[f"{key}_rounds"]
+    return [round(x / y, 4) if y else 0.0 for x, y in zip(a, b, strict=False)]
 
 
 def compare(records: list[dict[str, Any]]) -> None:
     """Ratios for the targets: per-worker throughput against the plain loop's (>= 95%), an
     emnist run's time to target against 1 emnist worker's (2 workers: <= 0.6) and against
-    DDP with as many processes (<= 1)."""
-    base_rate = records[0]["samples_per_s_per_worker"]
+    DDP with as many processes (<= 1); of the medians, and per round (``*_rounds``: against
+    the same round of the other configuration, when the records have rounds)."""
+    plain = records[0]
+    base_rate = plain["samples_per_s_per_worker"]
     one = next((r for r in records if r["mode"] == "emnist" and r["workers"] == 1), None)
     ddp = {r["workers"]: r for r in records if r["mode"] == "ddp"}
+    paired = all("samples_per_s_per_worker_rounds" in r for r in records)
     for r in records:
         r["throughput_vs_plain"] = r["samples_per_s_per_worker"] / base_rate
+        if paired:
+            r["throughput_vs_plain_rounds"] = _per_round(r, plain, "samples_per_s_per_worker")
         if r["mode"] == "emnist" and one is not None and one["seconds_to_target"]:
             r["time_vs_one_worker"] = r["seconds_to_target"] / one["seconds_to_target"]
+            if paired:
+                r["time_vs_one_worker_rounds"] = _per_round(r, one, "seconds_to_target")
         if r["mode"] == "emnist" and r["workers"] in ddp:
-            r["time_vs_ddp"] = r["seconds_to_target"] / ddp[r["workers"]]["seconds_to_target"]
+            other = ddp[r["workers"]]
+            r["time_vs_ddp"] = r["seconds_to_target"] / other["seconds_to_target"]
+            if paired:
+                r["time_vs_ddp_rounds"] = _per_round(r, other, "seconds_to_target")
         r.pop("curve", None)
