@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,8 @@ from emnist.data.prepared import (
 )
 from emnist.data.s3 import parse_s3_url, s3_settings
 from tests.s3server import moto_server, new_bucket, s3_env
-from tests.servers import ROOT, free_port, start_together
+from tests.servers import ROOT, start_together
+from tests.tcpproxy import PipeProxy
 
 
 @pytest.fixture(scope="module")
@@ -306,44 +306,19 @@ def test_names_stay_below_their_location(tmp_path):
 
 # -- a download that breaks mid-stream resumes --------------------------------------------------
 
-class CutOnce:
+class CutOnce(PipeProxy):
     """A TCP proxy to the S3 server that closes the first connection to send more than
     ``after`` bytes downstream, mid-body: a real broken stream."""
 
     def __init__(self, upstream: str, after: int) -> None:
-        self.host, self.port = upstream.rsplit("//", 1)[1].split(":")
         self.after, self.cut = after, threading.Event()
-        self.sock = socket.create_server(("127.0.0.1", free_port()))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection((self.host, int(self.port)))
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
-        sent = 0
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                sent += len(data)
-                if down and sent > self.after and not self.cut.is_set():
-                    self.cut.set()
-                    break
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+    def on_data(self, data: bytes, up: bool, sent: int) -> bool:
+        if not up and sent > self.after and not self.cut.is_set():
+            self.cut.set()
+            return False
+        return True
 
 
 def test_a_broken_download_resumes_at_the_byte_it_reached(env, bucket):

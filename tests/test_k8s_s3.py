@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import stat
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from emnist.policy import PolicyError, check_data_location
 from emnist.secrets import SECRETS_DIR_ENV
 from tests.gateway_tools import GatewayProcess
 from tests.s3server import moto_server
-from tests.servers import free_port
+from tests.tcpproxy import PipeProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "k8s"
@@ -482,42 +481,19 @@ def test_faas_cli_reads_the_same_secret_and_endpoint_from_the_stack(tmp_path):
 
 # -- the wiring: what the deployment mounts and sets is what emnist.data.s3 reads ------------
 
-class RecordingProxy:
+class RecordingProxy(PipeProxy):
     """TCP proxy to the S3 server recording the bytes clients send (request heads carry the
     SigV4 ``Credential=<access key>/...``): MinIO would check that signature."""
 
     def __init__(self, upstream: str) -> None:
-        self.host, port = upstream.rsplit("//", 1)[1].split(":")
-        self.port, self.sent, self.lock = int(port), bytearray(), threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", free_port()))
-        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.sent, self.lock = bytearray(), threading.Lock()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection((self.host, self.port))
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if up:
-                    with self.lock:
-                        self.sent += data[:4096]  # heads, not bodies
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+    def on_data(self, data: bytes, up: bool, sent: int) -> bool:
+        if up:
+            with self.lock:
+                self.sent += data[:4096]  # heads, not bodies
+        return True
 
     def credentials(self) -> set[str]:
         with self.lock:
