@@ -7,7 +7,9 @@ per-process batch, one thread per process. Each configuration runs once untimed 
 (replica start, imports, shard preparation), like nanoGPT's bench.py warms up before it
 measures; then the timed rounds go round-robin over the configurations (plain, 1 worker, 2
 workers, DDP, plain, ...), the order rotated each round, so a change in the machine's load
-(benchmarks share it) hits every configuration alike instead of whichever ran during it.
+(benchmarks share it) hits every configuration alike instead of whichever ran during it. An
+emnist run scales emnist-train to its worker count, so a run with more workers than the last
+one gets fresh replicas: it is preceded by an untimed run of its own to warm them.
 Measured before this (lenet5, 2 cores, one configuration's rounds after another's, load
 2-5): the plain loop's rounds spread 6,359-9,864 samples/s and 1 worker's 6,988-9,957, which
 read as a 15% gap; profiled in one process, a worker's lenet5 minibatch of 64 costs no more
@@ -118,20 +120,30 @@ def bench_train(run: Callable[[dict[str, Any]], Any], worker_counts: list[int], 
     def torch_ddp(processes: int) -> Callable[[], dict[str, Any]]:
         return lambda: ddp_record(cfg, processes)
 
-    configs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        (f"plain loop ({cfg.model})", lambda: plain_record(cfg))]
-    configs += [(f"emnist, {w} worker(s)", emnist(w)) for w in worker_counts]
-    configs += [(f"torch DDP, {p} processes (gloo, loopback)", torch_ddp(p))
+    # (label, emnist worker count or 0, measure)
+    configs: list[tuple[str, int, Callable[[], dict[str, Any]]]] = [
+        (f"plain loop ({cfg.model})", 0, lambda: plain_record(cfg))]
+    configs += [(f"emnist, {w} worker(s)", w, emnist(w)) for w in worker_counts]
+    configs += [(f"torch DDP, {p} processes (gloo, loopback)", 0, torch_ddp(p))
                 for p in (ddp if ddp is not None else [2] if cfg.model != "mlp" else [])]
+    replicas = 0  # emnist-train replicas as the last emnist run left them (each run scales)
     if warmup:
-        for label, measure in configs:  # shard preparation, page cache, replicas
+        for label, workers, measure in configs:  # shard preparation, page cache, replicas
             echo(f"{label}: warm-up ...")
             measure()
+            replicas = workers or replicas
     done: list[list[dict[str, Any]]] = [[] for _ in configs]
     for r in range(rounds):
         for i in [(r + j) % len(configs) for j in range(len(configs))]:
-            echo(f"round {r + 1}/{rounds}: {configs[i][0]} ...")
-            done[i].append(_loaded(configs[i][1]()))
+            label, workers, measure = configs[i]
+            if warmup and workers > replicas:
+                # a run with fewer workers scaled the replicas down: the new ones would pay
+                # their first torch import (1.5-4 s measured) inside the timed run
+                echo(f"round {r + 1}/{rounds}: {label}: warm-up of the new replicas ...")
+                measure()
+            echo(f"round {r + 1}/{rounds}: {label} ...")
+            done[i].append(_loaded(measure()))
+            replicas = workers or replicas
     records = [median_record(rs) for rs in done]
     for rec in records:
         rec["warmed_up"] = warmup
