@@ -12,6 +12,7 @@ from emnist.data.normalize import Normalizer, compute_stats, stats_for
 from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.models import MODEL_NAMES, ModelSpec, build_model, canonical_name, param_count
 from emnist.models.mlp import MLPModel
+from tests.servers import ROOT
 
 
 @pytest.mark.parametrize("given,want", [
@@ -165,3 +166,15 @@ def test_torch_missing_gives_the_install_hint():
                          timeout=60, check=True).stdout
     assert "model 'lenet5' needs torch" in out
     assert "pip install 'emnist[torch]'" in out and "torch==2.13.0" in out and "CPU" in out
+
+
+@pytest.mark.parametrize("name,loads", [("lenet5", True), ("mobilenet v3 small", True),
+                                        ("mlp", False), ("", False), ("no-such-net", False)])
+def test_preload_imports_torch_only_for_a_torch_model(name, loads):
+    """emnist-train preloads its stack's model: torch is imported at replica start for a torch
+    model, never for the MLP (whose replicas stay light), and a bad name does not raise."""
+    code = ("import sys; from emnist.models import preload; "
+            f"r = preload({name!r}); print(r, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.split()
+    assert out == [str(loads), str(loads)]

@@ -32,6 +32,7 @@ import numpy as np
 from .spec import MODEL_NAMES, TORCH_MODELS, ModelSpec, canonical_name
 
 __all__ = [
+    "preload",
     "MODEL_NAMES",
     "TORCH_MODELS",
     "Model",
@@ -105,6 +106,19 @@ def _torch_backend() -> Any:
             raise
         raise TorchMissing(f"torch is not installed: {TORCH_HINT}") from None
     return torch_backend
+
+
+def preload(name: str) -> bool:
+    """Import the backend ``name`` needs now (True if it is torch's and loaded), so a replica
+    pays torch's import when it starts rather than inside its first run. Never raises: an
+    unknown name or a missing torch is reported when a run asks for the model."""
+    try:
+        if canonical_name(name) in TORCH_MODELS:
+            _torch_backend()
+            return True
+    except (ValueError, TorchMissing):
+        pass
+    return False
 
 
 def build_model(spec: ModelSpec | Mapping[str, Any] | str, *, seed: int = 0,

@@ -36,12 +36,15 @@ from emnist.faas import (
     typed_body,
 )
 from emnist.gateway.client import GatewayClient
+from emnist.models import preload
 from emnist.store.keys import valid_run_id
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, ensure_run, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
 FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict}
+
+preload(os.environ.get("model", ""))  # a torch stack imports torch before the replica is ready
 
 
 def _next_pass(body: dict, env: dict):
