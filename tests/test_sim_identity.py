@@ -105,6 +105,17 @@ def test_one_simulated_lenet5_worker_is_the_real_worker(memcached_kv, root):
     assert np.array_equal(final, real_final) and report["model"] == "lenet5"
 
 
+def test_a_diverging_simulated_worker_stops_where_the_real_one_does(memcached_kv, root):
+    """lenet5 at alpha 100 overflows: the real worker refuses the non-finite push and stops
+    "diverged"; the simulated one stops at the same step with the same (finite) store."""
+    over = {"dataset": "synthetic", "model": "lenet5", "dropout_percent": 0.0,
+            "batch_size": 64, "iterations": 2, "alpha": 100.0, "n_fetch": 1, "n_push": 1}
+    real, real_final = _real(memcached_kv, root, 1, **over)
+    report, final = _sim(root, 1, **over)
+    assert real[0].stop_reason.startswith("diverged") and np.isfinite(real_final).all()
+    assert report["steps"] == real[0].step and np.array_equal(final, real_final)
+
+
 def test_two_simulated_averaging_workers_are_the_real_ones(memcached_kv, root):
     over = {"algorithm": "averaging", "average_every": 10, "dropout_percent": 0.0,
             "iterations": 1}

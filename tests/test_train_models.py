@@ -298,3 +298,18 @@ def test_status_and_checkpoints_read_the_progress_notes(memcached_kv, tmp_path):
     from emnist.train.checkpoint import Checkpoints
     docs, _ = Checkpoints(str(tmp_path / "ckpt")).read(state["run_id"])
     assert docs["workers"]["worker:0"]["step"] == 7
+
+
+@pytest.mark.parametrize("algorithm", ["downpour", "averaging"])
+def test_a_diverging_worker_stops_and_never_sends_a_non_finite_update(memcached_kv, tmp_path,
+                                                                      algorithm):
+    """lenet5 at alpha 100 overflows within a pass: the worker stops with reason "diverged"
+    and the store's vector stays finite (a NaN pushed would have become every worker's)."""
+    cfg = _cfg(tmp_path, model="lenet5", alpha=100.0, iterations=3, n_push=1, n_fetch=1,
+               algorithm=algorithm, average_every=1)
+    state = setup_run(cfg, memcached_kv, 1)
+    st, record = train_worker(memcached_kv, state["run_id"], 0, "h")
+    assert st.done and st.stop_reason.startswith("diverged") and "lower alpha" in st.stop_reason
+    assert st.iteration < 3 and np.isfinite(_final(memcached_kv, state["run_id"])).all()
+    assert run_status(memcached_kv, state["run_id"])["results"][0]["stop_reason"] \
+        .startswith("diverged")

@@ -34,7 +34,7 @@ from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.store import CasGaveUp, SimParams
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import STOP_CHECK_EVERY
-from emnist.train.state import state_key
+from emnist.train.state import Diverged, state_key
 from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, pass_order
 
 G = Generator[Any, Any, Any]
@@ -155,6 +155,8 @@ class Exchange:
                 push = False  # nothing worth sending yet: it all stays pending
         if not push and not fetch:
             return
+        if push:
+            self.check_finite()
         self.count += 1
         yield from self.run(push, fetch, self.count % STOP_CHECK_EVERY == 0, chunks,
                             self.apply)
@@ -167,7 +169,14 @@ class Exchange:
     def flush(self) -> G:
         """Push what is pending (if anything) and fetch, synchronously (pass end)."""
         push = not np.array_equal(self.ctx.params, self.ctx.base)
+        if push:
+            self.check_finite()
         yield from self.run(push, True, True, None, self.replace)
+
+    def check_finite(self) -> None:
+        """``_hand_over``'s guard: a non-finite update is refused before it is sent."""
+        if not np.isfinite(np.subtract(self.ctx.params, self.ctx.base)).all():
+            raise Diverged("the update to push is not finite (NaN or infinity): lower alpha")
 
 
 def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_pass: int,
@@ -178,6 +187,9 @@ def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_p
         yield from _downpour_worker(sim, ctx, vec, data, steps_per_pass, cfg, started)
     except CasGaveUp as e:
         ctx.st.done, ctx.st.stop_reason = True, f"store error: {e}"
+        ctx.finished = sim.loop.now
+    except Diverged as e:  # as the real worker stops
+        ctx.st.done, ctx.st.stop_reason = True, f"diverged: {e}"
         ctx.finished = sim.loop.now
 
 

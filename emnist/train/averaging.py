@@ -29,7 +29,7 @@ import numpy as np
 
 from emnist.store import ParameterStore, codec
 from emnist.train.config import TrainConfig
-from emnist.train.state import Progress, WorkerState
+from emnist.train.state import Diverged, Progress, WorkerState
 
 KEEP_ROUNDS = 3  # a worker deletes its own round r - KEEP_ROUNDS when it publishes round r
 
@@ -65,6 +65,7 @@ class Averaging:
     def end_iteration(self, params: np.ndarray) -> None:
         """Publish the pass's model as the run's global vector (checkpoints, resume)."""
         if all(w > self.me or w in self.suspect for w in self.others):  # lowest live id
+            _check_finite(params)
             self.store.put(params)
 
     def close(self) -> None:
@@ -88,6 +89,7 @@ class Averaging:
 
     # -- one round ------------------------------------------------------------------------
     def average(self, params: np.ndarray, r: int) -> None:
+        _check_finite(params)
         kv = self.store.kv
         mine = self._keys(r, self.me)
         batches = self.store.batches()
@@ -153,3 +155,8 @@ class Averaging:
             np.multiply(total, scale, out=params[lo:hi])
         self.st.bytes_fetched += 4 * params.size * (len(members) - int(include_me))
         self.st.bytes_pushed += 4 * params.size
+
+
+def _check_finite(params: np.ndarray) -> None:
+    if not np.isfinite(params).all():
+        raise Diverged("the parameters to average are not finite (NaN or infinity): lower alpha")

@@ -32,7 +32,7 @@ import numpy as np
 
 from emnist.store import ParameterStore
 from emnist.train.config import TrainConfig
-from emnist.train.state import Progress, WorkerState
+from emnist.train.state import Diverged, Progress, WorkerState
 
 STOP_CHECK_EVERY = 5  # exchanges between reads of the run's stop flag
 
@@ -86,6 +86,8 @@ class Exchange:
         """The delta to send; the sent chunks count as the store's from now on, the others
         stay pending."""
         np.subtract(params, self.base, out=self._sent)
+        if not np.isfinite(self._sent).all():  # before base moves: nothing counts as sent
+            raise Diverged("the update to push is not finite (NaN or infinity): lower alpha")
         if chunks is None:
             self.base[:] = params
         else:

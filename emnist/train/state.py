@@ -35,6 +35,12 @@ class LeaseLost(StoreError):
     """Another invocation took this worker over: this one must stop writing."""
 
 
+class Diverged(RuntimeError):
+    """A worker's parameters stopped being finite: what it would send (a delta, or its
+    parameters for an average) is refused before it reaches the store, so one diverged
+    worker never turns the global vector into NaN for every other."""
+
+
 class WorkerBusy(StoreError):
     """The worker is owned by a live invocation."""
 

@@ -31,7 +31,7 @@ from emnist.store import ParameterStore
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import Exchange, batch_order
-from emnist.train.state import Lease, Progress, WorkerState
+from emnist.train.state import Diverged, Lease, Progress, WorkerState
 
 SAVE_SECONDS = 0.25  # how often the lease heartbeat (the last recorded progress) is written
 
@@ -161,6 +161,10 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             last_save = time.monotonic()
             if one_pass:
                 break
+    except Diverged as e:  # nothing of the bad update reached the store
+        st.done, st.stop_reason = True, f"diverged: {e}"
+        st.seconds = elapsed()
+        progress.save_now()
     finally:
         ex.close()
     st.seconds = elapsed()
