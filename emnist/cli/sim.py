@@ -231,9 +231,18 @@ def validate_cmd(c: Ctx, costs_name: str, recalibrate: bool, costs_out: str, rou
             path = stem.with_name(f"{stem.stem}-probe{stem.suffix}")
             return str(cal.write_costs(new, path)), notes
         probe_fn = probe_case if probe else None
-    records = validate.validate(c.gateway, costs_name, rounds, sim_rounds, list(cases),
-                                broker=broker, store=store, run_train=run_train,
-                                echo=lambda m: click.echo(m, err=True), models=models,
-                                probe=probe_fn)
+    from emnist.cluster import local
+
+    # a stack this command starts is its own (its data roots name this run's temp data):
+    # stopped at the end, as `emnist train --down` does, so the next validate starts afresh
+    was_up = local.gateway_alive(c.gateway)
+    try:
+        records = validate.validate(c.gateway, costs_name, rounds, sim_rounds, list(cases),
+                                    broker=broker, store=store, run_train=run_train,
+                                    echo=lambda m: click.echo(m, err=True), models=models,
+                                    probe=probe_fn)
+    finally:
+        if not was_up and local.gateway_alive(c.gateway):
+            local.stop_all()
     click.echo(validate.table(records))
     write_json(json_out, records)

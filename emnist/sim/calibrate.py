@@ -428,7 +428,9 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
                              "host": platform.node(), "cpu": platform.processor() or
                              platform.machine(), "cores": cores, "fast": fast}
     spec = {"dataset": dataset, "data_location": data_location, "hidden": hidden,
-            "models": list(models), "batches": [100] if fast else list(BATCHES),
+            # the MLP always: the node's speed and cores are measured with its step loop
+            "models": ["mlp", *(m for m in models if m != "mlp")],
+            "batches": [100] if fast else list(BATCHES),
             "reps": 40 if fast else 400, "eval_images": 1000 if fast else 10000}
     echo("compute: one step per model and batch size ...")
     got = _subprocess("steps", spec)
