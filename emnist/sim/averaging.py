@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from emnist.sim.downpour import STOP_DOC, decide
+from emnist.sim.downpour import STOP_DOC
 from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.events import Proc
 from emnist.sim.store import SimParams
 from emnist.train.averaging import KEEP_ROUNDS
 from emnist.train.config import TrainConfig
 from emnist.train.state import state_key
-from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, pass_order
+from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, decide, pass_order
 
 G = Generator[Any, Any, Any]
 POLL_S = 0.0005  # the real barrier's sleep between polls
@@ -265,7 +265,7 @@ def averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
         st.curve.append([round(sim.loop.now - t_start, 4), st.iteration, st.accuracy,
                          round(st.val_loss, 6), st.samples])
         sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
-        decide(cfg, st, stop[0])
+        decide(cfg, st, stop[0], None)
         if halted and not st.done:
             st.done, st.stop_reason = True, halted
         if st.reached:

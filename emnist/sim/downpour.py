@@ -6,7 +6,7 @@ step for step: the first fetch; per pass the real ``pass_order``; per minibatch 
 ``n_push`` / ``n_fetch`` minibatches ``Exchange.start`` (sparse ``_select``, ``_hand_over``,
 the push that doubles as a fetch, ``_apply``: params = fresh + (params - base)); a read of the
 stop document every ``STOP_CHECK_EVERY`` exchanges; heartbeats every ``SAVE_SECONDS``; at a
-pass end ``flush`` (params = the fetched vector), the evaluation, ``_decide``, the stop
+pass end ``flush`` (params = the fetched vector), the evaluation, ``decide``, the stop
 document when the target is reached and the state save; at the end the lease release and the
 result document. Each of those store accesses is a simulated call with its real size.
 
@@ -35,31 +35,11 @@ from emnist.sim.store import CasGaveUp, SimParams
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import STOP_CHECK_EVERY
 from emnist.train.state import Diverged, state_key
-from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, pass_order
+from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, decide, pass_order
 
 G = Generator[Any, Any, Any]
 NOTE_BYTES = 150  # a push's progress note (13 float64 counters, codec-framed)
 STOP_DOC = 120
-
-
-def decide(cfg: TrainConfig, st: Any, stop: dict | None) -> None:
-    """``emnist.train.worker._decide`` without the wall clock (max_seconds is not simulated):
-    set ``done`` and the reason, first match wins."""
-    if st.best_val_loss is None or st.val_loss < st.best_val_loss - cfg.min_delta:
-        st.best_val_loss, st.bad_epochs = st.val_loss, 0
-    else:
-        st.bad_epochs += 1
-    reason = None
-    if st.accuracy >= cfg.target_accuracy:
-        st.reached, reason = True, "target"
-    elif stop:
-        reason = f"stopped by worker {stop.get('worker_id')} ({stop.get('reason')})"
-    elif cfg.patience and st.bad_epochs >= cfg.patience:
-        reason = f"early stop (validation loss, patience {cfg.patience})"
-    elif st.iteration >= cfg.iterations:
-        reason = "iterations"
-    if reason:
-        st.done, st.stop_reason = True, reason
 
 
 class Exchange:
@@ -255,7 +235,7 @@ def _downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_
         st.curve.append([round(now, 4), st.iteration, st.accuracy, round(st.val_loss, 6),
                          st.samples])
         sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
-        decide(cfg, st, ex.stop)
+        decide(cfg, st, ex.stop, None)
         if halted and not st.done:
             st.done, st.stop_reason = True, halted
         if st.reached:

@@ -149,7 +149,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
                 st.iteration, st.offset = it, 0
             _evaluate(model, params, (test_x, test_y), calib, st, elapsed())
             st.sample(time.time(), st.train_seconds)
-            _decide(cfg, st, ex.stop, elapsed(), run_started)
+            decide(cfg, st, ex.stop, run_started)
             if st.reached:
                 store.put_doc("stop", {"worker_id": st.worker_id, "iteration": st.iteration,
                                        "accuracy": st.accuracy, "reason": "target"})
@@ -178,9 +178,10 @@ def _evaluate(model: Model, params: np.ndarray, test: tuple[np.ndarray, np.ndarr
                      st.samples])
 
 
-def _decide(cfg: TrainConfig, st: WorkerState, stop: dict[str, Any] | None, now: float,
-            run_started: float) -> None:
-    """Set ``done`` and the reason, first match wins."""
+def decide(cfg: TrainConfig, st: Any, stop: dict[str, Any] | None,
+           run_started: float | None) -> None:
+    """Set ``done`` and the reason, first match wins. ``run_started`` None skips the wall
+    clock (the simulator's virtual time has none)."""
     if st.best_val_loss is None or st.val_loss < st.best_val_loss - cfg.min_delta:
         st.best_val_loss, st.bad_epochs = st.val_loss, 0
     else:
@@ -190,7 +191,8 @@ def _decide(cfg: TrainConfig, st: WorkerState, stop: dict[str, Any] | None, now:
         st.reached, reason = True, "target"
     elif stop:
         reason = f"stopped by worker {stop.get('worker_id')} ({stop.get('reason')})"
-    elif cfg.max_seconds and time.time() - run_started >= cfg.max_seconds:
+    elif cfg.max_seconds and run_started is not None \
+            and time.time() - run_started >= cfg.max_seconds:
         reason = "wall clock"
     elif cfg.patience and st.bad_epochs >= cfg.patience:
         reason = f"early stop (validation loss, patience {cfg.patience})"
