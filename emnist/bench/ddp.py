@@ -35,10 +35,9 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
     os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from emnist.bench.plain import torch_accuracy, torch_net
+    from emnist.bench.plain import torch_accuracy, torch_epoch, torch_net
     from emnist.data import open_shard, open_test, prepare_shards
     from emnist.train.downpour import batch_order
 
@@ -65,13 +64,8 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
         for epoch in range(1, cfg.iterations + 1):
             rng = np.random.default_rng([cfg.seed, rank, epoch])
             t0 = time.perf_counter()
-            for at in batch_order(len(shard.y), bs, rng)[:steps]:
-                x = torch.from_numpy(model.prepare(shard.x[at:at + bs]))
-                y = torch.from_numpy(shard.y[at:at + bs].astype(np.int64))
-                opt.zero_grad()
-                F.cross_entropy(ddp(x), y).backward()
-                opt.step()
-                samples += bs
+            samples += torch_epoch(ddp, model, opt, shard,
+                                   batch_order(len(shard.y), bs, rng)[:steps], bs)
             train_s += time.perf_counter() - t0
             epochs = epoch
             flag = torch.zeros(1)

@@ -98,10 +98,27 @@ def torch_accuracy(net: Any, model: Any, x: np.ndarray, y: np.ndarray,
     return correct / max(len(y), 1)
 
 
+def torch_epoch(net: Any, model: Any, opt: Any, shard: Any, order: Any, bs: int) -> int:
+    """One pass of the ordinary torch loop (zero_grad, cross-entropy, backward, step) over the
+    minibatches starting at ``order``; the samples it trained on. The plain baseline and DDP
+    both train this way."""
+    import torch
+    import torch.nn.functional as F
+
+    samples = 0
+    for at in order:
+        x = torch.from_numpy(model.prepare(shard.x[at:at + bs]))
+        y = torch.from_numpy(shard.y[at:at + bs].astype(np.int64))
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        samples += bs
+    return samples
+
+
 def _torch_loop(cfg: TrainConfig, spec: ModelSpec, shard: Any, test: tuple, t_start: float
                 ) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
     from emnist.models.torch_backend import configure_threads
 
@@ -115,13 +132,7 @@ def _torch_loop(cfg: TrainConfig, spec: ModelSpec, shard: Any, test: tuple, t_st
     curve = []
     for epoch in range(1, cfg.iterations + 1):
         t0 = time.perf_counter()
-        for at in batch_order(len(shard.y), bs, rng):
-            x = torch.from_numpy(model.prepare(shard.x[at:at + bs]))
-            y = torch.from_numpy(shard.y[at:at + bs].astype(np.int64))
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-            samples += bs
+        samples += torch_epoch(net, model, opt, shard, batch_order(len(shard.y), bs, rng), bs)
         train_s += time.perf_counter() - t0
         acc, epochs = torch_accuracy(net, model, *test), epoch
         curve.append([round(time.perf_counter() - t_start, 4), epoch, acc])
