@@ -224,12 +224,9 @@ def validate_cmd(c: Ctx, costs_name: str, recalibrate: bool, costs_out: str, rou
         doc = cal.calibrate(store_url=store, broker_url=broker, models=models,
                             echo=lambda m: click.echo(m, err=True))
         costs_name = str(cal.write_costs(doc, costs_out))
-        stem = Path(costs_out)
 
-        def probe_case(kind: str) -> tuple[str, dict[str, Any]]:
-            new, notes = cal.probe(doc, kind, broker_url=broker, store_url=store)
-            path = stem.with_name(f"{stem.stem}-probe{stem.suffix}")
-            return str(cal.write_costs(new, path)), notes
+        def probe_case(kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+            return cal.probe(doc, kind, broker_url=broker, store_url=store)
         probe_fn = probe_case if probe else None
     from emnist.cluster import local
 

@@ -46,7 +46,7 @@ import yaml
 
 from emnist.sim.costs import parse_costs, validate
 
-__all__ = ["TEMPLATE", "calibrate", "load_figures", "probe", "write_costs"]
+__all__ = ["TEMPLATE", "between", "calibrate", "load_figures", "probe", "write_costs"]
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 BATCHES = (16, 32, 64, 100, 128)
@@ -383,6 +383,24 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
         notes.update(exchange_step_s=step, io_factor=round(k, 3))
     doc.setdefault("calibrated", {})["probe"] = notes
     return validate(doc), notes
+
+
+def between(a: Any, b: Any) -> Any:
+    """The mean of two probes of one calibration (``probe`` before and after a case's real
+    runs): every number they differ in (what the probes measured) averaged, the rest kept;
+    the notes of both stay in ``calibrated.probe_before`` / ``probe_after``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = {k: between(v, b[k]) if k in b else v for k, v in a.items()}
+        if "probe" in a and "probe" in b and isinstance(a["probe"], dict):
+            out.pop("probe")
+            out["probe_before"], out["probe_after"] = a["probe"], b["probe"]
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [between(x, y) for x, y in zip(a, b)]
+    if (isinstance(a, (int, float)) and isinstance(b, (int, float))
+            and not isinstance(a, bool) and a != b):
+        return (a + b) / 2
+    return a
 
 
 def measure_start(url: str, data_location: str, dataset: str) -> dict[str, float]:

@@ -15,7 +15,17 @@ compute per minibatch, trains to a lower target (``TARGETS``) with at most
 machine is shared and its load drifts, so ``probe(kind)`` (given by the caller) re-measures
 what load changes -- the cores left to a step loop, and for p2p the exchange-only step --
 just before each case's real runs and returns the cost file the case is simulated with;
-the record keeps those figures and the load average.
+the record keeps those figures and the load average. The probe runs again after the real
+runs and the case is simulated with the mean of the two (``calibrate.between``): a load that
+came or went during the runs shows as two different probes in the record instead of as a
+simulator error.
+
+Time to target is a pass count times a pass's seconds. The pass count of asynchronous
+workers is chaotic: it depends on how their pushes interleave (two MLP workers at alpha 0.2
+cross 0.85 after 3 to 14 passes, really and simulated alike), so a median of a few rounds is
+mostly noise; the cases in ``MIN_ROUNDS`` get at least that many rounds, and every record
+also compares the two factors apart: passes (epochs for p2p) per round and seconds per pass,
+and for the store cases the share of pushes that conflicted (cas retries).
 """
 
 from __future__ import annotations
@@ -31,9 +41,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from emnist.bench.results import format_table
+from emnist.sim.calibrate import between
 from emnist.sim.config import SimConfig
-from emnist.sim.costs import load_costs
+from emnist.sim.costs import load_costs, parse_costs
 from emnist.sim.engine import simulate
 
 __all__ = ["CASES", "COLUMNS", "table", "validate"]
@@ -42,6 +55,7 @@ TOLERANCE = 0.25
 MODELS = ("mlp", "lenet5")
 TARGETS = {"mlp": {"train": 0.85, "p2p": 0.84}, "lenet5": {"train": 0.83, "p2p": 0.80}}
 LENET5_ROUNDS = 3
+MIN_ROUNDS = {("downpour-2", "mlp"): 15}  # real and simulated rounds, at least (see above)
 STORE_BASE = {"dataset": "fashion-mnist", "n_fetch": 10, "n_push": 10}
 P2P_BASE = ["--lr", "0.3", "--epochs", "10"]
 # name: (kind, real settings, simulated settings)
@@ -64,7 +78,10 @@ COLUMNS = [("case", "case", ""), ("model", "model", ""), ("target", "target", ".
            ("simulated_median_s", "simulated s (median)", ".3f"),
            ("error", "error", "+.0%"), ("within", "within 25%", ""),
            ("measured_rounds", "measured rounds", ""),
-           ("simulated_rounds", "simulated rounds", ""), ("curve_identical", "W=1 curve", "")]
+           ("simulated_rounds", "simulated rounds", ""),
+           ("passes", "passes (measured / simulated median)", ""),
+           ("per_pass_error", "s per pass error", "+.0%"),
+           ("curve_identical", "W=1 curve", "")]
 
 
 def _p2p_real(gateway: str, argv: list[str], broker: str, store: str, model: str,
@@ -102,12 +119,12 @@ def _sim_seconds(r: dict[str, Any]) -> float:
 def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases: list[str], *,
              broker: str, store: str, run_train: Callable[[dict[str, Any]], Any],
              echo: Callable[[str], None] = print, models: tuple[str, ...] = MODELS,
-             probe: Callable[[str], tuple[str, dict[str, Any]]] | None = None,
+             probe: Callable[[str], tuple[dict[str, Any], dict[str, Any]]] | None = None,
              sim_extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every case (or ``cases``) for every model: real rounds and simulated rounds, side by
     side. ``run_train(config)`` runs ``emnist train`` and returns its RunOutcome;
-    ``probe(kind)`` ("train" or "p2p"), if given, re-measures the machine just before a case
-    and returns (cost file, what it measured)."""
+    ``probe(kind)`` ("train" or "p2p"), if given, re-measures the machine (before and after
+    a case's real runs) and returns (cost document, what it measured)."""
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         raise ValueError(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
@@ -117,32 +134,43 @@ def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases:
     out = []
     for model in models:
         for name in cases or list(CASES):
-            probed: dict[str, Any] = {}
+            n = min(rounds, LENET5_ROUNDS) if model == "lenet5" else rounds
+            sn = min(sim_rounds, LENET5_ROUNDS) if model == "lenet5" else sim_rounds
+            least = MIN_ROUNDS.get((name, model), 0)
             try:
-                path = costs_name
-                if probe is not None:
-                    path, probed = probe(CASES[name][0])
-                costs = load_costs(path)
-                n = min(rounds, LENET5_ROUNDS) if model == "lenet5" else rounds
-                sn = min(sim_rounds, LENET5_ROUNDS) if model == "lenet5" else sim_rounds
-                rec = _case(name, model, gateway, costs, n, sn, broker, store, run_train, echo,
-                            sim_extra or {})
+                rec = _case(name, model, gateway, costs_name, max(n, least), max(sn, least),
+                            broker, store, run_train, echo, sim_extra or {}, probe)
             except Exception as e:  # noqa: BLE001 - one failed case must not lose the others
                 echo(f"{name} {model}: FAILED: {e}")
                 rec = {"case": name, "model": model, "costs": costs_name,
                        "error": str(e)[-800:], "within": False}
-            rec["probe"] = probed
             out.append(rec)
     return out
 
 
-def _case(name: str, model: str, gateway: str, costs: Any, rounds: int, sim_rounds: int,
+def passes_of(kind: str, real: Any) -> int:
+    """Passes a real round took: the most any worker finished (p2p: epochs)."""
+    if kind == "p2p":
+        return int(real.get("epochs") or 0)
+    return max((int(r.get("iteration", 0)) for r in real.results), default=0)
+
+
+def _push_conflicts(results: list[dict[str, Any]]) -> tuple[int, int]:
+    return (sum(int(r.get("push_retries", 0)) for r in results),
+            sum(int(r.get("pushes", 0)) for r in results))
+
+
+def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim_rounds: int,
           broker: str, store: str, run_train: Callable[[dict[str, Any]], Any],
-          echo: Callable[[str], None], sim_extra: dict[str, Any]) -> dict[str, Any]:
+          echo: Callable[[str], None], sim_extra: dict[str, Any],
+          probe: Callable[[str], tuple[dict[str, Any], dict[str, Any]]] | None
+          ) -> dict[str, Any]:
     kind, real, settings = CASES[name]
     target = TARGETS[model][kind]
+    before = probe(kind) if probe is not None else None
     echo(f"{name} {model}: warm-up, then {rounds} real run(s) ...")
-    measured, curves, phases = [], [], []
+    measured, curves, phases, passes = [], [], [], []
+    conflicts = [0, 0]
     load = [round(x, 2) for x in os.getloadavg()]
     for i in range(rounds + 1):
         t = time.perf_counter()
@@ -152,21 +180,35 @@ def _case(name: str, model: str, gateway: str, costs: Any, rounds: int, sim_roun
             seconds = outcome.seconds
             curves.append(sorted(outcome.results, key=lambda r: r["worker_id"])[0]
                           .get("curve"))
+            got = outcome
         else:
-            summary = _p2p_real(gateway, real, broker, store, model, target)
-            seconds = summary.get("time_to_target") or float("nan")
-            phases.append({k: summary.get(k) for k in ("epochs", "epoch_s", "compute_s",
-                                                        "send_s", "recv_s", "update_s",
-                                                        "val_s", "barrier_s")})
+            got = _p2p_real(gateway, real, broker, store, model, target)
+            seconds = got.get("time_to_target") or float("nan")
+            phases.append({k: got.get(k) for k in ("epochs", "epoch_s", "compute_s",
+                                                    "send_s", "recv_s", "update_s",
+                                                    "val_s", "barrier_s")})
         echo(f"  {'warm-up' if i == 0 else f'round {i}'}: {seconds:.3f} s "
              f"({time.perf_counter() - t:.1f} s wall)")
         if i:
             measured.append(seconds)
+            passes.append(passes_of(kind, got))
+            if kind == "train":
+                conflicts = [x + y for x, y in zip(conflicts, _push_conflicts(got.results))]
     load.append(round(os.getloadavg()[0], 2))
+    probed: dict[str, Any] = {}
+    if before is not None and probe is not None:
+        after = probe(kind)
+        doc = between(before[0], after[0])
+        costs = parse_costs(yaml.safe_dump(doc, sort_keys=False), f"{costs_name} (probed)")
+        probed = {"before": before[1], "after": after[1]}
+    else:
+        costs = load_costs(costs_name)
     echo(f"{name} {model}: {sim_rounds} simulation(s) ...")
     sims = _simulated(costs, settings, sim_rounds, model, sim_extra)
     simulated = [_sim_seconds(r) for r in sims]
+    sim_passes = [int(r.get("epochs" if kind == "p2p" else "iterations") or 0) for r in sims]
     m, s = statistics.median(measured), statistics.median(simulated)
+    mp, sp = _per_pass(measured, passes), _per_pass(simulated, sim_passes)
     rec: dict[str, Any] = {
         "case": name, "model": model, "target": target, "costs": costs.name,
         "loadavg_before_1_5_15_after_1": load, "measured_median_s": m,
@@ -174,20 +216,34 @@ def _case(name: str, model: str, gateway: str, costs: Any, rounds: int, sim_roun
         "within": abs(s - m) <= TOLERANCE * m,
         "measured_rounds": [round(x, 3) for x in measured],
         "simulated_rounds": [round(x, 3) for x in simulated],
+        "measured_passes": passes, "simulated_passes": sim_passes,
+        "passes": f"{statistics.median(passes):g} / {statistics.median(sim_passes):g}",
+        "measured_s_per_pass": mp, "simulated_s_per_pass": sp,
+        "per_pass_error": (sp - mp) / mp if mp else float("nan"),
         "curve_identical": "", "real": real, "simulated": settings,
         "simulated_accuracy": [r["accuracy"] for r in sims],
-        "simulated_wall_s": [round(r["wall_s"], 2) for r in sims]}
+        "simulated_wall_s": [round(r["wall_s"], 2) for r in sims], "probe": probed}
+    if kind == "train":  # cas retries per push: how often the workers' pushes collided
+        rec["measured_conflicts_per_push"] = conflicts[0] / max(1, conflicts[1])
+        rec["simulated_conflicts_per_push"] = (sum(r["conflicts"] for r in sims)
+                                               / max(1, sum(r["pushes"] for r in sims)))
     if kind == "p2p":  # the real report's per-epoch phases next to the simulated ones
         rec["measured_phases"] = phases[1:]
         rec["simulated_phases"] = [r.get("phases_per_epoch") for r in sims]
-        rec["simulated_epochs"] = [r.get("epochs") for r in sims]
     if name == "downpour-1" and curves[-1] is not None:
         real_curve = [(c[1], c[2]) for c in curves[-1]]
         sim_curve = [(c[1], c[2]) for c in sims[0]["worker_curves"][0]]
         rec["curve_identical"] = real_curve == sim_curve
         rec["real_curve"], rec["sim_curve"] = real_curve, sim_curve
-    echo(f"{name} {model}: measured {m:.3f} s, simulated {s:.3f} s ({rec['error']:+.0%})")
+    echo(f"{name} {model}: measured {m:.3f} s, simulated {s:.3f} s ({rec['error']:+.0%}); "
+         f"passes {rec['passes']}, s per pass {rec['per_pass_error']:+.0%}")
     return rec
+
+
+def _per_pass(seconds: list[float], passes: list[int]) -> float:
+    """Median seconds per pass over the rounds that finished at least one."""
+    per = [t / p for t, p in zip(seconds, passes) if p and t == t]
+    return statistics.median(per) if per else float("nan")
 
 
 def table(records: list[dict[str, Any]]) -> str:
