@@ -116,6 +116,21 @@ def test_a_diverging_simulated_worker_stops_where_the_real_one_does(memcached_kv
     assert report["steps"] == real[0].step and np.array_equal(final, real_final)
 
 
+def test_a_diverging_averaging_worker_stops_where_the_real_one_does(memcached_kv, root):
+    """The diverging case above as averaging: the real worker refuses to publish non-finite
+    parameters at its round and stops "diverged"; the simulated one stops at the same step,
+    and the store keeps the same (finite) vector in both."""
+    over = {"dataset": "synthetic", "model": "lenet5", "dropout_percent": 0.0,
+            "batch_size": 64, "iterations": 2, "alpha": 100.0, "algorithm": "averaging",
+            "average_every": 1}
+    real, real_final = _real(memcached_kv, root, 1, **over)
+    report, final = _sim(root, 1, **over)
+    assert real[0].stop_reason.startswith("diverged") and "average" in real[0].stop_reason
+    assert report["stop_reasons"] == [real[0].stop_reason]
+    assert report["steps"] == real[0].step < 62
+    assert np.isfinite(real_final).all() and np.array_equal(final, real_final)
+
+
 def test_two_simulated_averaging_workers_are_the_real_ones(memcached_kv, root):
     over = {"algorithm": "averaging", "average_every": 10, "dropout_percent": 0.0,
             "iterations": 1}

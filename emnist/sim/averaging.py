@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from emnist.sim.downpour import STOP_DOC
+from emnist.sim.downpour import STOP_DOC, stopping
 from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.events import Proc
 from emnist.sim.store import SimParams
-from emnist.train.averaging import KEEP_ROUNDS
+from emnist.train.averaging import KEEP_ROUNDS, check_finite
 from emnist.train.config import TrainConfig
 from emnist.train.state import state_key
 from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, decide, pass_order
@@ -118,6 +118,7 @@ class AveragingRun:
 def average(sim: Sim, ctx: WorkerCtx, run: AveragingRun, r: int, cfg: TrainConfig,
             suspect: set[int], stop: list) -> G:
     """``Averaging.average`` for round r."""
+    check_finite(ctx.params)
     store, node, st, w = run.store, ctx.node, ctx.st, ctx.w
     kv, n = store.kv, sim.num_params
     others = [x for x in range(run.n) if x != w]
@@ -201,6 +202,12 @@ def _set(kv: Any, node: Any, values: dict, sizes: dict, on_land: Any) -> G:
 def averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
                      steps_per_pass: int, cfg: TrainConfig, started: float) -> G:
     """``run_worker`` with ``Averaging`` as its exchange (see the module docstring)."""
+    yield from stopping(sim, ctx, _averaging_worker(sim, ctx, run, data, steps_per_pass, cfg,
+                                                    started))
+
+
+def _averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
+                      steps_per_pass: int, cfg: TrainConfig, started: float) -> G:
     shard_x, shard_y, test_x, test_y = data
     yield max(0.0, started - sim.loop.now)
     t_start = sim.loop.now
@@ -254,6 +261,7 @@ def averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
                 yield from store.kv.set_many(node, {skey: None}, {skey: doc})
                 last_save = sim.loop.now
         if all(x > ctx.w or x in suspect for x in others):  # end_iteration: lowest live id
+            check_finite(ctx.params)
             yield sim.cpu(node, sim.client(encode=4 * n))
             yield from store.kv.set_many(
                 node, {k: ctx.params[a:b].copy() for k, (a, b) in zip(store.keys, store.bounds)})

@@ -163,12 +163,19 @@ def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_p
                     cfg: TrainConfig, started: float) -> G:
     """One worker, from its launch to its result document (see the module docstring); a
     push that gives up (``CasGaveUp``, the real StoreError) ends it as it ends a real one."""
+    yield from stopping(sim, ctx, _downpour_worker(sim, ctx, vec, data, steps_per_pass, cfg,
+                                                   started))
+
+
+def stopping(sim: Sim, ctx: WorkerCtx, worker: G) -> G:
+    """A simulated worker that ends as a real one does on a store error (``CasGaveUp``) or
+    a non-finite update (``Diverged``, raised before anything of it is sent)."""
     try:
-        yield from _downpour_worker(sim, ctx, vec, data, steps_per_pass, cfg, started)
+        yield from worker
     except CasGaveUp as e:
         ctx.st.done, ctx.st.stop_reason = True, f"store error: {e}"
         ctx.finished = sim.loop.now
-    except Diverged as e:  # as the real worker stops
+    except Diverged as e:
         ctx.st.done, ctx.st.stop_reason = True, f"diverged: {e}"
         ctx.finished = sim.loop.now
 

@@ -65,7 +65,7 @@ class Averaging:
     def end_iteration(self, params: np.ndarray) -> None:
         """Publish the pass's model as the run's global vector (checkpoints, resume)."""
         if all(w > self.me or w in self.suspect for w in self.others):  # lowest live id
-            _check_finite(params)
+            check_finite(params)
             self.store.put(params)
 
     def close(self) -> None:
@@ -89,7 +89,7 @@ class Averaging:
 
     # -- one round ------------------------------------------------------------------------
     def average(self, params: np.ndarray, r: int) -> None:
-        _check_finite(params)
+        check_finite(params)
         kv = self.store.kv
         mine = self._keys(r, self.me)
         batches = self.store.batches()
@@ -157,6 +157,6 @@ class Averaging:
         self.st.bytes_pushed += 4 * params.size
 
 
-def _check_finite(params: np.ndarray) -> None:
+def check_finite(params: np.ndarray) -> None:
     if not np.isfinite(params).all():
         raise Diverged("the parameters to average are not finite (NaN or infinity): lower alpha")
