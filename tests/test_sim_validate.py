@@ -1,16 +1,17 @@
 """`emnist sim validate` against the real local gateway (its own memcached): one real
 Downpour worker next to its simulation gives the same accuracy per pass, and the record
-splits time to target into passes and seconds per pass; ``between`` averages two probes."""
+splits time to target into passes and seconds per pass; ``mean_of`` averages probes."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
 
 from emnist.cli import main
-from emnist.sim.calibrate import between
+from emnist.sim.calibrate import mean_of, probe_mean
 from tests.servers import free_port, local_gateway, start_memcached
 
 
@@ -50,15 +51,29 @@ def test_validate_downpour_1_matches_the_real_curve_and_splits_passes(gateway, t
     assert "| downpour-1 | mlp " in r.output
 
 
-def test_between_averages_what_two_probes_measured_and_keeps_both_notes():
-    a = {"nodes": [{"name": "this", "cores": 2.0, "speed": 1.0, "count": 1}],
-         "compute": {"spread": 0.02, "drift_steps": 140.0},
-         "calibrated": {"fast": False, "probe": {"cores": 2.0}}}
-    b = {"nodes": [{"name": "this", "cores": 1.5, "speed": 0.8, "count": 1}],
-         "compute": {"spread": 0.04, "drift_steps": 140.0},
-         "calibrated": {"fast": False, "probe": {"cores": 1.5}}}
-    m = between(a, b)
-    assert m["nodes"] == [{"name": "this", "cores": 1.75, "speed": 0.9, "count": 1}]
+def test_mean_of_averages_what_the_probes_measured_and_lists_their_notes():
+    docs = [{"nodes": [{"name": "this", "cores": c, "speed": v, "count": 1}],
+             "compute": {"spread": sp, "drift_steps": 140.0},
+             "calibrated": {"fast": False, "probe": {"cores": c}}}
+            for c, v, sp in ((2.0, 1.0, 0.02), (1.5, 0.8, 0.04), (1.0, 0.6, 0.03))]
+    m = mean_of(docs)
+    assert m["nodes"] == [{"name": "this", "cores": 1.5, "speed": pytest.approx(0.8),
+                           "count": 1}]
     assert m["compute"] == {"spread": pytest.approx(0.03), "drift_steps": 140.0}
-    assert m["calibrated"] == {"fast": False, "probe_before": {"cores": 2.0},
-                               "probe_after": {"cores": 1.5}}
+    assert m["calibrated"] == {"fast": False, "probes": [{"cores": 2.0}, {"cores": 1.5},
+                                                         {"cores": 1.0}]}
+
+
+def test_probe_mean_takes_speed_and_cores_from_the_mean_step_times():
+    """Probes at speed 1 and 1/2 (steps of 0.4 and 0.8 ms alone): runs take the mean step,
+    0.6 ms, so speed 2/3 -- not the mean speed, 3/4."""
+    def probe(alone, concurrent):
+        doc = {"nodes": [{"name": "this", "cores": 0.0, "speed": 0.0}],
+               "calibrated": {"probe": {}}}
+        return doc, {"calibrated_step_s": 0.4e-3, "alone_window_step_s": alone,
+                     "concurrent_window_step_s": concurrent}
+    doc = probe_mean([probe(0.4e-3, 0.8e-3), probe(0.8e-3, 1.2e-3)])
+    cores = os.cpu_count() or 1
+    assert doc["nodes"][0]["speed"] == pytest.approx(2 / 3, abs=1e-4)
+    assert doc["nodes"][0]["cores"] == pytest.approx(min(cores, max(1.0, cores * 0.6)),
+                                                     abs=1e-3)

@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from emnist.sim.downpour import STOP_DOC, stopping
+from emnist.sim.downpour import end_pass, stopping, train_step
 from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.events import Proc
 from emnist.sim.store import SimParams
 from emnist.train.averaging import KEEP_ROUNDS, check_finite
 from emnist.train.config import TrainConfig
 from emnist.train.state import state_key
-from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, decide, pass_order
+from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, pass_order
 
 G = Generator[Any, Any, Any]
 POLL_S = 0.0005  # the real barrier's sleep between polls
@@ -211,7 +211,7 @@ def _averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
     shard_x, shard_y, test_x, test_y = data
     yield max(0.0, started - sim.loop.now)
     t_start = sim.loop.now
-    store, st, node, model = run.store, ctx.st, ctx.node, sim.model
+    store, st, node = run.store, ctx.st, ctx.node
     n = sim.num_params
     ctx.params = np.empty(n, dtype=np.float32)
 
@@ -238,16 +238,8 @@ def _averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
         t0 = sim.loop.now
         halted = ""
         for pos in range(st.offset, len(order)):
-            at = order[pos]
-            t = time.perf_counter()
-            model.rng = seeds.at(it, pos)
-            _, grad = model.loss_and_grad(ctx.params, shard_x[at:at + bs], shard_y[at:at + bs])
-            grad *= -alpha
-            ctx.params += grad
-            sim.math(t)
-            yield sim.cpu(node, sim.step_work(ctx, bs))
-            st.step, st.offset, st.samples = st.step + 1, pos + 1, st.samples + bs
-            sim.count_samples(bs)
+            yield from train_step(sim, ctx, seeds, it, pos, order[pos], shard_x, shard_y,
+                                  alpha, bs)
             if st.step % every == 0:
                 yield from average(sim, ctx, run, st.step // every, cfg, suspect, stop)
                 yield from store.kv.set_many(node, {skey: None}, {skey: doc})  # save_now
@@ -268,21 +260,7 @@ def _averaging_worker(sim: Sim, ctx: WorkerCtx, run: AveragingRun, data: tuple,
         st.train_seconds += sim.loop.now - t0
         if st.offset >= len(order):
             st.iteration, st.offset = it, 0
-        yield sim.cpu(node, sim.eval_work(len(test_y)))
-        st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, shard_x)
-        st.curve.append([round(sim.loop.now - t_start, 4), st.iteration, st.accuracy,
-                         round(st.val_loss, 6), st.samples])
-        sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
-        decide(cfg, st, stop[0], None)
-        if halted and not st.done:
-            st.done, st.stop_reason = True, halted
-        if st.reached:
-            yield from store.put_doc(node, "stop", {"worker_id": ctx.w,
-                                                    "iteration": st.iteration,
-                                                    "accuracy": st.accuracy,
-                                                    "reason": "target"}, STOP_DOC)
-        st.seconds = sim.loop.now - t_start
-        yield from store.kv.set_many(node, {skey: None}, {skey: doc})
+        yield from end_pass(sim, ctx, store, cfg, stop[0], halted, data, t_start)
         last_save = sim.loop.now
     yield from store.kv.set_many(node, {skey: None}, {skey: doc})
     yield from store.put_doc(node, f"result:{ctx.w}", None, doc)

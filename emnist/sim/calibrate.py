@@ -46,7 +46,7 @@ import yaml
 
 from emnist.sim.costs import parse_costs, validate
 
-__all__ = ["TEMPLATE", "between", "calibrate", "load_figures", "probe", "write_costs"]
+__all__ = ["TEMPLATE", "calibrate", "load_figures", "mean_of", "probe", "probe_mean", "write_costs"]
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 BATCHES = (16, 32, 64, 100, 128)
@@ -385,22 +385,39 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
     return validate(doc), notes
 
 
-def between(a: Any, b: Any) -> Any:
-    """The mean of two probes of one calibration (``probe`` before and after a case's real
-    runs): every number they differ in (what the probes measured) averaged, the rest kept;
-    the notes of both stay in ``calibrated.probe_before`` / ``probe_after``."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = {k: between(v, b[k]) if k in b else v for k, v in a.items()}
-        if "probe" in a and "probe" in b and isinstance(a["probe"], dict):
-            out.pop("probe")
-            out["probe_before"], out["probe_after"] = a["probe"], b["probe"]
+def mean_of(docs: list[Any]) -> Any:
+    """The mean of several probes of one calibration (``probe`` before every real round of a
+    validation case and after the last): every number they differ in (what the probes
+    measured) averaged, the rest kept as in the first; the probes' notes are listed in
+    ``calibrated.probes``."""
+    first = docs[0]
+    if isinstance(first, dict) and all(isinstance(d, dict) for d in docs):
+        out = {k: mean_of([d[k] for d in docs]) if all(k in d for d in docs) else v
+               for k, v in first.items() if k != "probe"}
+        if "probe" in first:
+            out["probes"] = [d.get("probe") for d in docs]
         return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [between(x, y) for x, y in zip(a, b)]
-    if (isinstance(a, (int, float)) and isinstance(b, (int, float))
-            and not isinstance(a, bool) and a != b):
-        return (a + b) / 2
-    return a
+    if isinstance(first, list) and all(isinstance(d, list) and len(d) == len(first)
+                                       for d in docs):
+        return [mean_of(list(x)) for x in zip(*docs)]
+    numbers = all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in docs)
+    if numbers and any(d != first for d in docs):
+        return sum(docs) / len(docs)
+    return first
+
+
+def probe_mean(probes: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """One cost document from several ``probe`` results: ``mean_of`` them, with the node's
+    ``speed`` and ``cores`` from the mean step times the probes measured (a run's time goes
+    as the mean step time, i.e. as 1 / speed, so averaging speeds would understate it)."""
+    doc = mean_of([d for d, _ in probes])
+    notes = [n for _, n in probes]
+    alone = statistics.fmean(n["alone_window_step_s"] for n in notes)
+    concurrent = statistics.fmean(n["concurrent_window_step_s"] for n in notes)
+    speed, eff = load_figures(notes[0]["calibrated_step_s"], alone, concurrent,
+                              os.cpu_count() or 1)
+    doc["nodes"][0].update(speed=speed, cores=eff)
+    return doc
 
 
 def measure_start(url: str, data_location: str, dataset: str) -> dict[str, float]:

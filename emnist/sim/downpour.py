@@ -185,7 +185,7 @@ def _downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_
     shard_x, shard_y, test_x, test_y = data
     yield max(0.0, started - sim.loop.now)
     t_start = sim.loop.now
-    st, node, model = ctx.st, ctx.node, sim.model
+    st, node = ctx.st, ctx.node
     n = sim.num_params
     ctx.params = np.empty(n, dtype=np.float32)
     ctx.seen = [0] * len(vec.bounds)
@@ -213,16 +213,8 @@ def _downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_
         t0 = sim.loop.now
         halted = ""
         for pos in range(st.offset, len(order)):
-            at = order[pos]
-            t = time.perf_counter()
-            model.rng = seeds.at(it, pos)
-            _, grad = model.loss_and_grad(ctx.params, shard_x[at:at + bs], shard_y[at:at + bs])
-            grad *= -alpha
-            ctx.params += grad
-            sim.math(t)
-            yield sim.cpu(node, sim.step_work(ctx, bs))
-            st.step, st.offset, st.samples = st.step + 1, pos + 1, st.samples + bs
-            sim.count_samples(bs)
+            yield from train_step(sim, ctx, seeds, it, pos, order[pos], shard_x, shard_y,
+                                  alpha, bs)
             yield from ex.after_step(st.step)
             if ex.stop:
                 break
@@ -236,21 +228,7 @@ def _downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_
         st.train_seconds += sim.loop.now - t0
         if st.offset >= len(order):
             st.iteration, st.offset = it, 0
-        yield sim.cpu(node, sim.eval_work(len(test_y)))
-        st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, shard_x)
-        now = sim.loop.now - t_start
-        st.curve.append([round(now, 4), st.iteration, st.accuracy, round(st.val_loss, 6),
-                         st.samples])
-        sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
-        decide(cfg, st, ex.stop, None)
-        if halted and not st.done:
-            st.done, st.stop_reason = True, halted
-        if st.reached:
-            yield from vec.put_doc(node, "stop", {"worker_id": ctx.w, "iteration": st.iteration,
-                                                  "accuracy": st.accuracy, "reason": "target"},
-                                   STOP_DOC)
-        st.seconds = sim.loop.now - t_start
-        yield from vec.kv.set_many(node, {skey: None}, {skey: doc})  # save_now / heartbeat
+        yield from end_pass(sim, ctx, vec, cfg, ex.stop, halted, data, t_start)
         last_save = sim.loop.now
     if hasattr(vec, "close"):
         yield from vec.close(node)  # the tier's last sync
@@ -258,6 +236,44 @@ def _downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_
     yield from vec.put_doc(node, f"result:{ctx.w}", None, doc)
     st.seconds = sim.loop.now - t_start
     ctx.finished = sim.loop.now
+
+
+def train_step(sim: Sim, ctx: WorkerCtx, seeds: DropoutSeeds, it: int, pos: int, at: int,
+               shard_x: np.ndarray, shard_y: np.ndarray, alpha: np.float32, bs: int) -> G:
+    """One minibatch as ``run_worker`` computes it (the real math; its compute time)."""
+    st = ctx.st
+    t = time.perf_counter()
+    sim.model.rng = seeds.at(it, pos)
+    _, grad = sim.model.loss_and_grad(ctx.params, shard_x[at:at + bs], shard_y[at:at + bs])
+    grad *= -alpha
+    ctx.params += grad
+    sim.math(t)
+    yield sim.cpu(ctx.node, sim.step_work(ctx, bs))
+    st.step, st.offset, st.samples = st.step + 1, pos + 1, st.samples + bs
+    sim.count_samples(bs)
+
+
+def end_pass(sim: Sim, ctx: WorkerCtx, vec: Any, cfg: TrainConfig, stop: dict | None,
+             halted: str, data: tuple, t_start: float) -> G:
+    """``run_worker``'s pass end after the exchange's: the evaluation, ``decide``, the stop
+    document when the target is reached, the state save."""
+    st, node = ctx.st, ctx.node
+    shard_x, _, test_x, test_y = data
+    yield sim.cpu(node, sim.eval_work(len(test_y)))
+    st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, shard_x)
+    st.curve.append([round(sim.loop.now - t_start, 4), st.iteration, st.accuracy,
+                     round(st.val_loss, 6), st.samples])
+    sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
+    decide(cfg, st, stop, None)
+    if halted and not st.done:
+        st.done, st.stop_reason = True, halted
+    if st.reached:
+        yield from vec.put_doc(node, "stop", {"worker_id": ctx.w, "iteration": st.iteration,
+                                              "accuracy": st.accuracy, "reason": "target"},
+                               STOP_DOC)
+    st.seconds = sim.loop.now - t_start
+    skey = vec.key(state_key(ctx.w))
+    yield from vec.kv.set_many(node, {skey: None}, {skey: sim.costs["store"]["doc_bytes"]})
 
 
 def run_store_algorithm(sim: Sim, run_id: str = "sim") -> dict[str, Any]:

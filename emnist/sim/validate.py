@@ -15,10 +15,12 @@ compute per minibatch, trains to a lower target (``TARGETS``) with at most
 machine is shared and its load drifts, so ``probe(kind)`` (given by the caller) re-measures
 what load changes -- the cores left to a step loop, and for p2p the exchange-only step --
 just before each case's real runs and returns the cost file the case is simulated with;
-the record keeps those figures and the load average. The probe runs again after the real
-runs and the case is simulated with the mean of the two (``calibrate.between``): a load that
-came or went during the runs shows as two different probes in the record instead of as a
-simulator error.
+the record keeps those figures and the load average. A probe is a few seconds of step
+loops, and this VM's speed moves by a third within a minute (two probes of one case
+measured speed 0.66 and 0.99, cores 2.0 and 1.13), so the case is probed before every real
+round and after the last, and simulated with the mean of all its probes
+(``calibrate.probe_mean``: speed and cores from the mean step times); every probe's
+figures are in the record (``probes``).
 
 Time to target is a pass count times a pass's seconds. The pass count of asynchronous
 workers is chaotic: it depends on how their pushes interleave (two MLP workers at alpha 0.2
@@ -44,7 +46,7 @@ from typing import Any
 import yaml
 
 from emnist.bench.results import format_table
-from emnist.sim.calibrate import between
+from emnist.sim.calibrate import probe_mean
 from emnist.sim.config import SimConfig
 from emnist.sim.costs import load_costs, parse_costs
 from emnist.sim.engine import simulate
@@ -123,8 +125,9 @@ def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases:
              sim_extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every case (or ``cases``) for every model: real rounds and simulated rounds, side by
     side. ``run_train(config)`` runs ``emnist train`` and returns its RunOutcome;
-    ``probe(kind)`` ("train" or "p2p"), if given, re-measures the machine (before and after
-    a case's real runs) and returns (cost document, what it measured)."""
+    ``probe(kind)`` ("train" or "p2p"), if given, re-measures the machine (before every
+    real round of a case and after the last) and returns (cost document, what it
+    measured)."""
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         raise ValueError(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
@@ -167,12 +170,14 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
           ) -> dict[str, Any]:
     kind, real, settings = CASES[name]
     target = TARGETS[model][kind]
-    before = probe(kind) if probe is not None else None
+    probes = []
     echo(f"{name} {model}: warm-up, then {rounds} real run(s) ...")
     measured, curves, phases, passes = [], [], [], []
     conflicts = [0, 0]
     load = [round(x, 2) for x in os.getloadavg()]
     for i in range(rounds + 1):
+        if probe is not None:
+            probes.append(probe(kind))
         t = time.perf_counter()
         if kind == "train":
             outcome = run_train({**STORE_BASE, "target_accuracy": target, "model": model,
@@ -195,12 +200,10 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
             if kind == "train":
                 conflicts = [x + y for x, y in zip(conflicts, _push_conflicts(got.results))]
     load.append(round(os.getloadavg()[0], 2))
-    probed: dict[str, Any] = {}
-    if before is not None and probe is not None:
-        after = probe(kind)
-        doc = between(before[0], after[0])
+    if probe is not None:
+        probes.append(probe(kind))
+        doc = probe_mean(probes)
         costs = parse_costs(yaml.safe_dump(doc, sort_keys=False), f"{costs_name} (probed)")
-        probed = {"before": before[1], "after": after[1]}
     else:
         costs = load_costs(costs_name)
     echo(f"{name} {model}: {sim_rounds} simulation(s) ...")
@@ -222,7 +225,8 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
         "per_pass_error": (sp - mp) / mp if mp else float("nan"),
         "curve_identical": "", "real": real, "simulated": settings,
         "simulated_accuracy": [r["accuracy"] for r in sims],
-        "simulated_wall_s": [round(r["wall_s"], 2) for r in sims], "probe": probed}
+        "simulated_wall_s": [round(r["wall_s"], 2) for r in sims],
+        "probes": [notes for _, notes in probes]}
     if kind == "train":  # cas retries per push: how often the workers' pushes collided
         rec["measured_conflicts_per_push"] = conflicts[0] / max(1, conflicts[1])
         rec["simulated_conflicts_per_push"] = (sum(r["conflicts"] for r in sims)

@@ -103,21 +103,10 @@ class RedisKV:
                 values = conn.read_response()
                 self.io.trip(len(keys) + len(read), received=nbytes(values))
             except _BROKEN as e:
-                if conn is not None:
-                    conn.disconnect()
-                    pool.release(conn)
-                if unsure is not None:
-                    raise OutcomeUnknown(unknown(keys, self.url, f"cannot be read back: {e}")
-                                         ) from None
-                broken += 1
-                if broken == 2:
-                    raise StoreError(f"redis at {self.url} unreachable: {e}") from None
+                broken = self._read_broke(conn, e, keys, unsure is not None, broken)
                 continue
             except redis.RedisError as e:
-                if conn is not None:
-                    conn.disconnect()
-                    pool.release(conn)
-                raise StoreError(f"redis at {self.url}: {e}") from None
+                raise self._failed(conn, e) from None
             old, others = values[:len(keys)], values[len(keys):]
             got = {k: v for k, v in zip(read, others) if v is not None}
             try:
@@ -141,26 +130,49 @@ class RedisKV:
                 result = conn.read_response()
                 self.io.trip(len(keys), sent=nbytes(new))
             except _BROKEN:
-                conn.disconnect()
-                pool.release(conn)
+                self._drop(conn)
                 if unsure is None:
                     unsure = [Pending(v) for v in old]
                 for p, v in zip(unsure, new):
                     p.written.append(v)
-                if len(unsure[0].written) >= outcome.LOST_ATTEMPTS:
-                    why = f"so were {outcome.LOST_ATTEMPTS - 1} more in a row"
-                    raise OutcomeUnknown(unknown(keys, self.url, why)) from None
+                self._lost_reply(keys, len(unsure[0].written))
                 continue
             except redis.RedisError as e:
-                conn.disconnect()
-                pool.release(conn)
-                raise StoreError(f"redis at {self.url}: {e}") from None
+                raise self._failed(conn, e) from None
             pool.release(conn)
             if result is not None:
                 return retries, got
             retries += 1  # a watched key changed: EXEC did nothing
             if retries > MAX_RETRIES:
                 raise StoreError(f"gave up after {retries} conflicts")
+
+    def _drop(self, conn: Any) -> None:
+        """A connection in an unknown state (broken, or mid-transaction): closed, returned."""
+        if conn is not None:
+            conn.disconnect()
+            self.r.connection_pool.release(conn)
+
+    def _failed(self, conn: Any, e: Exception) -> StoreError:
+        self._drop(conn)
+        return StoreError(f"redis at {self.url}: {e}")
+
+    def _read_broke(self, conn: Any, e: Exception, keys: list[str], settling: bool,
+                    broken: int) -> int:
+        """The connection broke before a transaction's writes: once is retried (a new
+        connection), twice is unreachable; while settling a lost EXEC the outcome stays
+        unknown (it cannot be read back). Returns the count of breaks."""
+        self._drop(conn)
+        if settling:
+            raise OutcomeUnknown(unknown(keys, self.url, f"cannot be read back: {e}")) from None
+        if broken + 1 == 2:
+            raise StoreError(f"redis at {self.url} unreachable: {e}") from None
+        return broken + 1
+
+    def _lost_reply(self, keys: list[str], attempts: int) -> None:
+        """EXEC's reply lost ``attempts`` times in a row: past the limit, unknown."""
+        if attempts >= outcome.LOST_ATTEMPTS:
+            why = f"so were {outcome.LOST_ATTEMPTS - 1} more in a row"
+            raise OutcomeUnknown(unknown(keys, self.url, why)) from None
 
     def _unwatch(self, conn: Any) -> None:
         """Release a connection that is still watching keys (WATCH would carry over)."""
@@ -233,19 +245,10 @@ class RedisKV:
                     for k, v in zip(batch, mget(conn, batch), strict=True):
                         see_read(k, v)
             except _BROKEN as e:
-                conn.disconnect()
-                pool.release(conn)
-                if written is not None:
-                    raise OutcomeUnknown(unknown(keys, self.url, f"cannot be read back: {e}")
-                                         ) from None
-                broken += 1
-                if broken == 2:
-                    raise StoreError(f"redis at {self.url} unreachable: {e}") from None
+                broken = self._read_broke(conn, e, keys, written is not None, broken)
                 continue
             except redis.RedisError as e:
-                conn.disconnect()
-                pool.release(conn)
-                raise StoreError(f"redis at {self.url}: {e}") from None
+                raise self._failed(conn, e) from None
             except BaseException:
                 self._unwatch(conn)
                 raise
@@ -271,25 +274,19 @@ class RedisKV:
                 result = conn.read_response()
                 self.io.trip(0)
             except _BROKEN:
-                conn.disconnect()
-                pool.release(conn)
+                self._drop(conn)
                 if written is None:
                     written, old_crc = [set() for _ in keys], crcs
                 for w, c in zip(written, made):
                     if c is not None:
                         w.add(c)
                 lost += 1
-                if lost >= outcome.LOST_ATTEMPTS:
-                    why = f"so were {outcome.LOST_ATTEMPTS - 1} more in a row"
-                    raise OutcomeUnknown(unknown(keys, self.url, why)) from None
+                self._lost_reply(keys, lost)
                 continue  # settled by reading back on the next pass
             except redis.RedisError as e:
-                conn.disconnect()
-                pool.release(conn)
-                raise StoreError(f"redis at {self.url}: {e}") from None
+                raise self._failed(conn, e) from None
             except BaseException:
-                conn.disconnect()  # drops the MULTI and the WATCH
-                pool.release(conn)
+                self._drop(conn)  # drops the MULTI and the WATCH
                 raise
             pool.release(conn)
             if result is not None:
