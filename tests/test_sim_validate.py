@@ -1,6 +1,7 @@
 """`emnist sim validate` against the real local gateway (its own memcached): one real
 Downpour worker next to its simulation gives the same accuracy per pass, and the record
-splits time to target into passes and seconds per pass; ``mean_of`` averages probes."""
+splits time to target into passes and seconds per pass; probes are averaged; the real
+emnist-grad is measured behind a real gateway for the functions' figures."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from emnist.cli import main
-from emnist.sim.calibrate import mean_of, probe_mean
+from emnist.sim.calibrate import function_figures, mean_of, measure_grad_calls, probe_mean
+from tests.conftest import MEMCACHED_URL
 from tests.servers import free_port, local_gateway, start_memcached
 
 
@@ -77,3 +79,22 @@ def test_probe_mean_takes_speed_and_cores_from_the_mean_step_times():
     assert doc["nodes"][0]["speed"] == pytest.approx(2 / 3, abs=1e-4)
     assert doc["nodes"][0]["cores"] == pytest.approx(min(cores, max(1.0, cores * 0.6)),
                                                      abs=1e-3)
+
+
+def test_the_real_emnist_grad_is_measured_behind_a_real_gateway():
+    """measure_grad_calls starts a local gateway with this repository's emnist.yml and calls
+    the real emnist-grad (cached and fresh parameters); function_figures turns that into
+    the cost file's handler and params_fetch by the stated subtraction."""
+    fg = measure_grad_calls(MEMCACHED_URL, "fashion-mnist", None, 100, 6)
+    assert fg["calls"] == 10 and fg["batch"] == 50 and fg["hit_s"] > 0 and fg["miss_s"] > 0
+    assert fg["response_bytes"] == 4 * 79_510 + 40
+    doc = {"compute": {"models": {"mlp-h100": {"step": {32: 1e-4, 64: 3e-4}}}},
+           "client": {"encode_per_byte": 1e-10, "decode_per_byte": 2e-10},
+           "functions": {"handler": 0.0}}
+    got = {**fg, "hit_s": 4e-3, "miss_s": 5e-3, "response_bytes": 1_000_000}
+    notes = function_figures(doc, got, {"client_big_s": 3e-3}, {"fetch_p50_s": 2e-4},
+                             "mlp-h100")
+    grad = 1e-4 + 2e-4 * (50 - 32) / 32  # the step at batch 50, between 32 and 64
+    assert notes["gradient_s"] == pytest.approx(grad)
+    assert doc["functions"]["handler"] == pytest.approx(4e-3 - 3e-3 - grad - 1e-4, abs=1e-7)
+    assert doc["functions"]["params_fetch"] == pytest.approx(1e-3 - 2e-4 - 2e-4, abs=1e-7)

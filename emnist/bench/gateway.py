@@ -128,32 +128,40 @@ def local_noop_gateway(timeout: float = 60.0) -> Iterator[tuple[str, str]]:
         (root / "noop").mkdir()
         (root / "noop" / "handler.py").write_text(NOOP_HANDLER)
         (root / "stack.yml").write_text(NOOP_STACK)
-        ready = root / "ready.json"
-        env = {k: v for k, v in os.environ.items() if k not in ("OPENFAAS_PASSWORD",)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "emnist.gateway.server", "--stack", str(root / "stack.yml"),
-             "--port", "0", "--ready-file", str(ready), "--state-dir", str(root / "state")],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with local_gateway(root / "stack.yml", root, timeout=timeout) as (url, pid):
+            yield url + "/function/noop", f"http://127.0.0.1:{_replica_port(pid)}/"
+
+
+@contextmanager
+def local_gateway(stack: Path, state: Path, env: dict[str, str] | None = None,
+                  timeout: float = 60.0) -> Iterator[tuple[str, int]]:
+    """``emnist.gateway.server`` on a free port for ``stack`` (its state under ``state``,
+    ``env`` added to this environment): yields (gateway URL, its pid); stopped after."""
+    ready = state / "ready.json"
+    full = {k: v for k, v in os.environ.items() if k not in ("OPENFAAS_PASSWORD",)}
+    full.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emnist.gateway.server", "--stack", str(stack),
+         "--port", "0", "--ready-file", str(ready), "--state-dir", str(state / "state")],
+        env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=stack.parent)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (ready.exists() and ready.stat().st_size):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"the gateway exited with {proc.returncode}: {err[-500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not become ready")
+            time.sleep(0.05)
+        yield json.loads(ready.read_text())["url"], proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
         try:
-            deadline = time.monotonic() + timeout
-            while not (ready.exists() and ready.stat().st_size):
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    raise RuntimeError(f"the gateway exited with {proc.returncode}: {err[-500:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the gateway did not become ready")
-                time.sleep(0.05)
-            url = json.loads(ready.read_text())["url"]
-            yield url + "/function/noop", f"http://127.0.0.1:{_replica_port(proc.pid)}/"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(calls: int = 2000, rounds: int = 20, warmup: int = 200) -> list[dict[str, Any]]:

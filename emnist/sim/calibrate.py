@@ -224,6 +224,87 @@ def measure_gateway(calls: int) -> dict[str, float]:
             "io_factor": max(1.0, concurrent / (big * 6 / min(cores, 6)))}
 
 
+def measure_grad_calls(store_url: str, dataset: str, dataset_dir: str | None, hidden: int,
+                       calls: int, batch: int = 50) -> dict[str, Any]:
+    """The real emnist-grad behind a real local gateway (this repository's emnist.yml, one
+    replica, its own data root), called one at a time with ``GatewayClient`` and a real p2p
+    split's batch files, as a serverless peer's pool calls it: the median call whose step's
+    parameters the replica holds (``hit_s``) and one whose parameters it must first take
+    from the store (``miss_s``: a fresh key per call, each written beforehand)."""
+    import tempfile
+
+    from emnist.bench.gateway import local_gateway
+    from emnist.gateway.client import GatewayClient
+    from emnist.models import ModelSpec, build_model
+    from emnist.p2p.serverless import params_store
+    from emnist.p2p.split import batch_name, split, write_batches
+    from emnist.store import open_kv
+    from emnist.wait import wait_until
+    stack = Path(__file__).resolve().parents[2] / "emnist.yml"
+    if not stack.exists():
+        raise RuntimeError("emnist.yml is not beside the package: run from the repository")
+    spec = ModelSpec.for_dataset("mlp", dataset, classes=10, hidden=hidden)
+    params = build_model(spec, seed=0).init_params(0)
+    kv = open_kv(store_url)
+    run = "calgrad" + secrets.token_hex(4)
+    stores = [params_store(kv, run, 0, k) for k in range(calls)]
+    with tempfile.TemporaryDirectory(prefix="emnist-cal-grad-") as tmp:
+        d = split(dataset, dataset_dir, 3, tmp, seed=0, train_samples=6000, test_samples=500)
+        count = len(list((write_batches(d, batch) / "peer-0").iterdir()))
+        env = {"STORE_URL": store_url, "DATA_ROOTS": tmp, "GRAD_REPLICAS": "1",
+               "TRAIN_REPLICAS": "0"}
+        try:
+            for k, st in enumerate(stores):
+                st.init(params, {"step": k})
+            with local_gateway(stack, Path(tmp), env) as (url, _):
+                client = GatewayClient(url)
+
+                def call(k: int, i: int) -> float:
+                    body = {"run_id": run, "params_key": stores[k].base, "data": str(d),
+                            "batch": batch_name(batch, 0, i % count), "model": spec.to_dict(),
+                            "step": k}
+                    t = time.perf_counter()
+                    r = client.invoke("emnist-grad", body, check=False)
+                    if r.status_code != 200 or len(r.content) < 4 * params.size:
+                        raise RuntimeError(f"emnist-grad answered {r.status_code}: "
+                                           f"{r.text[:200]}")
+                    return time.perf_counter() - t
+                wait_until(lambda: client.replicas("emnist-grad") >= 1, 60,
+                           "emnist-grad has no replica")
+                for i in range(10):  # warm: imports, connections, the batch cache
+                    call(0, i)
+                miss, hit = [], []
+                for k in range(1, calls):
+                    miss.append(call(k, k))
+                    hit.append(call(k, k + 1))
+        finally:
+            for st in stores:
+                st.delete(["layout"])
+    return {"batch": batch, "calls": 2 * (calls - 1), "hit_s": statistics.median(hit),
+            "miss_s": statistics.median(miss), "response_bytes": 4 * int(params.size) + 40}
+
+
+def function_figures(doc: dict[str, Any], fg: dict[str, Any], g: dict[str, Any],
+                     s: dict[str, Any], model: str) -> dict[str, Any]:
+    """``functions.handler`` and ``params_fetch`` from ``measure_grad_calls``: a cached call
+    is a gradient-sized no-op call (``g``'s ``client_big_s``: what the gateway figures
+    charge) plus the handler, the gradient (the model's step at that batch) and encoding
+    the answer; a miss adds the store's fetch (``s``'s ``fetch_p50_s``), the decode and
+    ``params_fetch``. Returns the notes."""
+    steps = doc["compute"]["models"][model]["step"]
+    b = fg["batch"]
+    lo = max((k for k in steps if k <= b), default=min(steps))
+    hi = min((k for k in steps if k >= b), default=max(steps))
+    grad = steps[lo] if lo == hi else steps[lo] + (steps[hi] - steps[lo]) * (b - lo) / (hi - lo)
+    nb, cl = fg["response_bytes"], doc["client"]
+    handler = fg["hit_s"] - g["client_big_s"] - grad - cl["encode_per_byte"] * nb
+    fetch = fg["miss_s"] - fg["hit_s"] - s["fetch_p50_s"] - cl["decode_per_byte"] * nb
+    doc["functions"].update(handler=round(max(0.0, handler), 7),
+                            params_fetch=round(max(0.0, fetch), 7))
+    return {**fg, "noop_big_s": g["client_big_s"], "gradient_s": grad,
+            "handler_s": handler, "params_fetch_s": fetch}
+
+
 def measure_broker(url: str, reps: int) -> dict[str, float]:
     """What a peer pays per message, with the real pieces: ``messages.gradient`` +
     ``RedisBroker.publish`` to send, ``collect`` (XREAD, unpack, checks, decode) +
@@ -507,6 +588,12 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
         doc["gateway"].update({"invoke": g["invoke_s"], "per_byte": g["per_byte_s"],
                                "async": g["invoke_s"],  # an async submit: one small call
                                "io_factor": round(g["io_factor"], 3)})
+        echo("functions: the real emnist-grad behind a local gateway ...")
+        try:
+            notes["functions"] = function_figures(doc, measure_grad_calls(
+                store_url, dataset, None, hidden, 150), g, s, f"mlp-h{hidden}")
+        except Exception as e:  # noqa: BLE001 - keeps the template's figures, says why
+            notes["functions"] = f"not measured: {type(e).__name__}: {e}"
         echo("broker: a peer's publish and receive (Redis Streams) ...")
         try:
             b = measure_broker(broker_url, 200)
@@ -565,6 +652,11 @@ def to_speed_one(doc: dict[str, Any]) -> None:
     if g.get("on_node"):
         for k in ("invoke", "per_byte", "async"):
             g[k] *= speed
+    f = doc["functions"]
+    if f.get("on_node"):
+        for k in ("handler", "params_fetch"):
+            if k in f:
+                f[k] *= speed
 
 
 def _memory_gb() -> float:

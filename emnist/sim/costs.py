@@ -82,7 +82,9 @@ gateway's do; else each instance has its own core), ``instances`` (warm instance
 elastic), ``concurrency`` (at most this many run at once, the rest queue; 0: unlimited),
 ``cold_start`` (s to start an instance), ``keep_warm`` (s an idle instance survives),
 ``speed`` (relative CPU), ``memory_gb`` (billed size), ``handler`` (s of fixed handler work
-per call).
+per call beyond the gradient and encoding its answer), ``params_fetch`` (optional, default 0:
+s of an instance's work to take a step's parameters beyond the store call and the decode,
+paid once per instance and step; calibrate measures both with the real emnist-grad).
 
 ``run``: ``setup`` (s of emnist-setup before workers start), ``worker_start`` (s of a worker's
 own start: load the run, take the lease, open and check its shard), ``peer_start`` (s of a p2p
@@ -151,7 +153,8 @@ SCHEMA: dict[str, Any] = {
     "functions": {"on_node": (BOOL,), "instances": (INT, 0, 1_000_000, False),
                   "concurrency": (INT, 0, 1_000_000, False), "cold_start": (NUM, 0, 600, False),
                   "keep_warm": (NUM, 0, 1e6, False), "speed": (NUM, 0, 100, True),
-                  "memory_gb": (NUM, 0, 1e4, True), "handler": (NUM, *SECONDS)},
+                  "memory_gb": (NUM, 0, 1e4, True), "handler": (NUM, *SECONDS),
+                  "params_fetch": (NUM, *SECONDS)},
     "run": {"setup": (NUM, 0, 3600, False), "worker_start": (NUM, 0, 3600, False),
             "peer_start": (NUM, 0, 3600, False)},
     "prices": {"vcpu_hour": (NUM, 0, 1e4, False), "gb_hour": (NUM, 0, 1e4, False),
@@ -227,8 +230,9 @@ def _check(where: str, value: Any, spec: Any) -> Any:
     return _check_number(where, value, spec)
 
 
-OPTIONAL = {"on_node": False, "wake": 0.0, "wake_spread": 0.0,
-            "io_factor": 1.0}  # fields that may be left out, with their defaults
+# fields that may be left out, with their defaults
+OPTIONAL = {"on_node": False, "wake": 0.0, "wake_spread": 0.0, "io_factor": 1.0,
+            "params_fetch": 0.0}
 
 
 def _required(spec: Any) -> bool:

@@ -7,7 +7,8 @@ fewer than ``concurrency`` run, else queues FIFO; ``instances`` > 0 keeps that m
 (local replicas, never cold) and caps them. An instance idle for ``keep_warm`` s is reclaimed.
 The execution (billed per call: ``memory_gb`` x its duration) is the handler's fixed work, a
 fetch of the step's parameters from the store unless the instance already holds them (the
-real handler caches them per replica), the gradient (the model's compute cost at
+real handler caches recent steps' per replica, 256 MB: so does an instance) and the work of
+taking them (``params_fetch``), the gradient (the model's compute cost at
 ``functions.speed``) and encoding the gradient; its response then streams back through the
 gateway. With ``on_node`` the instances share the node's cores with the peers (one machine).
 
@@ -20,7 +21,7 @@ until one lands; the peer ignores its own entries, as ``receive`` does. One serv
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,14 +33,26 @@ from emnist.sim.events import CPU, Fifo, Loop, Proc
 from emnist.sim.net import Net, Node, ServerQ
 
 G = Generator[Any, Any, Any]
+PARAMS_CACHE_BYTES = 256 << 20  # emnist-grad's cache of recent steps' parameters per replica
 
 
 @dataclass
 class Instance:
     index: int
-    params_key: str = ""
+    params: OrderedDict = field(default_factory=OrderedDict)  # cached keys, least recent first
     idle_since: float = 0.0
     calls: int = 0
+
+    def holds(self, key: str, nbytes: int) -> bool:
+        """True if ``key`` is cached (made most recent); else it is now, evicting the least
+        recent past the handler's cache size (it keeps at least one)."""
+        if key in self.params:
+            self.params.move_to_end(key)
+            return True
+        self.params[key] = None
+        while len(self.params) > max(1, PARAMS_CACHE_BYTES // max(1, nbytes)):
+            self.params.popitem(last=False)
+        return False
 
 
 class Functions:
@@ -117,10 +130,10 @@ class Functions:
         t0 = self.loop.now
         node = self.node
         yield node.cpu.op(self.f["handler"]) if self.f["handler"] else 0.0
-        if inst.params_key != params_key:
+        if not inst.holds(params_key, params_bytes):
             yield from store.get_many(node, [params_key])
-            yield node.cpu.op(self.costs["client"]["decode_per_byte"] * params_bytes)
-            inst.params_key = params_key
+            yield node.cpu.op(self.costs["client"]["decode_per_byte"] * params_bytes
+                              + self.f["params_fetch"])
         yield node.cpu.op(work)
         yield node.cpu.op(self.costs["client"]["encode_per_byte"] * resp_bytes)
         inst.calls += 1
