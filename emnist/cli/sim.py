@@ -225,8 +225,8 @@ def validate_cmd(c: Ctx, costs_name: str, recalibrate: bool, costs_out: str, rou
                             echo=lambda m: click.echo(m, err=True))
         costs_name = str(cal.write_costs(doc, costs_out))
 
-        def probe_case(kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-            return cal.probe(doc, kind, broker_url=broker, store_url=store)
+        def probe_case(kind: str, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+            return cal.probe(doc, kind, broker_url=broker, store_url=store, model=model)
         probe_fn = probe_case if probe else None
     from emnist.cluster import local
 

@@ -365,13 +365,23 @@ def measure_wake(url: str, nbytes: int, messages: int = 200) -> dict[str, float]
     return {"median_s": statistics.median(lat), "mean_s": statistics.fmean(lat)}
 
 
-def measure_exchange(url: str, peers: int, params: int, steps: int = 300) -> float:
-    """The median step of ``peers`` processes exchanging gradients and nothing else."""
+def exchange_compute(spec: dict[str, Any]) -> dict[str, Any]:
+    """Exchanges are timed between MLP gradients of a batch of 100, as peers exchange: three
+    processes exchanging back to back took 4.5-5.4 ms a step here, between gradients 2.4-2.5
+    ms, and the real 3-peer MLP run's send + receive is ~3 ms a step (waits included)."""
+    return {"dataset": spec["dataset"], "data_location": spec["data_location"],
+            "hidden": spec["hidden"], "compute_batch": 100}
+
+
+def measure_exchange(url: str, peers: int, params: int, steps: int = 300,
+                     compute: dict[str, Any] | None = None) -> float:
+    """The median exchange of ``peers`` processes exchanging gradients, with nothing else or
+    (``compute``: dataset, data_location, hidden, compute_batch) after an MLP gradient."""
     run = "cal" + secrets.token_hex(4)
     cmd = [sys.executable, "-m", "emnist.sim.measure", "exchange"]
     procs = [subprocess.Popen([*cmd, json.dumps({"url": url, "run": run, "rank": r,
                                                   "peers": peers, "params": params,
-                                                  "steps": steps})],
+                                                  "steps": steps, **(compute or {})})],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
              for r in range(peers)]
     return statistics.median(json.loads(p.communicate(timeout=600)[0]) for p in procs)
@@ -379,7 +389,7 @@ def measure_exchange(url: str, peers: int, params: int, steps: int = 300) -> flo
 
 def io_factor(doc: dict[str, Any], peers: int, step_s: float, nbytes: int) -> float:
     """How much more on-node call work costs when ``peers`` processes do it at once than the
-    single-call figures say: the measured exchange-only step against the CPU work those
+    single-call figures say: the measured exchange (between gradients) against the CPU work those
     figures give it (a publish, a read of every entry, a delete per peer, on the cores)."""
     b, cl = doc["broker"], doc["client"]
 
@@ -417,14 +427,16 @@ def load_figures(median_s: float, alone_mean_s: float, concurrent_mean_s: float,
 
 
 def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "",
-          dataset: str = "fashion-mnist", data_location: str = "", hidden: int = 100
-          ) -> tuple[dict[str, Any], dict[str, Any]]:
+          dataset: str = "fashion-mnist", data_location: str = "", hidden: int = 100,
+          model: str = "mlp") -> tuple[dict[str, Any], dict[str, Any]]:
     """What the machine's load changes, re-measured into a copy of a calibrated ``doc`` just
     before a validation case: the MLP's mean step alone and one step loop per core at once
     (``speed`` and ``cores`` by ``load_figures``; the hypothesis is that load slows every
-    model's compute alike; spread and drift as ``calibrate``), and for ``p2p`` the
-    exchange-only step (the broker's ``io_factor``), and with ``store_url`` the store's
-    fetch and push. Returns (new doc, what it measured).
+    model's compute alike; spread and drift as ``calibrate``); for another ``model`` its own
+    step alone, its table scaled to it (a model's table measured minutes earlier can be off
+    by half against the MLP's: the VM's speed moves unevenly); for ``p2p`` the exchange-only
+    step (the broker's ``io_factor``), and with ``store_url`` the store's fetch and push.
+    Returns (new doc, what it measured).
     """
     import copy
 
@@ -448,6 +460,12 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
                              "speed": node["speed"], "cores": node["cores"],
                              "concurrent_window_step_s": d["window_step_s"],
                              "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    if model != "mlp":  # the case's own model alone: its table / speed made that step
+        table = doc["compute"]["models"][model]["step"]
+        mine = measure_drift({**spec, "model": model}, 1, 2.0)["window_step_s"]
+        scale = mine * speed / table[100]
+        doc["compute"]["models"][model]["step"] = {b: t * scale for b, t in table.items()}
+        notes.update(model=model, model_window_step_s=mine, model_table_scale=round(scale, 4))
     if store_url:  # the store's figures, at this speed, stored at speed 1
         m = measure_store(store_url, 100)
         cl = {k: v / speed for k, v in doc["client"].items()}
@@ -458,7 +476,7 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
         notes.update(push_p50_s=m["push_p50_s"], fetch_p50_s=m["fetch_p50_s"])
     if kind == "p2p":
         nb = doc["calibrated"]["broker"]["message_bytes"]  # the MLP's gradient message
-        step = measure_exchange(broker_url, 3, nb // 4)
+        step = measure_exchange(broker_url, 3, nb // 4, compute=exchange_compute(spec))
         k = io_factor(doc, 3, step, nb)
         doc["broker"]["io_factor"] = round(k, 3)
         notes.update(exchange_step_s=step, io_factor=round(k, 3))
@@ -615,7 +633,7 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
             br["wake"] = max(0.0, w["median_s"] - path)
             ratio = max(1.0, w["mean_s"] / w["median_s"])
             br["wake_spread"] = min(3.0, (2 * np.log(ratio)) ** 0.5)
-            step = measure_exchange(broker_url, 3, nb // 4)
+            step = measure_exchange(broker_url, 3, nb // 4, compute=exchange_compute(spec))
             k = io_factor(doc, 3, step, nb)
             notes["exchange"] = {"peers": 3, "step_s": step, "io_factor": k}
             br["io_factor"] = round(k, 3)

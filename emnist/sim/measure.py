@@ -7,9 +7,9 @@ minibatches, then ``grad *= -alpha; params += grad``, exactly the worker's step)
 lognormal sigma of those times, the seconds per test image of ``evaluate``, and the client's
 per-byte costs (codec decode and encode of the model's vector, one float32 elementwise pass).
 
-``python -m emnist.sim.measure loop SPEC_JSON`` runs the MLP step for ``seconds`` and prints
-every step's duration: the caller starts one per core at once to see how processes sharing
-the machine drift apart.
+``python -m emnist.sim.measure loop SPEC_JSON`` runs the MLP step (or ``model``'s) for
+``seconds`` and prints every step's duration: the caller starts one per core at once to see
+how processes sharing the machine drift apart.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def steps(spec: dict[str, Any]) -> dict[str, Any]:
 
 def loop(spec: dict[str, Any]) -> list[float]:
     x, y, _, _, classes = _data(spec)
-    model = _model("mlp", spec["dataset"], classes, spec["hidden"])
+    model = _model(spec.get("model", "mlp"), spec["dataset"], classes, spec["hidden"])
     params = model.init_params(0)
     b, alpha = spec["batch"], np.float32(0.2)
     starts = np.arange(0, len(y) - b, b)
@@ -163,9 +163,10 @@ def wake(spec: dict[str, Any]) -> list[float] | None:
 
 
 def exchange(spec: dict[str, Any]) -> float:
-    """One of ``peers`` processes doing only a p2p step's communication (the real
+    """One of ``peers`` processes doing a p2p step's communication (the real
     messages.gradient, publish, collect with the real checks and decode, finished), for
-    ``steps`` steps; prints its median step time."""
+    ``steps`` steps, after the MLP's gradient of ``compute_batch`` images if given (as a
+    peer does; untimed); prints its median exchange time."""
     from emnist.p2p import compress, messages
     from emnist.p2p.broker import open_broker
     from emnist.p2p.peer import collect
@@ -173,9 +174,20 @@ def exchange(spec: dict[str, Any]) -> float:
     comp = compress.make("none")
     b = open_broker(spec["url"], run, rank, peers)
     g = np.random.default_rng(rank).random(n, dtype=np.float32)
+    step = None
+    if spec.get("compute_batch"):  # a peer's gradient before each exchange, as in training
+        x, y, _, _, classes = _data(spec)
+        model = _model("mlp", spec["dataset"], classes, spec["hidden"])
+        params, bs = model.init_params(0), spec["compute_batch"]
+
+        def step(s: int) -> None:
+            at = (s * bs) % (len(y) - bs)
+            model.loss_and_grad(params, x[at:at + bs], y[at:at + bs])
     times = []
     try:
         for s in range(spec["steps"]):
+            if step is not None:
+                step(s)
             t = time.perf_counter()
             parts = comp.compress(g)
             comp.decompress(parts, n)

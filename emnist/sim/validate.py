@@ -12,9 +12,9 @@ seeds).
 Every case runs for each model asked (the MLP and lenet5 by default); lenet5, ~20x the MLP's
 compute per minibatch, trains to a lower target (``TARGETS``) with at most
 ``LENET5_ROUNDS`` rounds so the whole validation stays near a quarter of an hour. The
-machine is shared and its load drifts, so ``probe(kind)`` (given by the caller) re-measures
-what load changes -- the cores left to a step loop, and for p2p the exchange-only step --
-just before each case's real runs and returns the cost file the case is simulated with;
+machine is shared and its load drifts, so ``probe(kind, model)`` (given by the caller)
+re-measures what load changes -- the cores left to a step loop, the case's model's own
+step, and for p2p the exchange-only step -- and returns the cost file to simulate with;
 the record keeps those figures and the load average. A probe is a few seconds of step
 loops, and this VM's speed moves by a third within a minute (two probes of one case
 measured speed 0.66 and 0.99, cores 2.0 and 1.13), so the case is probed before every real
@@ -121,12 +121,12 @@ def _sim_seconds(r: dict[str, Any]) -> float:
 def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases: list[str], *,
              broker: str, store: str, run_train: Callable[[dict[str, Any]], Any],
              echo: Callable[[str], None] = print, models: tuple[str, ...] = MODELS,
-             probe: Callable[[str], tuple[dict[str, Any], dict[str, Any]]] | None = None,
+             probe: Callable[[str, str], tuple[dict[str, Any], dict[str, Any]]] | None = None,
              sim_extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every case (or ``cases``) for every model: real rounds and simulated rounds, side by
     side. ``run_train(config)`` runs ``emnist train`` and returns its RunOutcome;
-    ``probe(kind)`` ("train" or "p2p"), if given, re-measures the machine (before every
-    real round of a case and after the last) and returns (cost document, what it
+    ``probe(kind, model)`` ("train" or "p2p"), if given, re-measures the machine (before
+    every real round of a case and after the last) and returns (cost document, what it
     measured)."""
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
@@ -166,7 +166,7 @@ def _push_conflicts(results: list[dict[str, Any]]) -> tuple[int, int]:
 def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim_rounds: int,
           broker: str, store: str, run_train: Callable[[dict[str, Any]], Any],
           echo: Callable[[str], None], sim_extra: dict[str, Any],
-          probe: Callable[[str], tuple[dict[str, Any], dict[str, Any]]] | None
+          probe: Callable[[str, str], tuple[dict[str, Any], dict[str, Any]]] | None
           ) -> dict[str, Any]:
     kind, real, settings = CASES[name]
     target = TARGETS[model][kind]
@@ -177,7 +177,7 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
     load = [round(x, 2) for x in os.getloadavg()]
     for i in range(rounds + 1):
         if probe is not None:
-            probes.append(probe(kind))
+            probes.append(probe(kind, model))
         t = time.perf_counter()
         if kind == "train":
             outcome = run_train({**STORE_BASE, "target_accuracy": target, "model": model,
@@ -201,7 +201,7 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
                 conflicts = [x + y for x, y in zip(conflicts, _push_conflicts(got.results))]
     load.append(round(os.getloadavg()[0], 2))
     if probe is not None:
-        probes.append(probe(kind))
+        probes.append(probe(kind, model))
         doc = probe_mean(probes)
         costs = parse_costs(yaml.safe_dump(doc, sort_keys=False), f"{costs_name} (probed)")
     else:
