@@ -388,7 +388,9 @@ def test_workers_on_nodes_without_the_shards_train_from_s3_alone(env, bucket, tm
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
     for w, o in enumerate(outs):
-        assert o["iterations"] == 2 and o["accuracy"] > 0.7
+        # well above chance (0.1); not higher: two asynchronous workers' accuracy after a
+        # pass swings between 0.65 and 0.86 with how their pushes interleave (docs/sim.md)
+        assert o["iterations"] == 2 and o["accuracy"] > 0.5
         cache = tmp_path / f"node-{w}" / "sets" / set_url.rsplit("/", 1)[1]
         assert sorted(p.name for p in cache.iterdir()) == sorted(
             [MANIFEST, f"worker-{w}-x.npy", f"worker-{w}-y.npy", "test-x.npy", "test-y.npy"])
