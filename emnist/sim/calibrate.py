@@ -291,11 +291,8 @@ def function_figures(doc: dict[str, Any], fg: dict[str, Any], g: dict[str, Any],
     charge) plus the handler, the gradient (the model's step at that batch) and encoding
     the answer; a miss adds the store's fetch (``s``'s ``fetch_p50_s``), the decode and
     ``params_fetch``. Returns the notes."""
-    steps = doc["compute"]["models"][model]["step"]
-    b = fg["batch"]
-    lo = max((k for k in steps if k <= b), default=min(steps))
-    hi = min((k for k in steps if k >= b), default=max(steps))
-    grad = steps[lo] if lo == hi else steps[lo] + (steps[hi] - steps[lo]) * (b - lo) / (hi - lo)
+    from emnist.sim.costs import ModelCost
+    grad = ModelCost(1, doc["compute"]["models"][model]["step"], 0.0, 0.0).step_s(fg["batch"])
     nb, cl = fg["response_bytes"], doc["client"]
     handler = fg["hit_s"] - g["client_big_s"] - grad - cl["encode_per_byte"] * nb
     fetch = fg["miss_s"] - fg["hit_s"] - s["fetch_p50_s"] - cl["decode_per_byte"] * nb
@@ -434,8 +431,9 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
     (``speed`` and ``cores`` by ``load_figures``; the hypothesis is that load slows every
     model's compute alike; spread and drift as ``calibrate``); for another ``model`` its own
     step alone, its table scaled to it (a model's table measured minutes earlier can be off
-    by half against the MLP's: the VM's speed moves unevenly); for ``p2p`` the exchange-only
-    step (the broker's ``io_factor``), and with ``store_url`` the store's fetch and push.
+    by half against the MLP's: the VM's speed moves unevenly); for ``p2p`` the exchange
+    between MLP gradients (the broker's ``io_factor``), and with ``store_url`` the store's
+    fetch and push.
     Returns (new doc, what it measured).
     """
     import copy
@@ -569,7 +567,7 @@ def calibrate(*, store_url: str = "memcached://127.0.0.1:11211",
     echo("compute: one step per model and batch size ...")
     got = _subprocess("steps", spec)
     doc["compute"]["models"] = {
-        k: {**{f: v for f, v in m.items() if f not in ("spread_alone", "step", "step_mean")},
+        k: {**{f: v for f, v in m.items() if f not in ("spread_alone", "step")},
             "step": {int(b): t for b, t in m["step"].items()}}  # JSON made the keys strings
         for k, m in got["models"].items()}
     notes["steps_alone_spread"] = {k: m["spread_alone"] for k, m in got["models"].items()}

@@ -99,9 +99,6 @@ def steps(spec: dict[str, Any]) -> dict[str, Any]:
         out["models"][key] = {
             "params": int(model.num_params),
             "step": {b: float(np.median(ts)) for b, ts in times.items()},
-            # the mean carries what load does (a descheduled step is a long one): the
-            # throughput a run gets, against the median's intrinsic cost
-            "step_mean": {b: float(np.mean(ts)) for b, ts in times.items()},
             "eval_per_sample": _eval_time(model, x, tx[:n_eval], ty[:n_eval]),
             "spread_alone": float(np.median([robust_sigma(ts) for ts in times.values()]))}
     n = int(out["models"][next(iter(out["models"]))]["params"])

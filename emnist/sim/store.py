@@ -133,15 +133,16 @@ class SimKV:
         yield self.net.rpc_many(node, calls)
 
     def cas(self, node: Node, key: str, compute: Any, version: int) -> G:
-        """Store ``compute()`` if the key still has ``version``; True if it did. ``compute``
-        is called only when the cas succeeds (at the server: the new bytes were computed by
-        the client from the value it read, which is then still current)."""
+        """Store ``compute(current)`` -> (data, clock, writes) if the key still has
+        ``version``; True if it did. ``compute`` is called only when the cas succeeds (at
+        the server: the new bytes were computed by the client from the value it read, which
+        is then still current)."""
         def swap(_t: float) -> Any:
             v = self.values.get(key)
             if v is None or v.version != version:
                 return None
-            data, clock, *writes = compute(v)
-            self.write(key, data, clock=clock, writes=writes[0] if writes else 0)
+            data, clock, writes = compute(v)
+            self.write(key, data, clock=clock, writes=writes)
             return data
         size = self.values[key].size if key in self.values else HEADER
         return (yield self.net.rpc(node, self.server(key), size + KEY_BYTES, REPLY, swap))

@@ -51,7 +51,7 @@ class SimTier:
             for k in pending:
                 v: Value = got[k]
                 yield client_cpu(v.size)
-                ok = yield from self.kv.cas(node, k, lambda cur, k=k: (fn(k, cur), cur.clock),
+                ok = yield from self.kv.cas(node, k, lambda cur, k=k: (fn(k, cur), cur.clock, 0),
                                             v.version)
                 if ok is None:
                     again.append(k)

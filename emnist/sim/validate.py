@@ -14,8 +14,8 @@ compute per minibatch, trains to a lower target (``TARGETS``) with at most
 ``LENET5_ROUNDS`` rounds so the whole validation stays near a quarter of an hour. The
 machine is shared and its load drifts, so ``probe(kind, model)`` (given by the caller)
 re-measures what load changes -- the cores left to a step loop, the case's model's own
-step, and for p2p the exchange-only step -- and returns the cost file to simulate with;
-the record keeps those figures and the load average. A probe is a few seconds of step
+step, and for p2p the exchange between gradients -- and returns the cost file to simulate
+with; the record keeps those figures and the load average. A probe is a few seconds of step
 loops, and this VM's speed moves by a third within a minute (two probes of one case
 measured speed 0.66 and 0.99, cores 2.0 and 1.13), so the case is probed before every real
 round and after the last, and simulated with the mean of all its probes
@@ -24,7 +24,7 @@ figures are in the record (``probes``).
 
 Time to target is a pass count times a pass's seconds. The pass count of asynchronous
 workers is chaotic: it depends on how their pushes interleave (two MLP workers at alpha 0.2
-cross 0.85 after 3 to 14 passes, really and simulated alike), so a median of a few rounds is
+cross 0.85 after 3 to 11 passes, 3 to 14 simulated: alike), so a median of a few rounds is
 mostly noise; the cases in ``MIN_ROUNDS`` get at least that many rounds, and every record
 also compares the two factors apart: passes (epochs for p2p) per round and seconds per pass,
 and for the store cases the share of pushes that conflicted (cas retries).
