@@ -34,7 +34,7 @@ from emnist.sim.engine import Sim, WorkerCtx
 from emnist.sim.store import CasGaveUp, SimParams
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import STOP_CHECK_EVERY
-from emnist.train.state import Diverged, state_key
+from emnist.train.state import Diverged, require_finite, state_key
 from emnist.train.worker import SAVE_SECONDS, DropoutSeeds, decide, pass_order
 
 G = Generator[Any, Any, Any]
@@ -155,8 +155,7 @@ class Exchange:
 
     def check_finite(self) -> None:
         """``_hand_over``'s guard: a non-finite update is refused before it is sent."""
-        if not np.isfinite(np.subtract(self.ctx.params, self.ctx.base)).all():
-            raise Diverged("the update to push is not finite (NaN or infinity): lower alpha")
+        require_finite(np.subtract(self.ctx.params, self.ctx.base), "the update to push is")
 
 
 def downpour_worker(sim: Sim, ctx: WorkerCtx, vec: Any, data: tuple, steps_per_pass: int,

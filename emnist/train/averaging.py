@@ -29,7 +29,7 @@ import numpy as np
 
 from emnist.store import ParameterStore, codec
 from emnist.train.config import TrainConfig
-from emnist.train.state import Diverged, Progress, WorkerState
+from emnist.train.state import Progress, WorkerState, require_finite
 
 KEEP_ROUNDS = 3  # a worker deletes its own round r - KEEP_ROUNDS when it publishes round r
 
@@ -158,5 +158,4 @@ class Averaging:
 
 
 def check_finite(params: np.ndarray) -> None:
-    if not np.isfinite(params).all():
-        raise Diverged("the parameters to average are not finite (NaN or infinity): lower alpha")
+    require_finite(params, "the parameters to average are")

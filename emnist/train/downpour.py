@@ -32,7 +32,7 @@ import numpy as np
 
 from emnist.store import ParameterStore
 from emnist.train.config import TrainConfig
-from emnist.train.state import Diverged, Progress, WorkerState
+from emnist.train.state import Progress, WorkerState, require_finite
 
 STOP_CHECK_EVERY = 5  # exchanges between reads of the run's stop flag
 
@@ -86,8 +86,7 @@ class Exchange:
         """The delta to send; the sent chunks count as the store's from now on, the others
         stay pending."""
         np.subtract(params, self.base, out=self._sent)
-        if not np.isfinite(self._sent).all():  # before base moves: nothing counts as sent
-            raise Diverged("the update to push is not finite (NaN or infinity): lower alpha")
+        require_finite(self._sent, "the update to push is")  # before base moves: none sent
         if chunks is None:
             self.base[:] = params
         else:

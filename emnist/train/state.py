@@ -41,6 +41,12 @@ class Diverged(RuntimeError):
     worker never turns the global vector into NaN for every other."""
 
 
+def require_finite(values: np.ndarray, what: str) -> None:
+    """``Diverged`` unless every value of what a worker is about to send is finite."""
+    if not np.isfinite(values).all():
+        raise Diverged(f"{what} not finite (NaN or infinity): lower alpha")
+
+
 class WorkerBusy(StoreError):
     """The worker is owned by a live invocation."""
 
