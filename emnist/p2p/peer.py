@@ -128,9 +128,15 @@ class GradientSource(Protocol):
 
 def model_spec(cfg: PeerConfig, manifest: dict[str, Any]) -> ModelSpec:
     """The network every peer (and emnist-grad) builds for this split."""
-    extra = {"hidden": cfg.hidden} if cfg.model == "mlp" else {}
+    return split_spec(cfg.model, cfg.hidden, manifest)
+
+
+def split_spec(model: str, hidden: int, manifest: dict[str, Any]) -> ModelSpec:
+    """``model`` (the MLP with ``hidden`` units) for a split's dataset, classes and images
+    (the simulated peers build theirs with this too)."""
+    extra = {"hidden": hidden} if model == "mlp" else {}
     try:
-        spec = ModelSpec.for_dataset(cfg.model, str(manifest["dataset"]),
+        spec = ModelSpec.for_dataset(model, str(manifest["dataset"]),
                                      classes=int(manifest["num_classes"]), **extra)
     except ValueError as e:
         raise ConfigError("model", str(e)) from None

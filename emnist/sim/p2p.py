@@ -33,6 +33,7 @@ import numpy as np
 
 from emnist.data import shard_sizes
 from emnist.p2p import compress, messages
+from emnist.p2p.peer import dropout_key, has_dropout, split_spec
 from emnist.p2p.serverless import params_key
 from emnist.p2p.split import load_partition, split
 from emnist.paths import cache_dir
@@ -44,14 +45,6 @@ from emnist.sim.store import SimKV
 G = Generator[Any, Any, Any]
 RUN_ID = "sim"
 PHASES = ("compute_s", "send_s", "recv_s", "update_s", "val_s", "barrier_s")
-
-
-def _peer_spec(cfg: Any, man: dict[str, Any]) -> Any:
-    """``emnist.p2p.peer.model_spec``: the network every peer builds for this split."""
-    from emnist.models import ModelSpec
-    extra = {"hidden": cfg.hidden_size} if cfg.model == "mlp" else {}
-    return ModelSpec.for_dataset(cfg.model, str(man["dataset"]),
-                                 classes=int(man["num_classes"]), **extra)
 
 
 @dataclass
@@ -94,7 +87,7 @@ def run_p2p(sim: Sim) -> dict[str, Any]:
                       cfg.val_fraction)
     parts = [load_partition(str(split_dir), r) for r in range(cfg.workers)]
     man = parts[0].manifest
-    model = sim.build_model(man["num_classes"], spec=_peer_spec(cfg, man))
+    model = sim.build_model(man["num_classes"], spec=split_spec(cfg.model, cfg.hidden_size, man))
     bs = cfg.batch_size
     batches = min(man["train_sizes"]) // bs
     if batches < 1:
@@ -160,7 +153,7 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
     others = run.size - 1
     par = cfg.grad_parallel or max(1, min(cfg.sync_every, 16))
     ph, loop = run.phases, sim.loop
-    dropout = _has_dropout(model.spec)
+    dropout = has_dropout(model.spec)
     for epoch in range(1, cfg.iterations + 1):
         order = rng.permutation(batches)
         for s in range(steps_per_epoch):
@@ -171,7 +164,8 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
             loss = 0.0
             for b in chosen:
                 if dropout:  # LocalGradients: the minibatch's masks from dropout_key
-                    model.rng = np.random.default_rng([cfg.seed, rank, step_no, int(b)])
+                    model.rng = np.random.default_rng(dropout_key(cfg.seed, rank, step_no,
+                                                                  int(b)))
                 rows = slice(int(b) * bs, (int(b) + 1) * bs)
                 batch_loss, g = model.loss_and_grad(run.params, part.train_x[rows],
                                                     part.train_y[rows])
@@ -275,13 +269,6 @@ def peer(sim: Sim, run: P2PRun, ctx: WorkerCtx, part: Any, test: slice, batches:
         st.done, st.stop_reason = True, "max-epochs"
     st.seconds = sim.loop.now - t_start
     ctx.finished = sim.loop.now
-
-
-def _has_dropout(spec: Any) -> bool:
-    """``emnist.p2p.peer.has_dropout``."""
-    if spec.name in ("mlp", "lenet5"):
-        return bool(spec.dropout)
-    return spec.dropout is None or spec.dropout > 0
 
 
 def _collect(sim: Sim, node: Any, broker: Broker, topic: str, rank: int, want: int,
