@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from emnist.sim.costs import NodeKind, Server
-from emnist.sim.events import CPU, Fifo, Loop
+from emnist.sim.events import CPU, CoreCPU, Fifo, Loop
 from emnist.sim.net import Net, make_nodes
 from emnist.sim.store import KEY_BYTES, REPLY, SimKV, SimParams
 
@@ -170,3 +170,27 @@ def test_keys_spread_over_servers_by_the_memcached_clients_rendezvous_hash():
     for k in keys:
         assert kv.server(k).name == f"store{int(h.get_node(k).split('.')[-1].split(':')[0])}"
     assert len({kv.server(k).name for k in keys}) == 4
+
+
+def test_per_core_queues_are_not_work_conserving_past_the_cores():
+    """Linux's placement: 3 equal jobs on 2 cores go 2 + 1 and stay, so the pair ends at 2.0
+    (ideal sharing would end all three at 1.5); at most ``cores`` jobs it is ideal sharing."""
+    loop, done = Loop(), {}
+    cpu = CoreCPU(loop, cores=2)
+    for name in "abc":
+        cpu.run(1.0, lambda n=name: done.setdefault(n, loop.now))
+    loop.run()
+    assert done == pytest.approx({"a": 2.0, "b": 1.0, "c": 2.0})
+    assert cpu.busy == pytest.approx(3.0)
+    # fractional cores (what load leaves): two jobs on 1.5 cores each run at 0.75, one alone
+    # at full speed; a job that arrives later goes to the emptier core
+    loop, done = Loop(), {}
+    cpu = CoreCPU(loop, cores=1.5)
+    cpu.run(0.75, lambda: done.setdefault("a", loop.now))
+    cpu.run(1.5, lambda: done.setdefault("b", loop.now))
+    loop.at(1.5, lambda _: cpu.run(0.5, lambda: done.setdefault("c", loop.now)))
+    loop.run()  # a: 0.75 at 0.75 -> t=1; b: 0.75 by t=1, then alone at 1 -> t=1.75
+    # c arrives at 1.5 on the idle core: both at 0.75 -> b's last 0.25 ends at 1.5+1/3
+    assert done["a"] == pytest.approx(1.0)
+    assert done["b"] == pytest.approx(1.5 + 0.25 / 0.75)
+    assert done["c"] == pytest.approx(1.5 + 0.25 / 0.75 + (0.5 - 0.25) / 1.0)

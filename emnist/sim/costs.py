@@ -131,7 +131,7 @@ PER_BYTE = (0, 1e-3, False)
 
 NODE = {"name": (STR,), "count": (INT, 1, 100_000, False), "cores": (NUM, 1, 1024, False),
         "speed": (NUM, 0, 100, True), "memory_gb": (NUM, 0, 1e5, False),
-        "link_bandwidth": (NUM, *BYTES_S)}
+        "link_bandwidth": (NUM, *BYTES_S), "placement": ("choice", ("per-core", "shared"))}
 SERVER = {"rtt": (NUM, *SECONDS), "op": (NUM, 0, 1.0, False), "bandwidth": (NUM, *BYTES_S),
           "write_bandwidth": (NUM, *BYTES_S), "on_node": (BOOL,), "vcpus": (NUM, 0, 1024, False),
           "memory_gb": (NUM, 0, 1e5, False)}
@@ -221,6 +221,10 @@ def _check(where: str, value: Any, spec: Any) -> Any:
         return value
     if kind == "any":
         return value
+    if kind == "choice":
+        if value not in spec[1]:
+            raise CostError(where, f"must be one of {', '.join(spec[1])}, got {_show(value)}")
+        return value
     if kind == "list":
         if not isinstance(value, list) or not value or len(value) > 100:
             raise CostError(where, "must be a list of 1 to 100 node kinds")
@@ -232,7 +236,7 @@ def _check(where: str, value: Any, spec: Any) -> Any:
 
 # fields that may be left out, with their defaults
 OPTIONAL = {"on_node": False, "wake": 0.0, "wake_spread": 0.0, "io_factor": 1.0,
-            "params_fetch": 0.0}
+            "params_fetch": 0.0, "placement": "per-core"}
 
 
 def _required(spec: Any) -> bool:
@@ -299,6 +303,7 @@ class NodeKind:
     speed: float
     memory_gb: float
     link_bandwidth: float
+    placement: str = "per-core"  # per-core run queues as Linux; "shared": ideal sharing
 
 
 @dataclass(frozen=True)

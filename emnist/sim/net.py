@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emnist.sim.costs import NodeKind, Server
-from emnist.sim.events import CPU, Fifo, Loop, Op, Proc
+from emnist.sim.events import CPU, CoreCPU, Fifo, Loop, Op, Proc, make_cpu
 
 Effect = Callable[[float], Any]  # called with the service start time; returns the reply
 
@@ -36,7 +36,7 @@ class Node:
 
     index: int
     kind: NodeKind
-    cpu: CPU
+    cpu: CPU | CoreCPU
     up: Fifo
     down: Fifo
     workers: list[int] = field(default_factory=list)
@@ -61,8 +61,8 @@ class ServerQ:
 def make_nodes(loop: Loop, kinds: list[NodeKind]) -> list[Node]:
     nodes = []
     for i, k in enumerate(kinds):
-        nodes.append(Node(i, k, CPU(loop, k.cores, k.speed, f"node{i}"), Fifo(f"node{i}:up"),
-                          Fifo(f"node{i}:down")))
+        nodes.append(Node(i, k, make_cpu(loop, k.cores, k.speed, f"node{i}", k.placement),
+                          Fifo(f"node{i}:up"), Fifo(f"node{i}:down")))
     return nodes
 
 
