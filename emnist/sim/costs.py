@@ -10,13 +10,16 @@ field, e.g. ``store.bandwidth: must be > 0 and <= 1e+12, got -1``). Unknown fiel
 ``name``, ``description``: free text. ``calibrated``: what calibrate measured (free form).
 
 ``nodes``: a list of node kinds the workers run on (workers are placed round-robin over every
-node: worker w on node w mod N, so a node hosts ceil(W / N) workers; they share its cores by
-processor sharing: with n busy, each gets ``speed * min(1, cores / n)``):
+node: worker w on node w mod N, so a node hosts ceil(W / N) workers; they share its cores):
 
 - ``name``; ``count`` nodes of this kind [1, 100000]; ``cores`` per node [1, 1024];
 - ``speed``: compute speed relative to the calibrated machine (0, 100] (a straggler kind: 0.5);
 - ``memory_gb`` per node (for the price) [0, 1e5]; ``link_bandwidth``: the node's NIC, bytes/s
   each direction, shared by its workers (0, 1e12];
+- ``placement`` (optional): ``per-core`` (the default: a runnable job goes to the core with
+  the fewest jobs and stays, as Linux places processes; n jobs on one core each get
+  ``speed * min(1, cores / busy cores) / n``) or ``shared`` (ideal processor sharing: with
+  n busy, each gets ``speed * min(1, cores / n)``).
 
 
 ``compute``: ``spread`` (lognormal sigma of one minibatch's time around its median, [0, 3]);

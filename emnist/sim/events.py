@@ -238,28 +238,28 @@ class CoreCPU:
         self._seq = 0
         self._version = 0
         self.busy = 0.0
+        self.busy_cores = 0
 
     def _share(self) -> float:
-        busy = sum(1 for c in self.per_core if c.jobs)
-        return self.speed * min(1.0, self.cores / busy) if busy else 0.0
+        n = self.busy_cores
+        return self.speed * min(1.0, self.cores / n) if n else 0.0
 
     def _advance(self) -> None:
         now = self.loop.now
         dt = now - self.t
-        if dt > 0:
-            share = self._share()
-            used = 0
+        if dt > 0 and self.busy_cores:
+            step = dt * self._share()
             for c in self.per_core:
                 if c.jobs:
-                    c.work += dt * share / len(c.jobs)
-                    used += 1
-            self.busy += dt * min(used, self.cores)
+                    c.work += step / len(c.jobs)
+            self.busy += dt * min(self.busy_cores, self.cores)
         self.t = now
 
     def run(self, work: float, fn: Callable[[], None]) -> None:
         self._advance()
         self._seq += 1
         core = min(self.per_core, key=lambda c: len(c.jobs))
+        self.busy_cores += not core.jobs
         heapq.heappush(core.jobs, (core.work + max(0.0, work), self._seq, fn))
         self._schedule()
 
@@ -285,10 +285,12 @@ class CoreCPU:
             eps = 1e-12 * max(1.0, abs(c.work))
             while c.jobs and c.jobs[0][0] <= c.work + eps:
                 done.append(heapq.heappop(c.jobs))
+                self.busy_cores -= not c.jobs
         if not done:  # rounding left a sliver: take the nearest job anyway
             c = min((c for c in self.per_core if c.jobs),
                     key=lambda c: (c.jobs[0][0] - c.work) * len(c.jobs))
             done.append(heapq.heappop(c.jobs))
+            self.busy_cores -= not c.jobs
         self._schedule()
         for _, _, fn in sorted(done, key=lambda j: j[1]):
             fn()

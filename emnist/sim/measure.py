@@ -10,6 +10,11 @@ per-byte costs (codec decode and encode of the model's vector, one float32 eleme
 ``python -m emnist.sim.measure loop SPEC_JSON`` runs the MLP step (or ``model``'s) for
 ``seconds`` and prints every step's duration: the caller starts one per core at once to see
 how processes sharing the machine drift apart.
+
+``python -m emnist.sim.measure barrier SPEC_JSON`` runs ``procs`` processes (each count in
+the list in turn) doing ``model`` steps with a barrier after each, as p2p peers do, and
+prints each count's median step (the barrier to barrier time): the evidence for the
+simulator's per-core placement (``events.CoreCPU``).
 """
 
 from __future__ import annotations
@@ -204,6 +209,39 @@ def exchange(spec: dict[str, Any]) -> float:
     return float(np.median(times[len(times) // 10:]))
 
 
+def _barrier_proc(spec: dict[str, Any], bar: Any, out: Any) -> None:
+    x, y, _, _, classes = _data(spec)
+    model = _model(spec["model"], spec["dataset"], classes, spec.get("hidden", 128))
+    params, bs = model.init_params(0), spec["batch"]
+    alpha = np.float32(0.01)
+    steps = []
+    for s in range(spec["steps"] + 5):  # 5 warm-up steps
+        at = (s * bs) % (len(y) - bs)
+        _, grad = model.loss_and_grad(params, x[at:at + bs], y[at:at + bs])
+        grad *= -alpha
+        params += grad
+        bar.wait()
+        steps.append(time.perf_counter())
+    out.put(float(np.median(np.diff(steps[5:]))))
+
+
+def barrier(spec: dict[str, Any]) -> dict[str, float]:
+    """Median barrier-to-barrier step of n processes, per n in ``procs``."""
+    import multiprocessing as mp
+    prepare_shards(spec["dataset"], spec.get("dataset_dir"), 1, spec["data_location"], 0)
+    result = {}
+    for n in spec["procs"]:
+        bar, out = mp.Barrier(n), mp.Queue()
+        ps = [mp.Process(target=_barrier_proc, args=(spec, bar, out)) for _ in range(n)]
+        for p in ps:
+            p.start()
+        medians = [out.get(timeout=600) for _ in ps]
+        for p in ps:
+            p.join()
+        result[str(n)] = float(np.median(medians))
+    return result
+
+
 def gwcalls(spec: dict[str, Any]) -> float:
     """``threads`` threads calling a function through ``GatewayClient`` ``calls`` times each
     (as a serverless peer's pool does); the median call."""
@@ -231,4 +269,4 @@ def gwcalls(spec: dict[str, Any]) -> float:
 if __name__ == "__main__":
     what, arg = sys.argv[1], json.loads(sys.argv[2])
     print(json.dumps({"steps": steps, "loop": loop, "wake": wake, "exchange": exchange,
-                      "gwcalls": gwcalls}[what](arg)))
+                      "gwcalls": gwcalls, "barrier": barrier}[what](arg)))
