@@ -89,17 +89,22 @@ def css(driver, selector: str):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
-def text(driver, selector: str) -> str:
-    """The element's text, read again if a re-render replaced it meanwhile."""
+def fresh(driver, selector: str, read, missing=None):
+    """``read(the found elements)``, found and read again if a re-render replaced them
+    between the two (the pages re-render on every poll); ``missing`` if none match."""
     from selenium.common.exceptions import StaleElementReferenceException
 
     for _ in range(20):
         try:
             found = css(driver, selector)
-            return found[0].text if found else ""
+            return read(found) if found else missing
         except StaleElementReferenceException:
             continue
     raise AssertionError(f"{selector} kept being replaced")
+
+
+def text(driver, selector: str) -> str:
+    return fresh(driver, selector, lambda found: found[0].text, "")
 
 
 def click(driver, selector: str) -> None:
@@ -120,8 +125,8 @@ def click(driver, selector: str) -> None:
 
 
 def points(driver, chart: str) -> int:
-    found = css(driver, f'div.chart[data-chart="{chart}"]')
-    return int(found[0].get_attribute("data-points")) if found else -1
+    return fresh(driver, f'div.chart[data-chart="{chart}"]',
+                 lambda found: int(found[0].get_attribute("data-points")), -1)
 
 
 def start(gw, **over) -> str:
@@ -163,13 +168,13 @@ def test_a_live_run_appears_its_charts_grow_and_show_the_results(stack, browser,
     assert live and max(live) > min(live), f"no growth seen while running: {seen}"
     final = wait_done(gw, run_id)
     for w, result in enumerate(final["results"]):
-        cell = css(browser, f'#workers-table td.acc[data-worker="{w}"]')[0]
-        assert cell.text == f"{result['accuracy']:.4f}"
+        assert text(browser, f'#workers-table td.acc[data-worker="{w}"]') \
+            == f"{result['accuracy']:.4f}"
     curve_points = sum(len(r["curve"]) for r in final["results"])
     # every pass of both workers, plus the target line's two ends
     wait(browser, lambda d: points(d, "acc-time") == curve_points + 2)
     assert points(browser, "samples-rate") >= 2 and points(browser, "store-bytes") >= 2
-    hosts = {c.text for c in css(browser, "#workers-table td.host")}
+    hosts = fresh(browser, "#workers-table td.host", lambda found: {c.text for c in found})
     assert hosts == {r["hostname"] for r in final["results"]}
     assert len(css(browser, "#events-table tbody tr")) >= 2  # each worker's stop
     browser.save_screenshot(str(shots / "dashboard-run.png"))
@@ -195,8 +200,9 @@ def test_two_runs_are_compared_on_one_chart(stack, browser, shots):
     expected = sum(len(r["curve"]) for st in runs for r in st["results"])
     wait(browser, lambda d: points(d, "cmp-acc-time") == expected,
          message="the compare chart does not show every worker's curve")
-    rows = css(browser, "#compare-table tbody tr")
-    assert [r.get_attribute("data-id") for r in rows] == [fast, slow]
+    ids = fresh(browser, "#compare-table tbody tr",
+                lambda rows: [r.get_attribute("data-id") for r in rows])
+    assert ids == [fast, slow]
     series = css(browser, 'div.chart[data-chart="cmp-acc-time"] g.series')
     assert len(series) == 4  # 2 runs x 2 workers
     browser.save_screenshot(str(shots / "dashboard-compare.png"))
@@ -275,19 +281,19 @@ def test_html_in_run_ids_names_and_errors_is_shown_as_text(stack, browser):
     browser.get(gw.url + "/ui/")
     row = 'tr[data-source="store"][data-id="xss-run"]'
     wait(browser, lambda d: css(d, row) and css(d, 'tr[data-source="p2p"][data-id="xss-p2p"]'))
-    assert XSS in css(browser, row)[0].text  # the model and dataset, literally
-    assert XSS in css(browser, 'tr[data-id="xss-p2p"]')[0].text
+    assert XSS in text(browser, row)  # the model and dataset, literally
+    assert XSS in text(browser, 'tr[data-id="xss-p2p"]')
     _no_markup(browser)
     browser.get(gw.url + "/ui/run?source=store&id=xss-run")
     wait(browser, lambda d: css(d, "#workers-table td.host"))
-    assert css(browser, "#workers-table td.host")[0].text == XSS
-    assert css(browser, "#workers-table td.stop")[0].text == "<script>window.__xss=4</script>"
-    assert XSS in css(browser, "#events-table")[0].text
-    assert XSS in css(browser, "#summary")[0].text
+    assert text(browser, "#workers-table td.host") == XSS
+    assert text(browser, "#workers-table td.stop") == "<script>window.__xss=4</script>"
+    assert XSS in text(browser, "#events-table")
+    assert XSS in text(browser, "#summary")
     _no_markup(browser)
     browser.get(gw.url + "/ui/run?source=p2p&id=xss-p2p")
     wait(browser, lambda d: css(d, "#events-table"))
-    assert XSS in css(browser, "#events-table")[0].text
+    assert XSS in text(browser, "#events-table")
     _no_markup(browser)
     # a run id with HTML never reaches the store's keys: the page shows the refusal as text
     browser.get(gw.url + "/ui/run?source=store&id=" + XSS.replace(" ", "%20"))
