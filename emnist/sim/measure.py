@@ -60,6 +60,13 @@ def robust_sigma(times: list[float]) -> float:
     return float(1.4826 * np.median(np.abs(logs - np.median(logs))))
 
 
+def _train_step(model: Any, params: Any, x: Any, y: Any, at: int, b: int, alpha: Any) -> None:
+    """The worker's step on the minibatch at ``at``, in place."""
+    _, grad = model.loss_and_grad(params, x[at:at + b], y[at:at + b])
+    grad *= -alpha
+    params += grad
+
+
 def _step_times(model: Any, x: Any, y: Any, batches: list[int], n: int) -> dict[int, list]:
     """Each batch size's step times in CPU seconds of this process (``process_time``), the
     intrinsic cost: a wall-clock median of a step longer than the scheduler's slice carries
@@ -76,9 +83,7 @@ def _step_times(model: Any, x: Any, y: Any, batches: list[int], n: int) -> dict[
         for b in batches:
             at = int(starts[b][r % len(starts[b])])
             t = time.process_time()
-            _, grad = model.loss_and_grad(params, x[at:at + b], y[at:at + b])
-            grad *= -alpha
-            params += grad
+            _train_step(model, params, x, y, at, b, alpha)
             if r >= warm:
                 times[b].append(time.process_time() - t)
     return times
@@ -133,9 +138,7 @@ def loop(spec: dict[str, Any]) -> list[float]:
         at = int(starts[i % len(starts)])
         i += 1
         t = time.perf_counter()
-        _, grad = model.loss_and_grad(params, x[at:at + b], y[at:at + b])
-        grad *= -alpha
-        params += grad
+        _train_step(model, params, x, y, at, b, alpha)
         out.append(time.perf_counter() - t)
     return out
 
@@ -216,10 +219,7 @@ def _barrier_proc(spec: dict[str, Any], bar: Any, out: Any) -> None:
     alpha = np.float32(0.01)
     steps = []
     for s in range(spec["steps"] + 5):  # 5 warm-up steps
-        at = (s * bs) % (len(y) - bs)
-        _, grad = model.loss_and_grad(params, x[at:at + bs], y[at:at + bs])
-        grad *= -alpha
-        params += grad
+        _train_step(model, params, x, y, (s * bs) % (len(y) - bs), bs, alpha)
         bar.wait()
         steps.append(time.perf_counter())
     out.put(float(np.median(np.diff(steps[5:]))))
