@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from emnist.sim.billing import bill
-from emnist.sim.costs import COSTS_DIR, CostError, load_costs, parse_costs, shipped, validate
+from emnist.sim.costs import COSTS_DIR, CostError, Costs, load_costs, parse_costs, shipped, validate
 
 BASE = yaml.safe_load((COSTS_DIR / "study3.yml").read_text())
 
@@ -48,6 +48,8 @@ def test_every_shipped_cost_file_is_valid():
     ("nodes.0.cores", 0, "nodes[0].cores", "between 1"),
     ("nodes.0.speed", 0, "nodes[0].speed", "> 0"),
     ("gateway.on_node", "yes", "gateway.on_node", "true or false"),
+    ("nodes.0.placement", "random", "nodes[0].placement", "must be one of per-core, shared"),
+    ("nodes.0.placement", ["per-core"], "nodes[0].placement", "must be one of"),
     ("prices.vcpu_hour", -0.01, "prices.vcpu_hour", "between 0"),
     ("functions.concurrency", -1, "functions.concurrency", "between 0"),
     ("compute.drift", 1e9, "compute.drift", "between 0"),
@@ -136,3 +138,15 @@ def test_on_node_call_costs_are_stored_at_speed_one():
     assert doc["broker"]["rtt"] == TEMPLATE["broker"]["rtt"]
     assert doc["gateway"]["invoke"] == TEMPLATE["gateway"]["invoke"] * 0.5
     assert doc["client"]["decode_per_byte"] == TEMPLATE["client"]["decode_per_byte"] * 0.5
+
+
+def test_placement_defaults_to_per_core_and_shared_keeps_ideal_sharing():
+    from emnist.sim.events import CPU, CoreCPU, Loop
+    from emnist.sim.net import make_nodes
+
+    assert "placement" not in BASE["nodes"][0]
+    kinds = [Costs(validate(_with("nodes.0.placement", v) if v else copy.deepcopy(BASE)))
+             .nodes[0] for v in (None, "shared")]
+    assert [k.placement for k in kinds] == ["per-core", "shared"]
+    cpus = [n.cpu for n in make_nodes(Loop(), kinds)]
+    assert type(cpus[0]) is CoreCPU and type(cpus[1]) is CPU
