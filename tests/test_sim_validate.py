@@ -6,13 +6,20 @@ emnist-grad is measured behind a real gateway for the functions' figures."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 from click.testing import CliRunner
 
 from emnist.cli import main
-from emnist.sim.calibrate import function_figures, mean_of, measure_grad_calls, probe_mean
+from emnist.sim.calibrate import (
+    function_figures,
+    mean_of,
+    measure_grad_calls,
+    measure_serverless,
+    probe_mean,
+)
 from tests.conftest import MEMCACHED_URL
 from tests.servers import free_port, local_gateway, start_memcached
 
@@ -98,3 +105,11 @@ def test_the_real_emnist_grad_is_measured_behind_a_real_gateway():
     assert notes["gradient_s"] == pytest.approx(grad)
     assert doc["functions"]["handler"] == pytest.approx(4e-3 - 3e-3 - grad - 1e-4, abs=1e-7)
     assert doc["functions"]["params_fetch"] == pytest.approx(1e-3 - 2e-4 - 2e-4, abs=1e-7)
+
+
+def test_serverless_peers_compute_phase_is_measured_with_the_real_emnist_grad():
+    """measure_serverless runs peers' ServerlessGradients against the real emnist-grad behind
+    a local gateway; it refuses a run where a peer's calls were not all answered."""
+    step = measure_serverless(MEMCACHED_URL, "fashion-mnist", 100, peers=2, steps=10,
+                              replicas=1)
+    assert math.isfinite(step) and step > 0

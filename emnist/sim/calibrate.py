@@ -284,6 +284,48 @@ def measure_grad_calls(store_url: str, dataset: str, dataset_dir: str | None, hi
             "miss_s": statistics.median(miss), "response_bytes": 4 * int(params.size) + 40}
 
 
+def measure_serverless(store_url: str, dataset: str, hidden: int, peers: int = 3,
+                       batch: int = 50, per_step: int = 2, steps: int = 300,
+                       replicas: int = 3) -> float:
+    """``peers`` processes each doing a serverless peer's compute phase at once (the real
+    ``ServerlessGradients`` against the real emnist-grad behind a local gateway running this
+    repository's emnist.yml with ``replicas``, its default, all up first; a real p2p split's
+    batch files):
+    their mean step, the median over the processes."""
+    import tempfile
+
+    from emnist.bench.gateway import local_gateway
+    from emnist.gateway.client import GatewayClient
+    from emnist.p2p.split import split, write_batches
+    from emnist.wait import wait_until
+    stack = Path(__file__).resolve().parents[2] / "emnist.yml"
+    if not stack.exists():
+        raise RuntimeError("emnist.yml is not beside the package: run from the repository")
+    run = "calsl" + secrets.token_hex(4)
+    with tempfile.TemporaryDirectory(prefix="emnist-cal-sl-") as tmp:
+        d = split(dataset, None, peers, tmp, seed=0, train_samples=6000, test_samples=500)
+        count = min(len(list((write_batches(d, batch) / f"peer-{r}").iterdir()))
+                    for r in range(peers))
+        env = {"STORE_URL": store_url, "DATA_ROOTS": tmp, "TRAIN_REPLICAS": "0",
+               "GRAD_REPLICAS": str(replicas)}
+        with local_gateway(stack, Path(tmp), env) as (url, _):
+            wait_until(lambda: GatewayClient(url).replicas("emnist-grad") >= replicas, 60,
+                       f"emnist-grad has fewer than {replicas} replicas")
+            cmd = [sys.executable, "-m", "emnist.sim.measure", "grads"]
+            procs = [subprocess.Popen(
+                [*cmd, json.dumps({"gateway": url, "store_url": store_url, "run": run,
+                                   "rank": r, "data": str(d), "batch": batch,
+                                   "per_step": per_step, "batches": count, "steps": steps,
+                                   "dataset": dataset, "hidden": hidden})],
+                stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+                for r in range(peers)]  # one session, as `emnist p2p run`'s peers
+            got = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    if any(g["calls"] != steps * per_step for g in got):
+        raise RuntimeError(f"serverless peers answered {[g['calls'] for g in got]} calls, "
+                           f"not {steps * per_step} each")
+    return statistics.median(g["mean_step_s"] for g in got)
+
+
 def function_figures(doc: dict[str, Any], fg: dict[str, Any], g: dict[str, Any],
                      s: dict[str, Any], model: str) -> dict[str, Any]:
     """``functions.handler`` and ``params_fetch`` from ``measure_grad_calls``: a cached call

@@ -15,6 +15,10 @@ how processes sharing the machine drift apart.
 the list in turn) doing ``model`` steps with a barrier after each, as p2p peers do, and
 prints each count's median step (the barrier to barrier time): the evidence for the
 simulator's per-core placement (``events.CoreCPU``).
+
+``python -m emnist.sim.measure grads SPEC_JSON`` is one serverless peer's compute phase with
+the real ``ServerlessGradients`` against a running gateway (``calibrate.measure_serverless``
+starts three at once, as the validation's peers run).
 """
 
 from __future__ import annotations
@@ -266,7 +270,36 @@ def gwcalls(spec: dict[str, Any]) -> float:
     return float(np.median(times[len(times) // 10:]))
 
 
+def grads(spec: dict[str, Any]) -> dict[str, float]:
+    """One serverless peer's compute phase: the real ``ServerlessGradients.compute`` (the
+    step's parameters to the store, ``per_step`` emnist-grad calls through the gateway in
+    parallel, their gradients decoded and averaged) for ``steps`` steps of the MLP; prints
+    the mean step (a run's time goes as the mean) after a tenth as warm-up, and the calls
+    answered."""
+    from types import SimpleNamespace
+
+    from emnist.p2p.serverless import ServerlessGradients
+    mspec = ModelSpec.for_dataset("mlp", spec["dataset"], classes=10, hidden=spec["hidden"])
+    params = build_model(mspec, seed=0).init_params(0)
+    cfg = SimpleNamespace(store_url=spec["store_url"], run_id=spec["run"], rank=spec["rank"],
+                          data=spec["data"], batch_size=spec["batch"], function="emnist-grad",
+                          timeout=60.0, gateway=spec["gateway"], sync_every=spec["per_step"],
+                          seed=0)
+    sg = ServerlessGradients(cfg, mspec, int(params.size))
+    k, count = spec["per_step"], spec["batches"]
+    times = []
+    try:
+        for s in range(spec["steps"]):
+            t = time.perf_counter()
+            sg.compute(params, s, np.arange(s * k, s * k + k) % count)
+            times.append(time.perf_counter() - t)
+    finally:
+        sg.close()
+    return {"mean_step_s": float(np.mean(times[len(times) // 10:])), "calls": sg.calls}
+
+
 if __name__ == "__main__":
     what, arg = sys.argv[1], json.loads(sys.argv[2])
     print(json.dumps({"steps": steps, "loop": loop, "wake": wake, "exchange": exchange,
-                      "gwcalls": gwcalls, "barrier": barrier}[what](arg)))
+                      "gwcalls": gwcalls, "barrier": barrier,
+                      "grads": grads}[what](arg)))
