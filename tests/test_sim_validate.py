@@ -19,6 +19,7 @@ from emnist.sim.calibrate import (
     measure_grad_calls,
     measure_serverless,
     probe_mean,
+    serverless_factor,
 )
 from tests.conftest import MEMCACHED_URL
 from tests.servers import free_port, local_gateway, start_memcached
@@ -113,3 +114,20 @@ def test_serverless_peers_compute_phase_is_measured_with_the_real_emnist_grad():
     step = measure_serverless(MEMCACHED_URL, "fashion-mnist", 100, peers=2, steps=10,
                               replicas=1)
     assert math.isfinite(step) and step > 0
+
+
+def test_the_gateway_factor_is_solved_from_a_serverless_step():
+    """serverless_factor: each extra second of three peers' step on 2 cores at speed 1 is
+    2/3 s of gateway work per peer, spread over its two calls' gateway figures; a step no
+    longer than the other work leaves the factor at 1."""
+    doc = {"nodes": [{"cores": 2.0, "speed": 1.0}],
+           "compute": {"models": {"m": {"params": 1000, "step": {50: 1e-3}}}},
+           "store": {"rtt": 1e-5, "op": 1e-5, "bandwidth": 1e9, "write_bandwidth": 1e9},
+           "client": {"decode_per_byte": 1e-10, "encode_per_byte": 1e-10,
+                      "vector_per_byte": 1e-11},
+           "gateway": {"invoke": 1e-3, "per_byte": 1e-9},
+           "functions": {"handler": 1e-3, "params_fetch": 1e-4}}
+    gateway = 2 * (1e-3 + 1e-9 * (400 + 4000 + 40))
+    k1, k2 = serverless_factor(doc, 0.02, "m"), serverless_factor(doc, 0.03, "m")
+    assert k2 - k1 == pytest.approx(0.01 * 2 / 3 / gateway)
+    assert serverless_factor(doc, 1e-4, "m") == 1.0

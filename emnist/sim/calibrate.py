@@ -326,6 +326,32 @@ def measure_serverless(store_url: str, dataset: str, hidden: int, peers: int = 3
     return statistics.median(g["mean_step_s"] for g in got)
 
 
+def serverless_factor(doc: dict[str, Any], step_s: float, model: str, peers: int = 3,
+                      per_step: int = 2, batch: int = 50) -> float:
+    """The gateway's ``io_factor`` that makes the CPU work of ``peers`` serverless peers'
+    compute phases (``measure_serverless``) take the measured ``step_s`` on the node's cores:
+    per step a peer encodes and puts its parameters, makes ``per_step`` calls (the gateway
+    both ways, the handler, a fetch of the parameters with its decode and ``params_fetch``,
+    the gradient, its encode, the peer's decode), sums and deletes; every on-node call's
+    whole time is work on the cores, as the simulator charges it."""
+    from emnist.sim.costs import ModelCost
+    m = doc["compute"]["models"][model]
+    nb = 4 * int(m["params"])
+    b, cl, g, f = doc["store"], doc["client"], doc["gateway"], doc["functions"]
+
+    def rpc(req: int, resp: int) -> float:
+        return b["rtt"] + b["op"] + req / b["write_bandwidth"] + resp / b["bandwidth"]
+    grad = ModelCost(1, m["step"], 0.0, 0.0).step_s(batch)
+    call = (f["handler"] + rpc(100, nb) + cl["decode_per_byte"] * nb + f["params_fetch"]
+            + grad + cl["encode_per_byte"] * (nb + 40) + cl["decode_per_byte"] * nb)
+    rest = (cl["encode_per_byte"] * nb + rpc(nb + 40, 20) + per_step * call
+            + cl["vector_per_byte"] * nb * (per_step + 1) + rpc(80, 20))
+    gateway = per_step * (g["invoke"] + g["per_byte"] * (400 + nb + 40))
+    node = doc["nodes"][0]
+    need = step_s * min(node["cores"], peers) * node.get("speed", 1.0) / peers
+    return min(1000.0, max(1.0, (need - rest) / gateway))
+
+
 def function_figures(doc: dict[str, Any], fg: dict[str, Any], g: dict[str, Any],
                      s: dict[str, Any], model: str) -> dict[str, Any]:
     """``functions.handler`` and ``params_fetch`` from ``measure_grad_calls``: a cached call
@@ -474,7 +500,9 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
     model's compute alike; spread and drift as ``calibrate``); for another ``model`` its own
     step alone, its table scaled to it (a model's table measured minutes earlier can be off
     by half against the MLP's: the VM's speed moves unevenly); for ``p2p`` the exchange
-    between MLP gradients (the broker's ``io_factor``), and with ``store_url`` the store's
+    between MLP gradients (the broker's ``io_factor``), for ``serverless`` (a p2p case with
+    emnist-grad) also three peers' serverless compute phases (``measure_serverless``: the
+    gateway's ``io_factor`` by ``serverless_factor``), and with ``store_url`` the store's
     fetch and push.
     Returns (new doc, what it measured).
     """
@@ -490,7 +518,7 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
     calibrated = doc["compute"]["models"][key]["step"][100]
     alone = measure_drift(spec, 1, 2.0)["window_step_s"]
     # p2p's peers share one session (and so one fair share); replicas have one each
-    d = measure_drift(spec, cores, 4.0, "one" if kind == "p2p" else "each")
+    d = measure_drift(spec, cores, 4.0, "one" if kind in ("p2p", "serverless") else "each")
     speed, eff = load_figures(calibrated, alone, d["window_step_s"], cores)
     node = doc["nodes"][0]
     node.update(speed=speed, cores=eff)
@@ -514,12 +542,17 @@ def probe(doc: dict[str, Any], kind: str, *, broker_url: str, store_url: str = "
                             bandwidth=min(1e12, f["bandwidth"] / speed),
                             write_bandwidth=min(1e12, f["write_bandwidth"] / speed))
         notes.update(push_p50_s=m["push_p50_s"], fetch_p50_s=m["fetch_p50_s"])
-    if kind == "p2p":
+    if kind in ("p2p", "serverless"):
         nb = doc["calibrated"]["broker"]["message_bytes"]  # the MLP's gradient message
         step = measure_exchange(broker_url, 3, nb // 4, compute=exchange_compute(spec))
         k = io_factor(doc, 3, step, nb)
         doc["broker"]["io_factor"] = round(k, 3)
         notes.update(exchange_step_s=step, io_factor=round(k, 3))
+    if kind == "serverless" and store_url:
+        step = measure_serverless(store_url, dataset, hidden)
+        k = serverless_factor(doc, step, key)
+        doc["gateway"]["io_factor"] = round(k, 3)
+        notes.update(serverless_step_s=step, gateway_io_factor=round(k, 3))
     doc.setdefault("calibrated", {})["probe"] = notes
     return validate(doc), notes
 

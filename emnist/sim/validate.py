@@ -125,9 +125,9 @@ def validate(gateway: str, costs_name: str, rounds: int, sim_rounds: int, cases:
              sim_extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every case (or ``cases``) for every model: real rounds and simulated rounds, side by
     side. ``run_train(config)`` runs ``emnist train`` and returns its RunOutcome;
-    ``probe(kind, model)`` ("train" or "p2p"), if given, re-measures the machine (before
-    every real round of a case and after the last) and returns (cost document, what it
-    measured)."""
+    ``probe(kind, model)`` ("train", "p2p" or "serverless"), if given, re-measures the
+    machine (before every real round of a case and after the last) and returns (cost
+    document, what it measured)."""
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         raise ValueError(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
@@ -175,9 +175,10 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
     measured, curves, phases, passes = [], [], [], []
     conflicts = [0, 0]
     load = [round(x, 2) for x in os.getloadavg()]
+    probe_kind = "serverless" if settings.get("serverless") else kind
     for i in range(rounds + 1):
         if probe is not None:
-            probes.append(probe(kind, model))
+            probes.append(probe(probe_kind, model))
         t = time.perf_counter()
         if kind == "train":
             outcome = run_train({**STORE_BASE, "target_accuracy": target, "model": model,
@@ -201,7 +202,7 @@ def _case(name: str, model: str, gateway: str, costs_name: str, rounds: int, sim
                 conflicts = [x + y for x, y in zip(conflicts, _push_conflicts(got.results))]
     load.append(round(os.getloadavg()[0], 2))
     if probe is not None:
-        probes.append(probe(kind, model))
+        probes.append(probe(probe_kind, model))
         doc = probe_mean(probes)
         costs = parse_costs(yaml.safe_dump(doc, sort_keys=False), f"{costs_name} (probed)")
     else:
