@@ -101,7 +101,9 @@ def test_one_downpour_worker_is_the_plain_torch_loop(memcached_kv, tmp_path, n_f
             x = torch.from_numpy(model.prepare(shard.x[at:at + bs]))
             y = torch.from_numpy(shard.y[at:at + bs].astype(np.int64))
             torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
+            with torch.no_grad():  # SGD as the worker rounds it: -lr * grad, then the add
+                for p in net.parameters():
+                    p.add_(p.grad * -cfg.alpha)
     want = torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy()
     np.testing.assert_allclose(_final(memcached_kv, state["run_id"]), want, rtol=0, atol=1e-6)
 
