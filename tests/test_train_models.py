@@ -77,7 +77,7 @@ def test_model_names_aliases_and_the_run_document(memcached_kv, tmp_path):
 @pytest.mark.parametrize("n_fetch, n_push, passes", [(3, 7, 1), (1, 1, 2)])
 def test_one_downpour_worker_is_the_plain_torch_loop(memcached_kv, tmp_path, n_fetch, n_push,
                                                      passes):
-    """cnn (with dropout): train_worker against an ordinary torch module + torch.optim.SGD
+    """cnn (with dropout): train_worker against an ordinary torch module and an SGD step
     over the same minibatches with the same masks. (Over two passes with n_push > 1 this
     cnn on the synthetic set drifts to ~1e-3: Downpour's global + pending rounding (1e-8)
     flips a ReLU or max-pool choice once, and that event is then amplified; with n_push 1
