@@ -90,14 +90,13 @@ def test_one_downpour_worker_is_the_plain_torch_loop(memcached_kv, tmp_path, n_f
     spec = ModelSpec.from_dict(state["model"])
     net, model = torch_net(spec, cfg.seed)
     gen = net.drop.gen  # the plain net's dropout generator (both dropout layers share it)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.alpha)
     shard = open_shard(state["shard_dir"], 0)
     seeds, bs = DropoutSeeds(cfg.seed, 0), cfg.batch_size
     net.train()
     for it in range(1, passes + 1):
         for pos, at in enumerate(pass_order(cfg, 0, it, len(shard.y), state["steps_per_pass"])):
             gen.manual_seed(int(seeds.at(it, pos).integers(0, 2**63 - 1)))  # the model's hook
-            opt.zero_grad()
+            net.zero_grad()
             x = torch.from_numpy(model.prepare(shard.x[at:at + bs]))
             y = torch.from_numpy(shard.y[at:at + bs].astype(np.int64))
             torch.nn.functional.cross_entropy(net(x), y).backward()

@@ -29,6 +29,7 @@ template's figures for the gateway, broker and start-up (marked "not measured").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -37,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,74 +225,12 @@ def measure_gateway(calls: int) -> dict[str, float]:
             "io_factor": max(1.0, concurrent / (big * 6 / min(cores, 6)))}
 
 
-def measure_grad_calls(store_url: str, dataset: str, dataset_dir: str | None, hidden: int,
-                       calls: int, batch: int = 50) -> dict[str, Any]:
-    """The real emnist-grad behind a real local gateway (this repository's emnist.yml, one
-    replica, its own data root), called one at a time with ``GatewayClient`` and a real p2p
-    split's batch files, as a serverless peer's pool calls it: the median call whose step's
-    parameters the replica holds (``hit_s``) and one whose parameters it must first take
-    from the store (``miss_s``: a fresh key per call, each written beforehand)."""
-    import tempfile
-
-    from emnist.bench.gateway import local_gateway
-    from emnist.gateway.client import GatewayClient
-    from emnist.models import ModelSpec, build_model
-    from emnist.p2p.serverless import params_store
-    from emnist.p2p.split import batch_name, split, write_batches
-    from emnist.store import open_kv
-    from emnist.wait import wait_until
-    stack = Path(__file__).resolve().parents[2] / "emnist.yml"
-    if not stack.exists():
-        raise RuntimeError("emnist.yml is not beside the package: run from the repository")
-    spec = ModelSpec.for_dataset("mlp", dataset, classes=10, hidden=hidden)
-    params = build_model(spec, seed=0).init_params(0)
-    kv = open_kv(store_url)
-    run = "calgrad" + secrets.token_hex(4)
-    stores = [params_store(kv, run, 0, k) for k in range(calls)]
-    with tempfile.TemporaryDirectory(prefix="emnist-cal-grad-") as tmp:
-        d = split(dataset, dataset_dir, 3, tmp, seed=0, train_samples=6000, test_samples=500)
-        count = len(list((write_batches(d, batch) / "peer-0").iterdir()))
-        env = {"STORE_URL": store_url, "DATA_ROOTS": tmp, "GRAD_REPLICAS": "1",
-               "TRAIN_REPLICAS": "0"}
-        try:
-            for k, st in enumerate(stores):
-                st.init(params, {"step": k})
-            with local_gateway(stack, Path(tmp), env) as (url, _):
-                client = GatewayClient(url)
-
-                def call(k: int, i: int) -> float:
-                    body = {"run_id": run, "params_key": stores[k].base, "data": str(d),
-                            "batch": batch_name(batch, 0, i % count), "model": spec.to_dict(),
-                            "step": k}
-                    t = time.perf_counter()
-                    r = client.invoke("emnist-grad", body, check=False)
-                    if r.status_code != 200 or len(r.content) < 4 * params.size:
-                        raise RuntimeError(f"emnist-grad answered {r.status_code}: "
-                                           f"{r.text[:200]}")
-                    return time.perf_counter() - t
-                wait_until(lambda: client.replicas("emnist-grad") >= 1, 60,
-                           "emnist-grad has no replica")
-                for i in range(10):  # warm: imports, connections, the batch cache
-                    call(0, i)
-                miss, hit = [], []
-                for k in range(1, calls):
-                    miss.append(call(k, k))
-                    hit.append(call(k, k + 1))
-        finally:
-            for st in stores:
-                st.delete(["layout"])
-    return {"batch": batch, "calls": 2 * (calls - 1), "hit_s": statistics.median(hit),
-            "miss_s": statistics.median(miss), "response_bytes": 4 * int(params.size) + 40}
-
-
-def measure_serverless(store_url: str, dataset: str, hidden: int, peers: int = 3,
-                       batch: int = 50, per_step: int = 2, steps: int = 300,
-                       replicas: int = 3) -> float:
-    """``peers`` processes each doing a serverless peer's compute phase at once (the real
-    ``ServerlessGradients`` against the real emnist-grad behind a local gateway running this
-    repository's emnist.yml with ``replicas``, its default, all up first; a real p2p split's
-    batch files):
-    their mean step, the median over the processes."""
+@contextlib.contextmanager
+def _grad_gateway(store_url: str, dataset: str, dataset_dir: str | None, peers: int,
+                  batch: int, replicas: int) -> Iterator[tuple[str, Path, list[int]]]:
+    """A local gateway running this repository's emnist.yml with ``replicas`` of emnist-grad
+    (all up) and a real p2p split of ``peers`` with its batch files under its own data root:
+    yields (gateway URL, split dir, batch files per peer)."""
     import tempfile
 
     from emnist.bench.gateway import local_gateway
@@ -301,29 +240,93 @@ def measure_serverless(store_url: str, dataset: str, hidden: int, peers: int = 3
     stack = Path(__file__).resolve().parents[2] / "emnist.yml"
     if not stack.exists():
         raise RuntimeError("emnist.yml is not beside the package: run from the repository")
-    run = "calsl" + secrets.token_hex(4)
-    with tempfile.TemporaryDirectory(prefix="emnist-cal-sl-") as tmp:
-        d = split(dataset, None, peers, tmp, seed=0, train_samples=6000, test_samples=500)
-        count = min(len(list((write_batches(d, batch) / f"peer-{r}").iterdir()))
-                    for r in range(peers))
-        env = {"STORE_URL": store_url, "DATA_ROOTS": tmp, "TRAIN_REPLICAS": "0",
-               "GRAD_REPLICAS": str(replicas)}
+    with tempfile.TemporaryDirectory(prefix="emnist-cal-grad-") as tmp:
+        d = split(dataset, dataset_dir, peers, tmp, seed=0, train_samples=6000,
+                  test_samples=500)
+        out = write_batches(d, batch)
+        counts = [len(list((out / f"peer-{r}").iterdir())) for r in range(peers)]
+        env = {"STORE_URL": store_url, "DATA_ROOTS": tmp, "GRAD_REPLICAS": str(replicas),
+               "TRAIN_REPLICAS": "0"}
         with local_gateway(stack, Path(tmp), env) as (url, _):
             wait_until(lambda: GatewayClient(url).replicas("emnist-grad") >= replicas, 60,
                        f"emnist-grad has fewer than {replicas} replicas")
-            cmd = [sys.executable, "-m", "emnist.sim.measure", "grads"]
-            procs = [subprocess.Popen(
-                [*cmd, json.dumps({"gateway": url, "store_url": store_url, "run": run,
-                                   "rank": r, "data": str(d), "batch": batch,
-                                   "per_step": per_step, "batches": count, "steps": steps,
-                                   "dataset": dataset, "hidden": hidden})],
-                stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
-                for r in range(peers)]  # one session, as `emnist p2p run`'s peers
-            got = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+            yield url, d, counts
+
+
+def measure_grad_calls(store_url: str, dataset: str, dataset_dir: str | None, hidden: int,
+                       calls: int, batch: int = 50) -> dict[str, Any]:
+    """The real emnist-grad behind a real local gateway (this repository's emnist.yml, one
+    replica, its own data root), called one at a time with ``GatewayClient`` and a real p2p
+    split's batch files, as a serverless peer's pool calls it: the median call whose step's
+    parameters the replica holds (``hit_s``) and one whose parameters it must first take
+    from the store (``miss_s``: a fresh key per call, each written beforehand)."""
+    from emnist.gateway.client import GatewayClient
+    from emnist.models import ModelSpec, build_model
+    from emnist.p2p.serverless import params_store
+    from emnist.p2p.split import batch_name
+    from emnist.store import open_kv
+    spec = ModelSpec.for_dataset("mlp", dataset, classes=10, hidden=hidden)
+    params = build_model(spec, seed=0).init_params(0)
+    kv = open_kv(store_url)
+    run = "calgrad" + secrets.token_hex(4)
+    stores = [params_store(kv, run, 0, k) for k in range(calls)]
+    try:
+        for k, st in enumerate(stores):
+            st.init(params, {"step": k})
+        with _grad_gateway(store_url, dataset, dataset_dir, 3, batch, 1) as (url, d, counts):
+            client = GatewayClient(url)
+            count = counts[0]
+
+            def call(k: int, i: int) -> float:
+                body = {"run_id": run, "params_key": stores[k].base, "data": str(d),
+                        "batch": batch_name(batch, 0, i % count), "model": spec.to_dict(),
+                        "step": k}
+                t = time.perf_counter()
+                r = client.invoke("emnist-grad", body, check=False)
+                if r.status_code != 200 or len(r.content) < 4 * params.size:
+                    raise RuntimeError(f"emnist-grad answered {r.status_code}: "
+                                       f"{r.text[:200]}")
+                return time.perf_counter() - t
+            for i in range(10):  # warm: imports, connections, the batch cache
+                call(0, i)
+            miss, hit = [], []
+            for k in range(1, calls):
+                miss.append(call(k, k))
+                hit.append(call(k, k + 1))
+    finally:
+        for st in stores:
+            st.delete(["layout"])
+    return {"batch": batch, "calls": 2 * (calls - 1), "hit_s": statistics.median(hit),
+            "miss_s": statistics.median(miss), "response_bytes": 4 * int(params.size) + 40}
+
+
+def measure_serverless(store_url: str, dataset: str, hidden: int, peers: int = 3,
+                       batch: int = 50, per_step: int = 2, steps: int = 300,
+                       replicas: int = 3) -> float:
+    """``peers`` processes each doing a serverless peer's compute phase at once (the real
+    ``ServerlessGradients`` against the real emnist-grad, ``_grad_gateway`` with
+    ``replicas``, emnist.yml's default): their mean step, the median over the processes."""
+    run = "calsl" + secrets.token_hex(4)
+    with _grad_gateway(store_url, dataset, None, peers, batch, replicas) as (url, d, counts):
+        cmd = [sys.executable, "-m", "emnist.sim.measure", "grads"]
+        procs = [subprocess.Popen(
+            [*cmd, json.dumps({"gateway": url, "store_url": store_url, "run": run, "rank": r,
+                               "data": str(d), "batch": batch, "per_step": per_step,
+                               "batches": min(counts), "steps": steps, "dataset": dataset,
+                               "hidden": hidden})],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+            for r in range(peers)]  # one session, as `emnist p2p run`'s peers
+        got = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     if any(g["calls"] != steps * per_step for g in got):
         raise RuntimeError(f"serverless peers answered {[g['calls'] for g in got]} calls, "
                            f"not {steps * per_step} each")
     return statistics.median(g["mean_step_s"] for g in got)
+
+
+def _call_s(server: dict[str, Any], req: int, resp: int) -> float:
+    """An on-node call's whole time on a cost file's server section (all of it CPU work)."""
+    return (server["rtt"] + server["op"] + req / server["write_bandwidth"]
+            + resp / server["bandwidth"])
 
 
 def serverless_factor(doc: dict[str, Any], step_s: float, model: str, peers: int = 3,
@@ -340,7 +343,7 @@ def serverless_factor(doc: dict[str, Any], step_s: float, model: str, peers: int
     b, cl, g, f = doc["store"], doc["client"], doc["gateway"], doc["functions"]
 
     def rpc(req: int, resp: int) -> float:
-        return b["rtt"] + b["op"] + req / b["write_bandwidth"] + resp / b["bandwidth"]
+        return _call_s(b, req, resp)
     grad = ModelCost(1, m["step"], 0.0, 0.0).step_s(batch)
     call = (f["handler"] + rpc(100, nb) + cl["decode_per_byte"] * nb + f["params_fetch"]
             + grad + cl["encode_per_byte"] * (nb + 40) + cl["decode_per_byte"] * nb)
@@ -459,7 +462,7 @@ def io_factor(doc: dict[str, Any], peers: int, step_s: float, nbytes: int) -> fl
     b, cl = doc["broker"], doc["client"]
 
     def call(req: int, resp: int) -> float:
-        return b["rtt"] + b["op"] + req / b["write_bandwidth"] + resp / b["bandwidth"]
+        return _call_s(b, req, resp)
     per_peer = (call(nbytes, 20) + call(100, peers * nbytes) + call(80, 20)
                 + nbytes * (cl["encode_per_byte"] + (peers - 1) * cl["decode_per_byte"]
                             + 2 * cl["vector_per_byte"]))
