@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The scale study of docs/scale.md, every sweep in full (the doc's Commands section abbreviates
+# them). ~35 min in one process on this machine; nohup-able: `nohup scripts/scale_study.sh > study.log &`.
+# STUDY=nfp,alpha,... runs only those sweeps (default: all); EMNIST=... the CLI to use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EMNIST=${EMNIST:-.venv/bin/emnist}
+STUDY=${STUDY:-nfp,alpha,batch,store,update,study,local,p2p-mlp,p2p-lenet5}
+C=(--model mlp --dataset fashion-mnist --target-accuracy 0.85 --eval-samples 2000 --samples 720000)
+W_ALL=1,2,4,8,16,32,64,128,256,512,1024
+
+sweep() {  # name, then the sweep's own options
+  local name=$1; shift
+  [[ ",$STUDY," == *",$name,"* ]] || return 0
+  echo "== $name ($(date -u +%H:%M:%S))"
+  "$EMNIST" sim sweep "$@" --json "results/sim-sweep-$name.json" \
+    --table "results/sim-sweep-$name.md" --plot "docs/img/scale-$name.png"
+}
+
+sweep nfp "${C[@]}" --set max_events=3000000 --costs cluster10 --scale $W_ALL \
+  --variant n1:n_fetch=1,n_push=1 --variant n10:n_fetch=10,n_push=10 \
+  --variant n100:n_fetch=100,n_push=100
+sweep alpha "${C[@]}" --set max_events=1000000 --costs cluster10 --scale $W_ALL \
+  --variant n10-linear:alpha_scaling=linear --variant n10-sqrt:alpha_scaling=sqrt \
+  --variant n100-linear:n_fetch=100,n_push=100,alpha_scaling=linear
+sweep batch "${C[@]}" --set max_events=1000000 --costs cluster10 --scale 1,4,16,64,256,1024 \
+  --variant bs16:batch_size=16,alpha_scaling=linear --variant bs32:batch_size=32,alpha_scaling=linear \
+  --variant bs64:batch_size=64,alpha_scaling=linear --variant bs128:batch_size=128,alpha_scaling=linear
+sweep store "${C[@]}" --set max_events=1000000 --costs cluster10 --scale 1,4,16,64,256 \
+  --n-fetch 1 --n-push 1 --chunk-bytes 32768 --variant 1server:servers=1 \
+  --variant 4servers:servers=4 --variant 16servers:servers=16 --variant tiered:tiered=true
+sweep update "${C[@]}" --set max_events=1000000 --costs cluster10 --scale 1,4,16,64,256 \
+  --n-fetch 1 --n-push 1 --variant atomic:update=atomic --variant overwrite:update=overwrite
+sweep study "${C[@]}" --set max_events=1000000 --costs study3 --scale 3 --n-fetch 10 --n-push 1 --update overwrite \
+  --variant bs16:batch_size=16 --variant bs32:batch_size=32 --variant bs64:batch_size=64 \
+  --variant bs128:batch_size=128
+sweep local "${C[@]}" --set max_events=1000000 --costs local --scale 1,2 --variant bs32:batch_size=32 \
+  --variant bs128:batch_size=128
+K=(--variant alone:serverless=false)
+for k in 1 2 4 8 16 32 64; do K+=(--variant "k$k:serverless=true,grad_parallel=$k"); done
+P=(--algorithm p2p --target-accuracy 0.99 --batch-size 50 --sync-every 64 --costs lambda --scale 3)
+sweep p2p-mlp --model mlp "${P[@]}" --set iterations=2 "${K[@]}"
+sweep p2p-lenet5 --model lenet5 "${P[@]}" --set iterations=1 "${K[@]}"
+echo "== done ($(date -u +%H:%M:%S))"
