@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The scale study of docs/scale.md, every sweep in full (the doc's Commands section abbreviates
-# them). ~35 min in one process on this machine; nohup-able: `nohup scripts/scale_study.sh > study.log &`.
-# STUDY=nfp,alpha,... runs only those sweeps (default: all); EMNIST=... the CLI to use.
+# them), then the doc's tables from the JSON (scripts/scale_tables.py). ~35 min in one process
+# here; nohup-able: `nohup scripts/scale_study.sh > study.log &`. STUDY=nfp,alpha,... runs only
+# those sweeps (default: all); EMNIST=... and PYTHON=... the CLI and interpreter to use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EMNIST=${EMNIST:-.venv/bin/emnist}
+PYTHON=${PYTHON:-.venv/bin/python}
 STUDY=${STUDY:-nfp,alpha,batch,store,update,study,local,p2p-mlp,p2p-lenet5}
 C=(--model mlp --dataset fashion-mnist --target-accuracy 0.85 --eval-samples 2000 --samples 720000)
 C1M=("${C[@]}" --set max_events=1000000)
@@ -42,4 +44,5 @@ for k in 1 2 4 8 16 32 64; do K+=(--variant "k$k:serverless=true,grad_parallel=$
 P=(--algorithm p2p --target-accuracy 0.99 --batch-size 50 --sync-every 64 --costs lambda --scale 3)
 sweep p2p-mlp --model mlp "${P[@]}" --set iterations=2 "${K[@]}"
 sweep p2p-lenet5 --model lenet5 "${P[@]}" --set iterations=1 "${K[@]}"
+"$PYTHON" scripts/scale_tables.py  # the doc's tables from the JSON
 echo "== done ($(date -u +%H:%M:%S))"
