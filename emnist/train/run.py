@@ -26,7 +26,7 @@ from emnist.store.tiered import TieredStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
 from emnist.train.runindex import record_run
-from emnist.train.state import Lease, WorkerState, state_key, stored_docs
+from emnist.train.state import Lease, WorkerState, state_key, stop_calls, stored_docs
 from emnist.train.worker import run_worker
 from emnist.wait import wait_until
 
@@ -84,29 +84,56 @@ def _launch(state: dict[str, Any], start_worker: StartWorker | None, only: list[
 
 def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = None,
               start_worker: StartWorker | None = None) -> dict[str, Any]:
-    """Prepare shards, write the run's state, then start one worker per shard."""
+    """Prepare shards, write the run's state, then start one worker per shard. A run id
+    that exists (or is being created by a type-1 worker) is refused: a run is created once."""
     run_id = run_id or new_run_id()
-    state, spec = _describe(cfg, workers, run_id)
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
     if store.get_doc("run") is not None:
-        raise ConfigError("run_id", f"run {run_id} already exists in the store")
-    store.init(_initial(spec, cfg.seed))
-    store.put_doc("run", state)
-    record_run(kv, state)
+        raise _exists(run_id)
+    state = _create(cfg, kv, workers, run_id, store)
+    if state is None:
+        raise _exists(run_id)
     _launch(state, start_worker, list(range(workers)))
+    return state
+
+
+def _exists(run_id: str) -> ConfigError:
+    return ConfigError("run_id", f"run {run_id} already exists in the store")
+
+
+def _create(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
+            store: ParameterStore) -> dict[str, Any] | None:
+    """Create the run under ``run_id`` unless someone else did (None). Setup and type-1
+    workers take the same ``init-claim``, and a run document that outlived its claim (an
+    evicted key) is never overwritten, so no path re-creates a run. A failure after the
+    claim releases it: a refused request leaves no claim that would stall later workers."""
+    if not claim(kv, store.key("init-claim")):
+        return None
+    try:
+        if store.get_doc("run") is not None:
+            return None
+        state, spec = _describe(cfg, workers, run_id)
+        store.init(_initial(spec, cfg.seed))
+        store.put_doc("run", state)
+    except BaseException:
+        if store.get_doc("run") is None:
+            kv.delete_many([store.key("init-claim")])
+        raise
+    record_run(kv, state)
     return state
 
 
 def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
                timeout: float = 60) -> dict[str, Any]:
     """Execution type 1: whichever worker arrives first initialises the run; the others
-    wait for it. Idempotent."""
+    (and any call naming a run that exists, whatever its ``config``) join the stored run,
+    its configuration unchanged. Idempotent."""
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
-    if claim(kv, store.key("init-claim")):
-        state, spec = _describe(cfg, workers, run_id)
-        store.init(_initial(spec, cfg.seed))
-        store.put_doc("run", state)
-        record_run(kv, state)
+    state = store.get_doc("run")
+    if state is not None:
+        return state
+    state = _create(cfg, kv, workers, run_id, store)
+    if state is not None:
         return state
     return wait_until(lambda: store.get_doc("run"), timeout,
                       f"run {run_id} was claimed but not initialised in {timeout}s",
@@ -197,6 +224,8 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
                            f"its model needs {model.num_params}")
     lease = Lease(store, worker_id, cfg.lease_seconds)
     st = lease.acquire(hostname)
+    started_at = (st.iteration, st.step)
+    stop_calls(st)
     data = (shard.x, shard.y, *data_set.test())
     last_ckpt = [st.iteration]
 
@@ -221,6 +250,8 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     finally:
         if tier is not None:
             tier.close()  # flushes what the node has not synchronised yet
+    if not st.done and (st.iteration, st.step) <= started_at:
+        st.done, st.stop_reason = True, "stalled: an invocation made no progress"
     lease.save(st, release=True)
     finished = time.time()
     record = {**st.result(), "run_id": run_id, "finished": finished,
@@ -231,7 +262,7 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     if st.done:
         store.put_doc(f"result:{worker_id}", record)
     elif next_pass is not None:
-        next_pass()
+        next_pass()  # after progress only (above): no invocation chain spins in place
     return st, record
 
 

@@ -29,6 +29,9 @@ from emnist.store.kv import Updater
 from emnist.store.params import Check
 
 SERIES_MAX, SERIES_EVERY = 120, 1.0  # the metrics ring: ~8 KB, the last two minutes at 1 s
+# invocations one pass may take (resumes after faults, time slices): past it the worker stops
+# instead of being invoked again, so no caller or stored state can chain calls without end
+MAX_PASS_CALLS = 64
 
 
 class LeaseLost(StoreError):
@@ -78,6 +81,7 @@ class WorkerState:
     curve: list[list[float]] = field(default_factory=list)
     series: list[list[float]] = field(default_factory=list)  # metrics ring: see sample()
     invocations: int = 0
+    pass_calls: int = 0  # invocations that took part in the current pass (MAX_PASS_CALLS)
     resumes: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
     reached: bool = False
@@ -123,6 +127,14 @@ class WorkerState:
     def from_dict(cls, d: dict[str, Any]) -> WorkerState:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def stop_calls(st: WorkerState) -> None:
+    """End a worker whose current pass has taken ``MAX_PASS_CALLS`` invocations already."""
+    if not st.done and st.pass_calls > MAX_PASS_CALLS:
+        st.done = True
+        st.stop_reason = (f"invocations: {MAX_PASS_CALLS} calls did not finish pass "
+                          f"{st.iteration + 1}")
 
 
 _FIELDS = [f.name for f in fields(WorkerState)]
@@ -240,6 +252,7 @@ class Lease:
                     st.resumes.append({"iteration": st.iteration, "offset": st.offset,
                                        "at": time.time(), "from": st.hostname})
                 st.invocations += 1
+                st.pass_calls += 1
                 st.lease, st.heartbeat, st.hostname = self.owner, time.time(), hostname
                 taken[:] = [st]
                 return codec.encode_doc(st.to_dict())

@@ -124,6 +124,8 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
     else:
         ex = Exchange(store, cfg, st, params, cfg.overlap, progress)
     alpha, bs = np.float32(cfg.alpha), cfg.batch_size
+    if not st.done and st.iteration >= cfg.iterations:  # nothing left: end, never wait
+        st.done, st.stop_reason = True, "iterations"
     try:
         while not st.done and st.iteration < cfg.iterations:
             it = st.iteration + 1
@@ -146,7 +148,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             st.train_seconds += time.perf_counter() - t0
             t0 = None
             if st.offset >= len(order):  # a whole pass (a stop signal may end one early)
-                st.iteration, st.offset = it, 0
+                st.iteration, st.offset, st.pass_calls = it, 0, 0
             _evaluate(model, params, (test_x, test_y), calib, st, elapsed())
             st.sample(time.time(), st.train_seconds)
             decide(cfg, st, ex.stop, run_started)
