@@ -5,6 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := memcached redis-server rabbitmq-server dataset-fashion-mnist iproute2 \
+  podman buildah podman-docker mmdebstrap runc \
   chromium chromium-driver
 # torch's CPU build (the `torch` extra accepts any torch >= 2.0): set TORCH_INDEX to
 # https://download.pytorch.org/whl/cpu where PyPI's default Linux wheel would be a CUDA build.

@@ -12,12 +12,13 @@ import click
 
 from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option
 from emnist.cli.stack import bring_up, print_functions
+from emnist.cluster import baseimages, k8s, objectstore
 from emnist.cluster import build as builder
-from emnist.cluster import k8s, objectstore
 from emnist.data.idx import DataError
 from emnist.data.s3 import DEFAULT_ACCESS_SECRET, DEFAULT_SECRET_SECRET, parse_s3_url
 from emnist.gateway.client import deploy_request
 from emnist.gateway.stack import load_stack
+from emnist.paths import cache_dir
 
 PASSWORD_ENV = "EMNIST_STORE_PASSWORD"
 S3_ENDPOINT_ENV = "EMNIST_S3_ENDPOINT"  # the functions' endpoint (never the laptop's)
@@ -38,14 +39,27 @@ TAG_OPT = click.option("--tag", envvar="TAG", default=None, help="Image tag (env
 @REGISTRY_OPT
 @TAG_OPT
 @click.option("--filter", "only", multiple=True, metavar="NAME", help="Only these functions.")
+@click.option("--podman", is_flag=True,
+              help="Build with podman (faas-cli's `docker` is podman; the shipped "
+                   "containers.conf unless CONTAINERS_CONF is set).")
+@click.option("--base-images", is_flag=True,
+              help="With --podman: make local stand-ins of the template's base images from "
+                   "Debian's packages when they are missing (offline machines; cached).")
 @pass_ctx
 @friendly
 def build(c: Ctx, stack: str, shrinkwrap: bool, push: bool, registry: str | None,
-          tag: str | None, only: tuple[str, ...]) -> None:
+          tag: str | None, only: tuple[str, ...], podman: bool, base_images: bool) -> None:
     """Build the function images (faas-cli build), or only their contexts (--shrinkwrap)."""
     if shrinkwrap and push:
         raise click.UsageError("--push needs images: drop --shrinkwrap")
+    if base_images and not podman:
+        raise click.UsageError("--base-images needs --podman")
     env = builder.image_env(os.environ, registry, tag)
+    if podman and not shrinkwrap:
+        env = baseimages.container_env(env, cache_dir(env) / "bin")
+        if base_images:
+            for line in baseimages.ensure_base_images(env, echo=lambda m: click.echo(m, err=True)):
+                click.echo(line, err=True)
     if shrinkwrap:
         for ctx in builder.shrinkwrap(stack, env=env, only=list(only) or None):
             click.echo(f"{ctx.function}: shrink-wrapped to {ctx.path} (image {ctx.image})")
