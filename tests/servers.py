@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from emnist.cluster.local import queue_args
 from emnist.gateway.client import GatewayClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +48,15 @@ def start_memcached(port: int, memory_mb: int = 64) -> subprocess.Popen:
 @contextmanager
 def local_gateway(tmp: Path, env: Mapping[str, str], stack: Path = ROOT / "emnist.yml",
                   timeout: float = 90) -> Iterator[GatewayClient]:
-    """``python -m emnist.gateway.server`` on a free port; stopped (with its replicas) after."""
+    """``python -m emnist.gateway.server`` on a free port, its queues set as `emnist up` sets
+    them (every worker of a run at once; ``env`` may give EMNIST_GATEWAY_QUEUE_WORKERS etc.
+    instead); stopped (with its replicas) after."""
     ready = tmp / "ready.json"
+    full_env = {**os.environ, **env}
     proc = subprocess.Popen([sys.executable, "-m", "emnist.gateway.server", "--stack",
-                             str(stack), "--port", "0", "--ready-file", str(ready)],
-                            env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             str(stack), "--port", "0", "--ready-file", str(ready),
+                             *queue_args(stack, full_env)],
+                            env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout

@@ -41,7 +41,9 @@ HOSTNAME_RE = re.compile(r"^[a-z0-9-]+-[0-9a-f]{5}-[a-z0-9]{5}$")
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(tmp_path_factory.mktemp("gw"), env={"EMNIST_TEST_GREETING": "bonjour"})
+    gw = GatewayProcess(tmp_path_factory.mktemp("gw"), env={"EMNIST_TEST_GREETING": "bonjour",
+                                                           # the callback tests' recorder
+                                                           "EMNIST_CALLBACK_HOSTS": "127.0.0.1"})
     yield gw
     pids = gw.stop()
     assert pids, "the gateway had no replica processes"
@@ -330,7 +332,8 @@ def test_scale_to_zero_then_scale_from_zero(client: GatewayClient) -> None:
 def test_scale_bad_requests(gateway: GatewayProcess, http: requests.Session) -> None:
     url = gateway.url + "/system/scale-function/echo"
     assert http.post(url, data=b"{not json", headers=JSON).status_code == 400
-    assert http.post(url, data=b'{"replicas": 1}').status_code == 415  # not declared JSON
+    assert http.post(url, data=b'{"replicas": 1}',  # declared as something else than JSON
+                     headers={"Content-Type": "text/plain"}).status_code == 415
     assert http.post(url, json={"serviceName": "echo", "replicas": -1}).status_code == 400
     assert http.post(url, json={"serviceName": "echo", "replicas": "2"}).status_code == 400
     assert http.post(url, json=[1]).status_code == 400

@@ -67,7 +67,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     })
     proc = GatewayProcess(tmp, "--store", "memcached://127.0.0.1:11299",
                           "--alias", "minio.openfaas:9000=127.0.0.1:9999", stack=stack,
-                          env={"OPENFAAS_PASSWORD": PASSWORD, "OPENFAAS_USER": USER})
+                          env={"OPENFAAS_PASSWORD": PASSWORD, "OPENFAAS_USER": USER,
+                               "EMNIST_CALLBACK_HOSTS": "127.0.0.1"})  # the recorder
     yield proc
     proc.stop()
 

@@ -181,7 +181,10 @@ def test_dns_rebinding_host_is_refused(gw: GatewayProcess) -> None:
 ])
 def test_json_endpoints_need_a_json_content_type(gw: GatewayProcess, method: str, path: str,
                                                  body: dict[str, Any]) -> None:
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+    # no Content-Type at all is how the real gateway asks for a scale (scale from zero,
+    # /system/alert): accepted there (test_gateway_queue), refused everywhere else
+    untyped = (None,) if "scale-function" not in path else ()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", *untyped):
         headers = {"Content-Type": ctype} if ctype else {}
         status, _, _, text = raw(gw.url, method, path, json.dumps(body).encode(), headers)
         assert status == 415 and b"application/json" in text

@@ -8,18 +8,22 @@ with its command line and start time, and a record that no longer matches its pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
 from emnist.cluster import procs
+from emnist.gateway.stack import StackError, load_stack
+from emnist.gateway.state import CALLBACK_TIMEOUT, DEFAULT_MAX_REPLICAS, function_timeout
 from emnist.paths import cache_dir
 from emnist.wait import wait_until
 
@@ -87,17 +91,50 @@ def ensure_memcached(url: str, memory_mb: int = 256) -> str | None:
     return f"started memcached on {host}:{port}"
 
 
+# the gateway's queue flags and the environment variables that set them instead
+QUEUE_ENV = {"--queue-workers": "EMNIST_GATEWAY_QUEUE_WORKERS",
+             "--upstream-timeout": "EMNIST_GATEWAY_UPSTREAM_TIMEOUT",
+             "--ack-wait": "EMNIST_GATEWAY_ACK_WAIT"}
+ACK_MARGIN = 10.0  # seconds between the last call's callback and its ack_wait
+
+
+def queue_args(stack: Path, env: Mapping[str, str] | None = None,
+               workers: int = DEFAULT_MAX_REPLICAS) -> list[str]:
+    """The local gateway's async settings as docs/deploy.md tells operators to set OpenFaaS
+    CE's, so that a run's workers train at once and each call is delivered once: a
+    queue-worker per replica a function may have here (``workers``), the upstream timeout
+    above the stack's longest function timeout (the watchdog answers first), ``ack_wait``
+    above that plus a callback. A setting the environment gives (:data:`QUEUE_ENV`, e.g.
+    ``EMNIST_GATEWAY_QUEUE_WORKERS=1`` for CE's own defaults) is left to it."""
+    env = os.environ if env is None else env
+    try:
+        functions = load_stack(stack, env).functions.values()
+    except StackError as e:
+        raise LocalStackError(f"{stack}: {e}") from None
+    upstream = math.ceil(max((function_timeout(fn.environment) for fn in functions),
+                             default=0.0)) + 1.0
+    values = {"--queue-workers": workers, "--upstream-timeout": f"{upstream:g}",
+              "--ack-wait": f"{upstream + CALLBACK_TIMEOUT + ACK_MARGIN:g}"}
+    return [x for flag, value in values.items() if not env.get(QUEUE_ENV[flag])
+            for x in (flag, str(value))]
+
+
 def start_gateway(stack: Path, port: int, env: dict[str, str], replicas: list[str],
-                  timeout: float = 60) -> dict:
-    """Start the local gateway in the background and wait until its replicas are healthy."""
+                  timeout: float = 60, allowed_hosts: Iterable[str] = ()) -> dict:
+    """Start the local gateway in the background and wait until its replicas are healthy:
+    its queues set by :func:`queue_args`, answering to ``allowed_hosts`` besides loopback
+    (the names a gateway or proxy in front of it uses)."""
     state_dir = home()
     ready = state_dir / "gateway.json"
     ready.unlink(missing_ok=True)
     log_path = state_dir / "gateway.log"
     args = [sys.executable, "-m", "emnist.gateway.server", "--stack", str(stack),
-            "--port", str(port), "--ready-file", str(ready)]
+            "--port", str(port), "--ready-file", str(ready),
+            *queue_args(stack, {**os.environ, **env})]
     for r in replicas:
         args += ["--replicas", r]
+    for host in allowed_hosts:
+        args += ["--allowed-host", host]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **env},

@@ -14,12 +14,14 @@ import platform
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from flask import Response, request
 
+from .callbacks import MAX_CALLBACK_URL, CallbackRefused
 from .logs import NAMESPACE, parse_timestamp
-from .proxy import HOP_BY_HOP, QueueFull
+from .proxy import HOP_BY_HOP
+from .queue import QueueFull, UnservedQueue
 from .secretstore import SecretStoreError
 from .state import Gateway
 from .supervisor import ReplicaError
@@ -30,7 +32,6 @@ __all__ = ["MAX_CALLBACK_URL", "PROXY_METHODS", "ROUTES", "BadRequest", "json_re
 log = logging.getLogger("emnist.gateway")
 
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-MAX_CALLBACK_URL = 2048
 MAX_TAIL = 100_000
 
 
@@ -51,11 +52,26 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, mimetype="application/json")
 
 
-def json_required() -> Response | None:
-    """415 unless the body is declared ``application/json`` (what faas-cli always sends)."""
-    if request.mimetype != "application/json":
-        return _text("Content-Type must be application/json", 415)
-    return None
+# what every browser adds to the requests a page makes (fetch, forms): Origin on any POST,
+# Sec-Fetch-* in current browsers
+BROWSER_HEADERS = ("Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest",
+                   "Sec-Fetch-User")
+
+
+def json_required(*, untyped: bool = False) -> Response | None:
+    """415 unless the body is declared ``application/json`` (what faas-cli always sends).
+
+    With ``untyped``, a body with no Content-Type at all is taken too, unless a browser sent
+    it: the OpenFaaS gateway's own scale request (scale from zero, /system/alert) declares
+    none (gateway/plugin/external.go ``SetReplicas``: ``http.NewRequest`` with a JSON body
+    and no header), while a page's cross-site form or fetch carries a form type, Origin or
+    Sec-Fetch-*."""
+    if request.mimetype == "application/json":
+        return None
+    if untyped and not request.environ.get("CONTENT_TYPE") \
+            and not any(h in request.headers for h in BROWSER_HEADERS):
+        return None
+    return _text("Content-Type must be application/json", 415)
 
 
 def _body_json() -> dict[str, Any]:
@@ -102,22 +118,6 @@ def _raw_rest(prefix: str, name: str) -> str:
     return rest if rest.startswith("/") else "/" + rest
 
 
-def callback_error(url: str) -> str | None:
-    """Why an ``X-Callback-Url`` is refused: http(s) with a host, at most 2 KiB."""
-    if len(url) > MAX_CALLBACK_URL:
-        return f"X-Callback-Url: longer than {MAX_CALLBACK_URL} characters"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return "X-Callback-Url: not a URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "X-Callback-Url: only http:// and https:// URLs with a host are allowed"
-    if parts.username is not None or parts.password is not None:
-        return "X-Callback-Url: credentials in the URL are not allowed"
-    return None
-
-
 # -- endpoint handlers: one per endpoint, each given the Gateway --------------------------------
 
 
@@ -126,20 +126,38 @@ def async_function(gw: Gateway, name: str, rest: str = "") -> Response:
     dep = gw.lookup(name)
     if dep is None:
         return _not_found(name)
+    queue = gw.queue_of(dep)
+    if not gw.queue.workers(queue):
+        return _text(f"function {dep.name} uses the queue {queue[:253]!r} "
+                     "(com.openfaas.queue), which no queue-worker of this gateway serves: "
+                     f"start it with --queue {queue[:253]}=N", 500)
     callback = request.headers.get("X-Callback-Url")
     if callback is not None:
-        problem = callback_error(callback)
-        if problem:
-            return _text(problem, 400)
+        try:
+            gw.callbacks.check(callback)
+        except CallbackRefused as e:
+            return _text(str(e), 400)
+    size = request.content_length or 0
+    try:
+        gw.queue.check_room(size)  # before the body is copied anywhere
+    except QueueFull as e:
+        return _text(str(e), 429)
     call_id = str(uuid.uuid4())
-    body = request.get_data()
+    # copied in chunks to memory (small, within a budget) or to disk: never whole in memory
+    body = gw.spool.store(request.stream, size)
     target = _raw_rest("async-function", name)
     query = request.query_string.decode("latin-1")
     try:
-        gw.queue.submit((dep.name, request.method, target + ("?" + query if query else ""),
-                         _proxy_headers(call_id), body, call_id, callback), len(body))
+        gw.queue.submit(queue, (dep.name, request.method,
+                                target + ("?" + query if query else ""),
+                                _proxy_headers(call_id), body, call_id, callback),
+                        body.size, label=call_id)
     except QueueFull as e:
+        body.close()
         return _text(str(e), 429)
+    except UnservedQueue as e:  # the function's annotation changed meanwhile
+        body.close()
+        return _text(str(e), 500)
     return Response(b"", status=202, headers={"X-Call-Id": call_id})
 
 
@@ -196,8 +214,9 @@ def get_function(gw: Gateway, name: str) -> Response:
 
 
 def scale_function(gw: Gateway, name: str) -> Response:
-    """``POST /system/scale-function/<name>`` (0..--max-replicas; CE clamps to 1..5)."""
-    refused = json_required()
+    """``POST /system/scale-function/<name>`` (0..--max-replicas; CE clamps to 1..5), also as
+    a real OpenFaaS gateway in front of this provider sends it (no Content-Type)."""
+    refused = json_required(untyped=True)
     if refused:
         return refused
     try:
@@ -207,7 +226,9 @@ def scale_function(gw: Gateway, name: str) -> Response:
     replicas = data.get("replicas")
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
         return _text("replicas must be an integer >= 0", 400)
-    dep = gw.lookup(name) if namespace_ok(data.get("namespace")) else None
+    in_namespace = namespace_ok(data.get("namespace")) \
+        and namespace_ok(request.args.get("namespace"))  # the gateway sends ?namespace=
+    dep = gw.lookup(name) if in_namespace else None
     if dep is None:
         return _not_found(name)
     try:

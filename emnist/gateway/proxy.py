@@ -1,4 +1,4 @@
-"""Proxy a call to one replica, and run async calls from a bounded queue.
+"""Proxy a call to one replica (the async queues are :mod:`.queue`).
 
 The hot path writes the request and reads the response over keep-alive sockets kept per
 replica (at most ``POOL_PER_REPLICA`` idle ones), Nagle off, headers and body in one send. The
@@ -10,19 +10,18 @@ cost per call (``emnist bench gateway`` measures what the gateway adds).
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import select
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO
 
 from .supervisor import NoReplicaError, Replica, ReplicaSet
 
-__all__ = ["HOP_BY_HOP", "RESPONSE_SKIP", "AsyncQueue", "QueueFull", "Upstream",
+__all__ = ["HOP_BY_HOP", "RESPONSE_SKIP", "GatewayTimeout", "Payload", "Upstream",
            "UpstreamError", "UpstreamTimeout", "forward"]
 
 log = logging.getLogger("emnist.gateway")
@@ -35,6 +34,8 @@ POOL_PER_REPLICA = 16
 CONNECT_TIMEOUT = 5.0
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 200
+# a call's body: bytes, or a file sent with sendfile (a queued async body spilled to disk)
+Payload = bytes | BinaryIO
 
 
 def _safe_header(text: str) -> bool:
@@ -59,6 +60,14 @@ class UpstreamError(RuntimeError):
 
 class UpstreamTimeout(UpstreamError):
     """The replica did not answer within the function's timeout (504)."""
+
+
+class GatewayTimeout(UpstreamError):
+    """The gateway's upstream timeout cut the call (502; the function goes on running).
+
+    The OpenFaaS gateway proxies with ``context.WithTimeout(upstream_timeout)`` and answers
+    ``502 Bad Gateway`` to any error of that request, the timeout included
+    (gateway/handlers/forwarding_proxy.go ``forwardRequest``); the pod is not told."""
 
 
 class _Conn:
@@ -113,10 +122,12 @@ def _idle(replica: Replica) -> _Conn | None:
             conn = replica.pool.pop()
         except IndexError:
             return None
-        try:
-            readable, _, _ = select.select([conn.sock], [], [], 0)
+        try:  # poll, not select: descriptors above FD_SETSIZE are normal under load
+            poller = select.poll()
+            poller.register(conn.sock, select.POLLIN)
+            readable = bool(poller.poll(0))
         except (OSError, ValueError):
-            readable = [conn.sock]
+            readable = True
         if not readable and not conn.buf:
             return conn
         conn.close()
@@ -129,13 +140,30 @@ def _release(replica: Replica, conn: _Conn, reusable: bool) -> None:
         conn.close()
 
 
+def _head(method: str, target: str, port: int, headers: Iterable[tuple[str, str]],
+          length: int) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers if _safe_header(k + v)]
+    lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
 def _request(method: str, target: str, port: int, headers: Iterable[tuple[str, str]],
              body: bytes) -> bytes:
     """The request's bytes, headers and body in one buffer (one send: no Nagle stall)."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-    lines += [f"{k}: {v}" for k, v in headers if _safe_header(k + v)]
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
+    return _head(method, target, port, headers, len(body)) + body
+
+
+def _send(sock: socket.socket, method: str, target: str, port: int,
+          headers: Iterable[tuple[str, str]], body: Payload) -> None:
+    """Send the request; a file body goes from the disk with sendfile, never all in memory."""
+    if isinstance(body, bytes):
+        sock.sendall(_request(method, target, port, headers, body))
+        return
+    size = os.fstat(body.fileno()).st_size
+    sock.sendall(_head(method, target, port, headers, size))
+    if size:
+        sock.sendfile(body, 0, size)
 
 
 def _response(conn: _Conn, method: str) -> tuple[int, list[tuple[str, str]], bytes, bool]:
@@ -192,13 +220,13 @@ def _response(conn: _Conn, method: str) -> tuple[int, list[tuple[str, str]], byt
 
 
 def _once(replica: Replica, method: str, target: str, headers: Iterable[tuple[str, str]],
-          body: bytes, timeout: float) -> Upstream:
+          body: Payload, timeout: float) -> Upstream:
     conn = _idle(replica) or _Conn(replica.port)
     keep = False
     try:
         conn.sock.settimeout(timeout)
         start = time.perf_counter()
-        conn.sock.sendall(_request(method, target, replica.port, headers, body))
+        _send(conn.sock, method, target, replica.port, headers, body)
         status, out_headers, data, keep = _response(conn, method)
         return Upstream(status, out_headers, data, time.perf_counter() - start,
                         replica.hostname)
@@ -217,7 +245,7 @@ def _dead(proc: subprocess.Popen[bytes], wait: float = 0.5) -> bool:
 
 
 def forward(rs: ReplicaSet, method: str, target: str, headers: list[tuple[str, str]],
-            body: bytes, timeout: float) -> Upstream:
+            body: Payload, timeout: float) -> Upstream:
     """Send one call to the least busy replica of ``rs``.
 
     A call is retried on another replica (twice at most) only when it surely did not run: the
@@ -240,67 +268,3 @@ def forward(rs: ReplicaSet, method: str, target: str, headers: list[tuple[str, s
                 raise UpstreamError(type(e).__name__) from e
     raise NoReplicaError(f"no reachable replica of {rs.name}")
 
-
-class QueueFull(RuntimeError):
-    """The async queue holds its maximum of calls or bytes (429)."""
-
-
-class AsyncQueue:
-    """A bounded queue of async calls run by ``workers`` threads (OpenFaaS's queue-worker)."""
-
-    def __init__(self, run: Callable[..., None], workers: int, max_items: int,
-                 max_bytes: int) -> None:
-        self._run = run
-        self._items: queue.Queue[tuple[tuple[Any, ...], int] | None] = queue.Queue()
-        self._max_items, self._max_bytes = max(1, max_items), max(1, max_bytes)
-        self._count = self._bytes = 0
-        self._lock = threading.Lock()
-        self._closed = False
-        self._threads = [threading.Thread(target=self._loop, daemon=True, name=f"queue-{i}")
-                         for i in range(max(1, workers))]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, args: tuple[Any, ...], nbytes: int) -> None:
-        """Queue ``run(*args)``; raise :class:`QueueFull` beyond the bounds."""
-        with self._lock:
-            if self._closed:
-                raise QueueFull("the gateway is shutting down")
-            if self._count >= self._max_items or self._bytes + nbytes > self._max_bytes:
-                raise QueueFull(f"the async queue is full ({self._count} calls, "
-                                f"{self._bytes} bytes queued)")
-            self._count += 1
-            self._bytes += nbytes
-        self._items.put((args, nbytes))
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return self._count
-
-    def close(self) -> None:
-        """Drop queued calls and stop the workers (running calls finish on their own)."""
-        with self._lock:
-            self._closed = True
-        while True:
-            try:
-                self._items.get_nowait()
-            except queue.Empty:
-                break
-        for _ in self._threads:
-            self._items.put(None)
-
-    def _loop(self) -> None:
-        while True:
-            item = self._items.get()
-            if item is None:
-                return
-            args, nbytes = item
-            try:
-                self._run(*args)
-            except Exception:  # noqa: BLE001 - one failed call must not stop the worker
-                log.exception("async call failed")
-            finally:
-                with self._lock:
-                    self._count -= 1
-                    self._bytes -= nbytes

@@ -14,12 +14,12 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from emnist.secrets import valid_secret_name
 
-__all__ = ["BUILTIN_AUTH", "MAX_VALUE", "SecretStore", "SecretStoreError"]
+__all__ = ["BUILTIN_AUTH", "MAX_VALUE", "SecretStore", "SecretStoreError", "ensure_secret"]
 
 BUILTIN_AUTH = ("basic-auth-user", "basic-auth-password")
 MAX_VALUE = 64 * 1024  # what emnist.secrets.read_secret reads at most
@@ -44,6 +44,29 @@ def _write_private(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def ensure_secret(root: str | os.PathLike[str], name: str, make: Callable[[], bytes]) -> bool:
+    """Store the secret ``name`` in ``root`` (a gateway's secrets directory) with the value
+    ``make()`` unless it exists; True when created. Never overwrites (a key that sealed
+    stored documents must outlive restarts), never leaves a partial file."""
+    if not valid_secret_name(name) or name in BUILTIN_AUTH:
+        raise SecretStoreError(400, "name: not a secret name a stack may create")
+    path = Path(root) / name
+    if path.is_file():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(make())
+        os.link(tmp, path)  # fails if another process created it first: theirs is kept
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 class SecretStore:

@@ -208,7 +208,9 @@ def _function(name: str, raw: Any, base: Path) -> FunctionSpec:
         annotations=_str_map(raw.get("annotations"), f"{where}: field 'annotations'"),
         limits=_resources(raw.get("limits"), f"{where}: field 'limits'"),
         requests=_resources(raw.get("requests"), f"{where}: field 'requests'"),
-        secrets=_str_list(raw.get("secrets"), f"{where}: field 'secrets'"),
+        # faas-cli drops an empty entry (a ${VAR:-} left unset), so a stack may list
+        # optional secrets
+        secrets=[n for n in _str_list(raw.get("secrets"), f"{where}: field 'secrets'") if n],
         constraints=_str_list(raw.get("constraints"), f"{where}: field 'constraints'"),
         readonly_root_filesystem=ro,
         namespace=_str_value(raw.get("namespace")),

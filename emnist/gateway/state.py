@@ -9,6 +9,7 @@ service names -> local addresses) and ``EMNIST_SECRETS_DIR`` (this function's se
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import logging
 import os
 import sys
@@ -19,17 +20,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-import requests.adapters
 import yaml
 
 from emnist.hostaliases import ALIASES_ENV, format_aliases
 from emnist.secrets import SECRETS_DIR_ENV
 
+from .callbacks import CallbackPolicy, CallbackRefused
 from .client import deploy_request
 from .logs import NAMESPACE, format_timestamp
-from .proxy import AsyncQueue, Upstream, UpstreamError, UpstreamTimeout, forward
+from .proxy import GatewayTimeout, Payload, Upstream, UpstreamError, UpstreamTimeout, forward
+from .queue import QUEUE_ANNOTATION, Queues, QueueSettings
 from .secretstore import BUILTIN_AUTH, SecretStore
+from .spool import Body, Spool
 from .stack import FunctionSpec, Stack, StackError, parse_duration
 from .supervisor import NoReplicaError, ReplicaError, ReplicaSet
 from .validate import (
@@ -41,12 +43,16 @@ from .validate import (
     scale_min,
 )
 
-__all__ = ["AUTH_ANNOTATION", "DEFAULT_ALIASES", "Deployment", "Gateway", "function_timeout",
+__all__ = ["AUTH_ANNOTATION", "CALLBACK_TIMEOUT", "DEFAULT_ALIASES", "DEFAULT_MAX_REPLICAS",
+           "DEFAULT_UPSTREAM_TIMEOUT", "Deployment", "Gateway", "function_timeout",
            "store_alias"]
 
 log = logging.getLogger("emnist.gateway")
 
 DEFAULT_TIMEOUT = 300.0
+DEFAULT_UPSTREAM_TIMEOUT = 60.0  # the faas-netes chart's gateway.upstreamTimeout
+CALLBACK_TIMEOUT = 30.0
+DEFAULT_MAX_REPLICAS = 64  # the most replicas of one function (--max-replicas)
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # A function with this annotation gets the gateway's credentials as the secrets basic-auth-user
 # and basic-auth-password (as if it listed them), e.g. emnist-setup for its replica-count lookup.
@@ -121,30 +127,23 @@ class Deployment:
         return out
 
 
-def _callback_session() -> requests.Session:
-    """For X-Callback-Url: no proxies, no netrc, no cookies, few pooled connections."""
-    session = requests.Session()
-    session.trust_env = False
-    session.headers.clear()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=4)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 class Gateway:
     """State shared by the endpoint handlers: the stack, the deployments, the call queue."""
 
     def __init__(self, stack: Stack, base_env: Mapping[str, str],
-                 auth: tuple[str, str] | None = None, *, queue_workers: int = 64,
-                 queue_max: int = 1024, queue_max_bytes: int = 256 << 20,
+                 auth: tuple[str, str] | None = None, *,
+                 queues: QueueSettings | None = None,
+                 upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT, queue_max: int = 1024,
+                 queue_max_bytes: int = 256 << 20,
                  log_limit: int = 10000, start_timeout: float = 30.0, grace: float = 5.0,
-                 echo_logs: bool = False, max_replicas: int = 64, max_functions: int = 64,
+                 echo_logs: bool = False, max_replicas: int = DEFAULT_MAX_REPLICAS,
+                 max_functions: int = 64,
                  max_body: int = 16 << 20, max_follows: int = 16,
                  state_dir: str | os.PathLike[str] | None = None,
                  aliases: Mapping[str, str] | None = None, store_url: str | None = None,
                  allowed_hosts: tuple[str, ...] = (),
-                 allowed_origins: tuple[str, ...] = ()) -> None:
+                 allowed_origins: tuple[str, ...] = (),
+                 callback_hosts: tuple[str, ...] = (), body_memory: int = 4 << 20) -> None:
         self.stack = stack
         self.base_env = dict(base_env)
         self.auth = auth
@@ -156,6 +155,7 @@ class Gateway:
         self.max_functions = max_functions
         self.max_body = max_body
         self.max_follows = max_follows
+        self.upstream_timeout = upstream_timeout
         self.allowed_hosts = allowed_hosts
         self.allowed_origins = allowed_origins
         self.functions: dict[str, Deployment] = {}
@@ -167,8 +167,10 @@ class Gateway:
         builtins = dict(zip(BUILTIN_AUTH, auth, strict=True)) if auth else {}
         root = Path(state_dir) if state_dir else _default_state_dir()
         self.secrets = SecretStore(root / "secrets", builtins)
-        self.queue = AsyncQueue(self._run_async, queue_workers, queue_max, queue_max_bytes)
-        self._callbacks = _callback_session()
+        self.callbacks = CallbackPolicy(callback_hosts)
+        self.spool = Spool(root / "queue", body_memory)
+        self.queue = Queues(self._run_async, queues or QueueSettings(), queue_max,
+                            queue_max_bytes, release=self._release_async)
         self._deploy_lock = threading.RLock()
         self._count_lock = threading.Lock()
         self._templates: dict[str, str] = {}
@@ -333,33 +335,33 @@ class Gateway:
     # -- invocation --------------------------------------------------------------------------
 
     def call(self, dep: Deployment, method: str, target: str,
-             headers: list[tuple[str, str]], body: bytes) -> Upstream:
-        """Send one call to the least busy replica of ``dep`` (scaling from zero first)."""
+             headers: list[tuple[str, str]], body: Payload) -> Upstream:
+        """Send one call to the least busy replica of ``dep`` (scaling from zero first).
+
+        The gateway's upstream timeout cuts it with :class:`GatewayTimeout` (502) when it
+        comes before the function's own timeout (the watchdog's 504)."""
         with self._count_lock:
             dep.invocations += 1
         rs = dep.replicas
         if rs.desired == 0:
             rs.scale(1)  # scale from zero, like the gateway's default
-        return forward(rs, method, target, headers, body, dep.timeout)
+        if self.upstream_timeout >= dep.timeout:
+            return forward(rs, method, target, headers, body, dep.timeout)
+        try:
+            return forward(rs, method, target, headers, body, self.upstream_timeout)
+        except UpstreamTimeout as e:
+            raise GatewayTimeout(f"no answer within the gateway's upstream timeout "
+                                 f"({self.upstream_timeout:g}s)") from e
+
+    def queue_of(self, dep: Deployment) -> str:
+        """The queue ``dep``'s async calls go to: its ``com.openfaas.queue`` annotation."""
+        return dep.spec.annotations.get(QUEUE_ANNOTATION, "")
 
     def _run_async(self, name: str, method: str, target: str, headers: list[tuple[str, str]],
-                   body: bytes, call_id: str, callback_url: str | None) -> None:
-        """Queue-worker body: invoke, log a failure in the function's logs, call back."""
-        dep = self.lookup(name)
-        start = time.perf_counter()
-        if dep is None:
-            result = Upstream(404, [], f"function {name} not found".encode(), 0.0)
-        else:
-            try:
-                result = self.call(dep, method, target, headers, body)
-            except UpstreamTimeout:
-                result = Upstream(504, [], b"", time.perf_counter() - start)
-            except (UpstreamError, NoReplicaError, ReplicaError) as e:
-                log.error("async call %s to %s failed: %s", call_id, name, e)
-                result = Upstream(502, [], f"error calling function {name}".encode(),
-                                  time.perf_counter() - start)
-        log.info("async call %s to %s: %d in %.3fs", call_id, name, result.status,
-                 result.duration)
+                   body: Body, call_id: str, callback_url: str | None, delivery: int) -> None:
+        """A queue-worker's handler for one delivery: invoke, log a failure in the function's
+        logs, call back (every delivery does, as CE's queue-worker)."""
+        result, dep = self._invoke_async(name, method, target, headers, body, call_id, delivery)
         if dep is not None and result.status >= 400:
             text = result.body[:300].decode("utf-8", "replace").replace("\n", " ").strip()
             dep.replicas.logbuf.write(
@@ -367,6 +369,35 @@ class Gateway:
                 f"async call {call_id} failed: {result.status} {text}".rstrip(), "stderr")
         if callback_url:
             self._call_back(callback_url, name, call_id, result)
+
+    def _release_async(self, name: str, method: str, target: str,
+                       headers: list[tuple[str, str]], body: Body, *rest: Any) -> None:
+        """A call nothing will deliver again (done, or dropped at shutdown): its body goes."""
+        body.close()
+
+    def _invoke_async(self, name: str, method: str, target: str,
+                      headers: list[tuple[str, str]], body: Body, call_id: str,
+                      delivery: int = 1) -> tuple[Upstream, Deployment | None]:
+        dep = self.lookup(name)
+        start = time.perf_counter()
+        if dep is None:
+            result = Upstream(404, [], f"function {name} not found".encode(), 0.0)
+        else:
+            try:
+                result = self.call(dep, method, target, headers, body.payload())
+            except UpstreamTimeout:
+                result = Upstream(504, [], b"", time.perf_counter() - start)
+            except GatewayTimeout as e:  # the function goes on: only the gateway gave up
+                log.warning("async call %s to %s: %s", call_id, name, e)
+                result = Upstream(502, [], f"function {name}: {e}".encode(),
+                                  time.perf_counter() - start)
+            except (UpstreamError, NoReplicaError, ReplicaError) as e:
+                log.error("async call %s to %s failed: %s", call_id, name, e)
+                result = Upstream(502, [], f"error calling function {name}".encode(),
+                                  time.perf_counter() - start)
+        log.info("async call %s to %s (delivery %d): %d in %.3fs", call_id, name, delivery,
+                 result.status, result.duration)
+        return result, dep
 
     def _call_back(self, url: str, name: str, call_id: str, result: Upstream) -> None:
         """POST the result to X-Callback-Url: the function's answer, no gateway credentials."""
@@ -376,9 +407,10 @@ class Gateway:
             "X-Call-Id": call_id, "X-Duration-Seconds": f"{result.duration:f}",
         })
         try:
-            self._callbacks.post(url, data=result.body, headers=headers, timeout=30.0,
-                                 allow_redirects=False).close()
-        except requests.RequestException as e:
+            self.callbacks.post(url, result.body, headers, timeout=CALLBACK_TIMEOUT)
+        except CallbackRefused as e:  # the name resolves elsewhere than when it was queued
+            log.error("async call %s: callback refused: %s", call_id, e)
+        except (OSError, http.client.HTTPException) as e:
             log.error("async call %s: callback failed: %s", call_id, type(e).__name__)
 
     # -- shutdown ----------------------------------------------------------------------------
@@ -403,7 +435,6 @@ class Gateway:
             t.join()
         self.queue.close()
         self.secrets.close()
-        self._callbacks.close()
 
 
 def _default_state_dir() -> Path:

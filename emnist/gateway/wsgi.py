@@ -25,7 +25,7 @@ from .auth import BrowserGuard, check_basic
 from .handlers import PROXY_METHODS, ROUTES
 from .httpstatus import go_status_middleware, status_line
 from .logs import NAMESPACE
-from .proxy import HOP_BY_HOP, RESPONSE_SKIP, UpstreamError, UpstreamTimeout
+from .proxy import HOP_BY_HOP, RESPONSE_SKIP, GatewayTimeout, UpstreamError, UpstreamTimeout
 from .state import Gateway
 from .supervisor import NoReplicaError, ReplicaError
 
@@ -94,6 +94,9 @@ def _function_call(gw: Gateway, environ: dict[str, Any],
     except UpstreamTimeout:
         return _plain(start_response, 504, f"function {dep.name} timed out after "
                       f"{dep.timeout:g}s", [("X-Call-Id", call_id)])
+    except GatewayTimeout as e:  # as the OpenFaaS gateway: 502, the function runs on
+        log.warning("call %s to %s: %s", call_id, dep.name, e)
+        return _plain(start_response, 502, f"function {dep.name}: {e}", [("X-Call-Id", call_id)])
     except (UpstreamError, NoReplicaError, ReplicaError) as e:
         log.error("call %s to %s failed: %s", call_id, dep.name, e)
         return _plain(start_response, 502, f"error calling function {dep.name}",
