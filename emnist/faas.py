@@ -23,6 +23,7 @@ from typing import Any
 
 from emnist.policy import PolicyError, resolve
 from emnist.store import KV, StoreError, redact, shared_kv
+from emnist.store.signing import SealedKV, sealer_for
 from emnist.train.config import ConfigError, TrainConfig, json_kind
 
 MAX_BODY = 8 << 20  # bytes of request body a function reads (emnist-grad's inline data fits)
@@ -189,8 +190,10 @@ def kv_for(url: str) -> KV:
 
 
 def open_store(url: str, env: Mapping[str, str]) -> KV:
-    """The store at ``url`` as this provider reaches it (host aliases applied), cached."""
-    return kv_for(resolve(env, url))
+    """The store at ``url`` as this provider reaches it (host aliases applied), cached, through
+    a handle that seals and verifies the run documents with the function's store key (none
+    configured: unsigned; emnist.store.signing)."""
+    return SealedKV(kv_for(resolve(env, url)), sealer_for(env))
 
 
 def gateway_url(env: Mapping[str, str]) -> str:

@@ -15,6 +15,12 @@ a request may pick another value only when the environment allows it by name:
   exact ``redis://`` URLs).
 - ``max_params`` (default 150,000,000), ``max_workers`` (default 256): caps on the model size
   and the worker count, whoever asks.
+- ``store_key_secret``: the OpenFaaS secret whose value seals the run documents in the store
+  (emnist.store.signing; empty: documents unsigned).
+
+The store is no more trusted than a request (memcached has no authentication): what a function
+reads back from it (a run document's places and sizes) passes the same checks
+(:func:`check_stored_location` for where a run's shards are).
 
 A local path is inside a root only when it is absolute, has no ``..`` part and its real path
 (symlinks resolved) is the root's real path or below it. Refusals are :class:`PolicyError`
@@ -34,15 +40,17 @@ from emnist.hostaliases import ALIASES_ENV, parse_aliases, resolve_url
 
 __all__ = ["DATA_ENV", "DEFAULT_MAX_PARAMS", "DEFAULT_MAX_WORKERS", "POLICY_ENV", "STORE_SCHEMES",
            "PolicyError", "check_checkpoint_url", "check_data_location", "check_store_url",
+           "check_stored_location",
            "env_list", "env_number", "max_params", "max_workers", "resolve"]
 
-# where s3:// data lives and as whom (emnist.data.s3; the keys are secret NAMES), and the
-# size of a node's shard cache (emnist.data.cache): operator settings like the policy's
+# where s3:// data lives and as whom (emnist.data.s3; the keys are secret NAMES), the
+# size of a node's shard cache (emnist.data.cache) and of the prepared sets a data location
+# keeps (emnist.data.prepared): operator settings like the policy's
 DATA_ENV: tuple[str, ...] = ("s3_endpoint_url", "s3_region", "s3_access_key_secret",
                              "s3_secret_key_secret", "s3_range_mb", "s3_readers",
-                             "max_cache_bytes")
+                             "max_cache_bytes", "max_prepared_bytes")
 POLICY_ENV: tuple[str, ...] = ("allowed_store_urls", "data_roots", "checkpoint_roots",
-                               "max_params", "max_workers", *DATA_ENV)
+                               "max_params", "max_workers", "store_key_secret", *DATA_ENV)
 DEFAULT_MAX_PARAMS = 150_000_000  # 600 MB of float32 per copy: the largest model served
 DEFAULT_MAX_WORKERS = 256
 HARD_MAX_PARAMS = 10_000_000_000  # what an operator may raise max_params to
@@ -133,14 +141,15 @@ def _url_inside(url: str, root: str) -> bool:
 
 
 def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: str | None,
-                  roots_env: str, schemes: tuple[str, ...], own_env: str = "") -> str:
+                  roots_env: str, schemes: tuple[str, ...], own_env: str = "",
+                  own_roots: tuple[str, ...] = ()) -> str:
     if not isinstance(value, str) or len(value) > MAX_URL:
         raise PolicyError(field, f"must be a path or URL of at most {MAX_URL} characters")
     if value == "":
         raise PolicyError(field, "must not be empty")
     if value == configured:
         return value  # the function's own setting
-    roots = env_list(env, roots_env)
+    roots = [*own_roots, *env_list(env, roots_env)]
     allow = (f"a request may name only places under {roots_env} (set in the function's "
              "environment)")
     if not roots:
@@ -185,3 +194,13 @@ def check_checkpoint_url(env: Mapping[str, str], value: str, configured: str) ->
     ``checkpoint_roots`` (a directory, ``file://`` path, or an exact ``redis://`` URL)."""
     return _check_rooted(env, "checkpoint_url", value, configured, "checkpoint_roots",
                          ("file", "redis"))
+
+
+def check_stored_location(env: Mapping[str, str], field: str, value: str, own: str) -> str:
+    """``value``, a data location read back from the store (a run document's ``shard_dir``),
+    if it is inside the function's own data location ``own`` (a directory, ``file://``,
+    s3:// or http(s) prefix) or one of ``data_roots``: a store value names no other place."""
+    if own.startswith("file://"):
+        own = urlsplit(own).path
+    return _check_rooted(env, field, value, None, "data_roots",
+                         ("s3", "http", "https", "file"), "data_location", (own,) if own else ())

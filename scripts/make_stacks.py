@@ -31,7 +31,9 @@ functions:
     lang: python3-http
     handler: {functions}/emnist-setup
     image: ${{REGISTRY:-docker.io/emnist}}/emnist-setup:${{TAG:-latest}}
-    secrets: [${{S3_SECRET:-}}]
+    secrets:
+      - ${{S3_SECRET:-}}
+      - ${{STORE_KEY_SECRET:-}}
     environment:
       batch_size: {batch}
       number_of_workers: {workers}
@@ -43,6 +45,7 @@ functions:
       s3_endpoint_url: ${{S3_ENDPOINT_URL:-}}
       s3_region: ${{S3_REGION:-}}
       store_url: ${{STORE_URL:-memcached://memcached.openfaas-fn:11211}}
+      store_key_secret: ${{STORE_KEY_SECRET:-}}
       OPENBLAS_NUM_THREADS: 1
       OMP_NUM_THREADS: 1
       read_timeout: 1m
@@ -55,12 +58,15 @@ functions:
     image: ${{REGISTRY:-docker.io/emnist}}/emnist-train:${{TAG:-latest}}
     labels:
       com.openfaas.scale.min: {workers}
-    secrets: [${{S3_SECRET:-}}]
+    secrets:
+      - ${{S3_SECRET:-}}
+      - ${{STORE_KEY_SECRET:-}}
     environment:
       data_roots: ${{DATA_ROOTS:-}}
       s3_endpoint_url: ${{S3_ENDPOINT_URL:-}}
       s3_region: ${{S3_REGION:-}}
       store_url: ${{STORE_URL:-memcached://memcached.openfaas-fn:11211}}
+      store_key_secret: ${{STORE_KEY_SECRET:-}}
       OPENBLAS_NUM_THREADS: 1
       OMP_NUM_THREADS: 1
       read_timeout: 30m

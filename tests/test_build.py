@@ -50,8 +50,8 @@ def test_contexts_hold_template_handler_requirements_and_package(contexts):
         assert _py_files(d / "function" / "emnist") == _py_files(ROOT / "emnist")
         assert not list((d / "function").rglob("__pycache__"))
         dockerfile = (d / "Dockerfile").read_text()
-        assert "COPY function   function" in dockerfile and 'fprocess="python index.py"' \
-            in dockerfile
+        assert "COPY --chown=app:app function   function" in dockerfile
+        assert 'fprocess="python index.py"' in dockerfile
         # everything the package imports at run time is in the function's requirements
         reqs = (d / "function" / "requirements.txt").read_text()
         for dist in ("numpy", "pymemcache", "redis", "requests", "pyyaml", "crc32c"):

@@ -282,8 +282,10 @@ def netns_stack(tmp_path_factory) -> Iterator[tuple[Netns, Probe, Path]]:
         user = ["-u", "root"] if os.geteuid() == 0 else []
         ns.popen(["memcached", "-l", "127.0.0.1", "-p", str(MEMCACHED_PORT), "-m", "64",
                   *user])
+        # one data location for the stack's replicas and the watchdog's (its envVars): a
+        # train function opens only shards under its own (emnist.train.rundoc)
         env = {**os.environ, "STORE_URL": f"memcached://127.0.0.1:{MEMCACHED_PORT}",
-               "EMNIST_HOME": str(tmp / "home")}
+               "EMNIST_HOME": str(tmp / "home"), "DATA_LOCATION": str(tmp / "shards")}
         for k in ("OPENFAAS_URL", "OPENFAAS_PASSWORD"):
             env.pop(k, None)
         ns.popen([sys.executable, "-m", "emnist.gateway.server", "--stack",

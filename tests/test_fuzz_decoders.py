@@ -5,6 +5,7 @@ decoder's own error), never used, never a crash or another exception type."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,196 @@ def test_shards_refuse_every_corrupted_file(shard_dir, name):
     shard = open_shard(shard_dir, 0)
     assert json.loads((shard_dir / "manifest.json").read_text())["workers"] == 2
     assert len(shard.y) > 0
+
+
+# -- store values a function reads back: forged documents and hostile numbers ------------------
+# The store is not trusted (anyone who reaches memcached can write it): every document a
+# function reads there, changed in any way, must be used within the caps or refused with the
+# reader's own error, never an unhandled exception, never a large allocation.
+STORE_FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.too_slow])
+LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+                 st.text(max_size=12))
+JSON = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+HOSTILE = st.one_of(st.sampled_from([
+    0, -1, 1, 2, 255, 257, 65_537, 200_000, 2_000_000, 2**31, 2**53 + 1, 10**12, 10**30,
+    1e308, float("nan"), float("inf"), "many", "", None, True, False, [], {}, [1, 2, 3],
+    "/etc", "../../etc", "file:///etc", "http://127.0.0.1:1/x", "s3://other/x",
+    "memcached://127.0.0.1:1", "redis://127.0.0.1:1/0", "local://x"]), JSON)
+FUZZ_ENV = {"store_url": "memcached://127.0.0.1:11211", "data_location": "/srv/emnist/shards",
+            "data_roots": "/srv/emnist", "checkpoint_roots": "/srv/ckpt", "max_workers": "8",
+            "max_params": "100000"}
+RUN = "fuzz-run"
+
+
+@st.composite
+def hostile(draw, valid: dict, nested: tuple[str, ...] = ()) -> object:
+    """``valid`` with one field replaced, removed or added (or in one of its ``nested``
+    objects), or replaced whole by another JSON value."""
+    doc = json.loads(json.dumps(valid))
+    kind = draw(st.sampled_from(["replace", "replace", "delete", "add", "nested", "whole"]))
+    if kind == "whole":
+        return draw(JSON)
+    if kind == "nested" and nested:
+        name = draw(st.sampled_from(nested))
+        doc[name] = draw(hostile(valid[name]))
+    elif kind == "delete":
+        doc.pop(draw(st.sampled_from(sorted(doc))))
+    elif kind == "add":
+        doc[draw(st.text(max_size=8))] = draw(HOSTILE)
+    else:
+        doc[draw(st.sampled_from(sorted(doc)))] = draw(HOSTILE)
+    return doc
+
+
+class Peak:
+    """Peak Python allocation inside the block."""
+
+    def __enter__(self):
+        tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_run():
+    """A valid run in an in-process store: its document, layout and chunks."""
+    from emnist.models import param_count
+    from emnist.store import ParameterStore, open_kv
+    from emnist.train.config import TrainConfig
+
+    kv = open_kv("local://fuzz-store-values")
+    cfg = TrainConfig(dataset="synthetic", hidden_size=8, number_of_workers=2,
+                      store_url=FUZZ_ENV["store_url"], data_location=FUZZ_ENV["data_location"])
+    spec = cfg.model_spec(10, (1, 28, 28))
+    n = param_count(spec)
+    ParameterStore(kv, RUN, chunk_bytes=4096).init(np.zeros(n, np.float32))
+    doc = {"run_id": RUN, "config": cfg.to_dict(), "model": spec.to_dict(), "workers": 2,
+           "shard_dir": "/srv/emnist/shards/synthetic-w2", "data_set": "synthetic-w2",
+           "num_classes": 10, "image_shape": [1, 28, 28], "num_params": n,
+           "steps_per_pass": 5, "started": 1.0}
+    return kv, doc
+
+
+def _put(kv, name: str, doc: object) -> None:
+    from emnist.store.keys import key_for
+
+    kv.set_many({key_for(RUN, name): codec.encode_doc(doc)})
+
+
+@STORE_FUZZ
+@given(data=st.data())
+def test_forged_run_documents_are_used_within_the_caps_or_refused(fuzz_run, data):
+    from emnist.store import MissingState
+    from emnist.train.run import UnknownRun, load_run, resume_run, run_model, run_status
+    from emnist.train.rundoc import checked_run
+
+    kv, valid = fuzz_run
+    doc = data.draw(hostile(valid, nested=("config", "model")))
+    _put(kv, "run", doc)
+    launched: list = []
+    with Peak() as peak:
+        try:
+            status = run_status(kv, RUN, detail=True, env=FUZZ_ENV)
+            assert len(status["progress"]) <= 8
+        except (codec.CorruptValue, UnknownRun):
+            pass
+        try:
+            store, state = load_run(kv, RUN, env=FUZZ_ENV)
+            _, cfg = checked_run(store.key("run"), RUN, state, FUZZ_ENV)
+            assert run_model(state, cfg, (1, 28, 28)).num_params == store.num_params
+        except (codec.CorruptValue, MissingState, UnknownRun):
+            pass
+        try:
+            resume_run(kv, RUN, start_worker=launched.append, env=FUZZ_ENV)
+        except (codec.CorruptValue, UnknownRun):
+            pass
+    assert len(launched) <= 8 and peak.bytes < 32 << 20
+
+
+@STORE_FUZZ
+@given(data=st.data())
+def test_forged_layouts_size_nothing_past_the_caps(data):
+    from emnist.policy import DEFAULT_MAX_PARAMS
+    from emnist.store import MissingState, ParameterStore, open_kv
+
+    kv = open_kv("local://fuzz-layouts")
+    valid = {"num_params": 1000, "chunk_elems": 64, "dtype": "float32", "created": 1.0}
+    _put(kv, "layout", data.draw(hostile(valid)))
+    store = ParameterStore(kv, RUN)
+    with Peak() as peak:
+        try:
+            store.attach()
+            assert store.num_params <= DEFAULT_MAX_PARAMS and len(store.keys) <= 1 << 16
+        except (codec.CorruptValue, MissingState):
+            pass
+    assert peak.bytes < 16 << 20
+
+
+@STORE_FUZZ
+@given(data=st.data())
+def test_forged_index_entries_are_dropped_and_the_listing_answers(data):
+    from emnist.store import open_kv
+    from emnist.train import runindex
+
+    kv = open_kv("local://fuzz-index")
+    good = {"run_id": "good-run", "algorithm": "downpour", "model": "mlp 784-8-10",
+            "dataset": "synthetic", "workers": 2, "execution_type": 3, "started": 1.0}
+    entries = data.draw(st.lists(hostile({**good, "run_id": "other-run"}), max_size=5))
+    kv.set_many({runindex.RUNS: codec.encode_doc({"runs": [good, *entries]})})
+    with Peak() as peak:
+        listed = runindex.list_runs(kv, limit=100)
+    assert "good-run" in [r["run_id"] for r in listed]
+    assert all(runindex.valid_entry({k: r[k] for k in good if k in r}) for r in listed)
+    assert peak.bytes < 16 << 20
+
+
+@STORE_FUZZ
+@given(data=st.data())
+def test_forged_worker_states_and_notes_are_refused_or_resumed(data):
+    from emnist.store import ParameterStore, open_kv
+    from emnist.train.state import Lease, WorkerBusy, WorkerState, stored_docs
+
+    kv = open_kv("local://fuzz-workers")
+    valid = {**WorkerState(0, curve=[[1.0, 1, 0.5, 0.1, 100]],
+                           resumes=[{"at": 1.0}]).to_dict(), "lease": "abc"}
+    doc = data.draw(hostile(valid, nested=()))
+    note = data.draw(st.lists(st.floats(), min_size=14, max_size=14))
+    _put(kv, "worker:0", doc)
+    kv.set_many({f"emnist:{RUN}:progress:0:abc": codec.encode(np.array(note, np.float64))})
+    store = ParameterStore(kv, RUN)
+    with Peak() as peak:
+        docs = stored_docs(store, [0])
+        assert set(docs) <= {"worker:0"}
+        for d in docs.values():
+            WorkerState.from_dict(d)
+        try:
+            st_ = Lease(store, 0, 1e-3).acquire("host", wait=0)
+            assert st_.worker_id == 0 and isinstance(st_.iteration, int)
+        except (codec.CorruptValue, WorkerBusy):
+            pass
+    assert peak.bytes < 16 << 20
+
+
+@STORE_FUZZ
+@given(data=st.data())
+def test_a_sealed_document_changed_in_any_way_does_not_verify(fuzz_run, data):
+    from emnist.store import ParameterStore
+    from emnist.store.keys import key_for
+    from emnist.store.signing import SealedKV, Sealer
+
+    kv, valid = fuzz_run
+    sealed = SealedKV(kv, Sealer(b"fuzz-key-0123456789abcdef"))
+    ParameterStore(sealed, RUN).put_doc("run", valid)
+    key = key_for(RUN, "run")
+    stored = codec.decode_doc(key, kv.get_many([key])[key])
+    changed = data.draw(hostile(stored, nested=("config", "model")))
+    _put(kv, "run", changed)
+    if changed == stored:
+        return
+    with pytest.raises(codec.CorruptValue):
+        ParameterStore(sealed, RUN).get_doc("run")

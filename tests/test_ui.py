@@ -405,7 +405,8 @@ def test_dashboard_reads_runs_and_relays_scale_to_the_gateway(gateway, dashboard
     assert r.status_code == 202
     assert gateway.get_function("emnist-grad")["replicas"] == 2
     text = requests.post(dashboard + "/system/scale-function/emnist-grad", data="{}",
-                         timeout=10)  # no JSON content type: the gateway's own 415 comes back
+                         headers={"Content-Type": "text/plain"},
+                         timeout=10)  # not JSON: the gateway's own 415 comes back
     assert text.status_code == 415
     gateway.scale("emnist-grad", 1)
     for headers in ({"Origin": "http://evil.example"}, {"Host": "evil.example:80"}):

@@ -249,10 +249,13 @@ def _craft(store_url: str, home: Path) -> None:
     and in a p2p run's metrics files."""
     kv = open_kv(store_url)
     now = time.time()
+    # a run document passes the functions' checks (a config with HTML in its dataset or
+    # model is refused as a forgery: xss-bad), so the HTML sits where a store writer could
+    # still put it and a page shows it: the run index, the worker's state
     state = {"run_id": "xss-run", "workers": 1, "started": now - 5, "num_classes": 10,
              "steps_per_pass": 10,
-             "config": {"algorithm": "downpour", "dataset": XSS, "model": XSS, "batch_size": 10,
-                        "target_accuracy": 0.9}}
+             "config": {"algorithm": "downpour", "dataset": "fashion-mnist", "model": "mlp",
+                        "batch_size": 10, "target_accuracy": 0.9}}
     store = ParameterStore(kv, "xss-run")
     store.put_doc("run", state)
     store.put_doc("worker:0", {"worker_id": 0, "hostname": XSS,
@@ -260,7 +263,9 @@ def _craft(store_url: str, home: Path) -> None:
                                "curve": [[1.0, 1, 0.5]], "heartbeat": now, "seconds": 2.0,
                                "resumes": [{"iteration": 0, "offset": 1, "at": now - 2,
                                             "from": XSS}]})
-    record_run(kv, state)
+    record_run(kv, {**state, "config": {**state["config"], "dataset": XSS, "model": XSS}})
+    bad = {**state, "run_id": "xss-bad", "config": {**state["config"], "dataset": XSS}}
+    ParameterStore(kv, "xss-bad").put_doc("run", bad)
     kv.close()
     m = MetricsWriter(home / "p2p-runs" / "xss-p2p", 0)
     m.write({"kind": "start", "config": {"hidden": 10, "batch_size": 10, "data": XSS},
@@ -289,7 +294,10 @@ def test_html_in_run_ids_names_and_errors_is_shown_as_text(stack, browser):
     assert text(browser, "#workers-table td.host") == XSS
     assert text(browser, "#workers-table td.stop") == "<script>window.__xss=4</script>"
     assert XSS in text(browser, "#events-table")
-    assert XSS in text(browser, "#summary")
+    assert "fashion-mnist" in text(browser, "#summary")
+    _no_markup(browser)
+    browser.get(gw.url + "/ui/run?source=store&id=xss-bad")  # refused, shown as text
+    wait(browser, lambda d: "dataset" in text(d, "#status"))
     _no_markup(browser)
     browser.get(gw.url + "/ui/run?source=p2p&id=xss-p2p")
     wait(browser, lambda d: css(d, "#events-table"))

@@ -21,7 +21,7 @@ from emnist.cli.base import (
     write_json,
 )
 from emnist.cli.functions import namespace_option
-from emnist.cli.stack import bring_up, local_location
+from emnist.cli.stack import bring_up, local_location, store_key_env
 from emnist.cli.train import run_training
 from emnist.cluster import local
 
@@ -207,10 +207,12 @@ def bench_run(c: Ctx, stacks: tuple[str, ...], rounds: int, warmup: int, results
     """Deploy each stack variant, run it --rounds times, append the records to --results."""
     config = _overrides(sets, target_accuracy)
     started = False
+    env = {**os.environ, **({"STORE_URL": store} if store else {})}
     if local.is_loopback(c.gateway):
         store = store or DEFAULT_STORE
         started = bring_up(c, local_stack, store)
-    env = {**os.environ, **({"STORE_URL": store} if store else {})}
+        # the variants seal run documents with the local stack's key, as emnist.yml does
+        env.update(STORE_URL=store, **store_key_env())
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         done, failed = suite.run_suite(

@@ -8,6 +8,7 @@ their deployment configures), so it never needs to reach a cluster's store.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +17,8 @@ import click
 
 from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option
 from emnist.cluster import local
+from emnist.gateway.callbacks import ENV as CALLBACK_ENV
+from emnist.gateway.secretstore import ensure_secret
 from emnist.paths import cache_dir
 
 # Operator allow-lists (emnist.policy) the local stack's functions get through the stack
@@ -57,13 +60,39 @@ def policy_env(**given: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def callback_env(hosts: Iterable[str] = ()) -> dict[str, str]:
+    """EMNIST_CALLBACK_HOSTS for the local gateway: the caller's environment's plus ``hosts``
+    (empty unless asked: a request's X-Callback-Url may then name no host at all)."""
+    items = os.environ.get(CALLBACK_ENV, "").replace(",", " ").split()
+    items += [h.strip() for h in hosts if h.strip() and h.strip() not in items]
+    return {CALLBACK_ENV: ",".join(items)}
+
+
+STORE_KEY_SECRET = "emnist-store-key"  # the OpenFaaS secret whose value seals run documents
+
+
+def store_key_env() -> dict[str, str]:
+    """STORE_KEY_SECRET (the stack file lists it under setup's and train's ``secrets:`` and
+    sets their ``store_key_secret``) and the gateway's state directory, after creating that
+    secret there with a random key if it does not exist: the local stack always seals its run
+    documents (emnist.store.signing), and keeps one key across restarts."""
+    name = os.environ.get("STORE_KEY_SECRET") or STORE_KEY_SECRET
+    state = os.environ.get("EMNIST_GATEWAY_STATE") or str(cache_dir() / "gateway")
+    ensure_secret(Path(state) / "secrets", name, lambda: secrets.token_urlsafe(32).encode())
+    return {"STORE_KEY_SECRET": name, "EMNIST_GATEWAY_STATE": state}
+
+
 def bring_up(c: Ctx, stack: str, store: str, replicas: Iterable[str] = (),
+             callback_hosts: Iterable[str] = (), *, gateway_hosts: Iterable[str] = (),
              **allowed: Iterable[str]) -> bool:
     """Start the local stack if no gateway answers; True when this call started it.
 
     Only then is memcached started (for a loopback ``store``) and the store given to the
     functions (STORE_URL into the stack file), with what requests may name besides:
-    ``allowed`` is ``checkpoint_roots=``, ``data_roots=``, ``allowed_store_urls=``.
+    ``allowed`` is ``checkpoint_roots=``, ``data_roots=``, ``allowed_store_urls=``, and
+    ``callback_hosts`` the hosts an async call's X-Callback-Url may name; ``gateway_hosts``
+    the names the gateway answers to besides loopback (a gateway in front of it may address
+    it by one).
     """
     if local.gateway_alive(c.gateway):
         if store_given():
@@ -80,8 +109,10 @@ def bring_up(c: Ctx, stack: str, store: str, replicas: Iterable[str] = (),
     unknown = set(allowed) - set(POLICY_VARS)
     if unknown:
         raise TypeError(f"bring_up: unknown policy names {sorted(unknown)}")
-    env = {"STORE_URL": store, **policy_env(**allowed)}
-    info = local.start_gateway(path, urlsplit(c.gateway).port or 8080, env, list(replicas))
+    env = {"STORE_URL": store, **policy_env(**allowed), **callback_env(callback_hosts),
+           **store_key_env()}
+    info = local.start_gateway(path, urlsplit(c.gateway).port or 8080, env, list(replicas),
+                               allowed_hosts=gateway_hosts)
     click.echo(f"local gateway on {info['url']} (pid {info['pid']}); `emnist down` stops it",
                err=True)
     return True
@@ -109,13 +140,20 @@ def print_functions(c: Ctx) -> None:
 @click.option("--data-root", "data_roots", multiple=True, metavar="DIR|URL",
               help="Let requests name datasets and data under this (repeatable; always "
                    "allowed: the cache's p2p-data/).")
+@click.option("--callback-host", "callback_hosts", multiple=True, metavar="HOST[:PORT]",
+              help="Let async calls' X-Callback-Url name this host (repeatable; any port "
+                   "unless given). None by default.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name the gateway answers to besides loopback, e.g. the name an "
+                   "OpenFaaS gateway in front of it uses (repeatable).")
 @pass_ctx
 @friendly
 def up(c: Ctx, stack: str, store: str, replicas: tuple[str, ...],
-       checkpoint_roots: tuple[str, ...], data_roots: tuple[str, ...]) -> None:
+       checkpoint_roots: tuple[str, ...], data_roots: tuple[str, ...],
+       callback_hosts: tuple[str, ...], allowed_hosts: tuple[str, ...]) -> None:
     """Start a local memcached and the local OpenFaaS gateway (if no gateway answers)."""
-    if not bring_up(c, stack, store, replicas, checkpoint_roots=checkpoint_roots,
-                    data_roots=data_roots):
+    if not bring_up(c, stack, store, replicas, callback_hosts, gateway_hosts=allowed_hosts,
+                    checkpoint_roots=checkpoint_roots, data_roots=data_roots):
         click.echo(f"a gateway already answers at {c.gateway}: using it", err=True)
     print_functions(c)
 

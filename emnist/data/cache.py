@@ -32,7 +32,7 @@ from emnist.paths import cache_dir
 from .idx import DataError
 from .location import LocalLocation, Location, open_location
 from .npyio import file_crc
-from .prepared import MANIFEST, parse_manifest
+from .prepared import MANIFEST, mark_used, parse_manifest
 from .shards import Shard, image_shape, load_manifest
 
 __all__ = ["CACHE_BYTES_ENV", "FetchStats", "SetReader", "open_set"]
@@ -60,6 +60,7 @@ class SetReader:
         if isinstance(loc, LocalLocation):
             self.manifest = load_manifest(loc.root)  # also a shard directory of format 2
             self.dir = loc.root
+            mark_used(loc)  # a set in use is the last its data location evicts
         else:
             raw = loc.read(MANIFEST, max_bytes=1 << 20)
             self.manifest = parse_manifest(raw, loc.where(MANIFEST))

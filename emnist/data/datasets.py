@@ -27,6 +27,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "Dataset",
     "dataset_files",
+    "dataset_shape",
     "default_roots",
     "load_dataset",
     "make_synthetic",
@@ -77,6 +78,28 @@ def _check_name(name: str) -> str:
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return key
+
+
+def dataset_shape(name: str) -> tuple[int, tuple[int, int, int]]:
+    """The class count and image shape (C, H, W) of a dataset, from its name alone (a
+    generated ``fashion-mnist-gen-<N>`` too): a run's config is checked against them before
+    any file is read or a set prepared, so a refused request leaves nothing behind.
+    ValueError for an unknown name."""
+    from .generated import generated_samples
+
+    key = name.strip().lower()
+    if generated_samples(key) is not None:
+        return 10, (1, 28, 28)  # Fashion-MNIST's images and labels, transformed
+    key = _check_name(key)
+    if key == "cifar10":
+        from .cifar import IMAGE_SHAPE
+
+        return 10, IMAGE_SHAPE
+    if key.startswith("emnist-"):
+        from .emnist import EMNIST_SPLITS
+
+        return EMNIST_SPLITS[key[len("emnist-"):]], (1, 28, 28)
+    return 10, (1, 28, 28)  # mnist, fashion-mnist, synthetic (make_synthetic's default)
 
 
 def _family(name: str) -> str:

@@ -16,6 +16,13 @@ bytes (the content is a function of the key), so racing ones cannot corrupt each
 rerun after an interruption skips each object already uploaded whole: the object has its
 planned size and an upload marker (``.uploaded/<file>``, written after the object) records
 its size and CRC-32C.
+
+Bounded: a run's setup (``ensure_set``) names its seed, and every seed is a new set, so the
+sets at a data location are kept within ``max_prepared_bytes`` (the operator's environment,
+default 16 GiB), like the node's shard cache: a set too big for it is refused before anything
+is written, and the least recently used other sets are removed to make room (a directory
+set's last use is its directory's time, touched whenever a run finds or opens it; an s3://
+set's is its manifest's). The set being prepared is never removed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import json
 import os
 import re
 import shutil
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +47,13 @@ from emnist.publish import publish_dir, temp_dir_for
 from . import generated as gen
 from .datasets import DATASETS, dataset_files, load_dataset
 from .idx import DataError
-from .location import LocalLocation, Location, open_location
+from .location import LocalLocation, Location, is_remote, open_location
 from .npyio import chunk_bytes, npy_size
 
-__all__ = ["FORMAT", "MANIFEST", "PREPROCESSING", "PreparedSet", "SetSummary",
-           "canonical_dataset", "ensure_set", "find_set", "list_sets", "manifest_bytes",
-           "parse_manifest", "prepare_set", "read_manifest", "remove_set", "set_key",
+__all__ = ["DEFAULT_PREPARED_BYTES", "FORMAT", "MANIFEST", "PREPARED_BYTES_ENV", "PREPROCESSING",
+           "PreparedSet", "SetSummary", "canonical_dataset", "ensure_set", "evict_sets",
+           "find_set", "list_sets", "manifest_bytes", "mark_used", "parse_manifest",
+           "prepare_set", "prepared_limit", "read_manifest", "remove_set", "set_key",
            "set_name", "source_fingerprint"]
 
 MANIFEST = "manifest.json"
@@ -54,6 +64,8 @@ CHUNK_ROWS = 16384  # rows gathered at a time from an in-memory dataset
 KEY_CHARS = 12
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,60}-w\d{1,6}-s\d{1,20}-[0-9a-f]{12}$")
 Progress = Callable[[int], None]
+PREPARED_BYTES_ENV = "max_prepared_bytes"
+DEFAULT_PREPARED_BYTES = 16 << 30  # many sets of any dataset; the shard cache has its own bound
 
 
 def canonical_dataset(name: str) -> str:
@@ -331,12 +343,15 @@ def prepare_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
                 root: str | os.PathLike[str] | None = None,
                 env: Mapping[str, str] | None = None, processes: int | None = None,
                 progress: Progress | None = None,
-                on_total: Callable[[int], None] | None = None) -> PreparedSet:
+                on_total: Callable[[int], None] | None = None,
+                max_bytes: int | None = None) -> PreparedSet:
     """Write (once) and return the set of ``dataset`` cut into ``workers`` shards at
     ``data_url``. The training set is permuted with ``seed`` and cut into contiguous parts
     whose sizes differ by at most one; the test set is stored whole. An existing complete set
     is returned without reading the source's data. ``progress(n)`` is called as bytes are
-    written (skipped files count at once); ``on_total(bytes)`` once the plan is known."""
+    written (skipped files count at once); ``on_total(bytes)`` once the plan is known.
+    With ``max_bytes`` the sets at ``data_url`` stay within it: a new set larger than that is
+    refused before anything is written, and the least recently used others make room."""
     key_name = canonical_dataset(dataset)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -364,8 +379,11 @@ def prepare_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
         test_x, test_y = src.test()
         shapes = _plan(src.n, workers, src)
         shapes["test-x.npy"], shapes["test-y.npy"] = test_x.shape, test_y.shape
+        planned = sum(npy_size(s) for s in shapes.values())
         if on_total is not None:
-            on_total(sum(npy_size(s) for s in shapes.values()))
+            on_total(planned)
+        if max_bytes is not None:
+            _make_room(base, name, planned + _manifest_room(len(shapes)), max_bytes)
         writer: Any = _DirWriter(Path(base.url) / name) if isinstance(base, LocalLocation) \
             else _ObjectWriter(loc)
         try:
@@ -383,7 +401,109 @@ def prepare_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
                             field="data_location") from e
         finally:
             writer.close()
+    if max_bytes is not None:  # again with the real sizes: a concurrent prepare also wrote
+        mark_used(loc)
+        evict_sets(base, max_bytes, keep=name)
     return PreparedSet(loc.url, name, manifest, resumed=resumed)
+
+
+# -- the bound on what a data location holds ---------------------------------------------------
+
+def prepared_limit(env: Mapping[str, str]) -> int:
+    """``max_prepared_bytes`` of the operator's environment (default 16 GiB)."""
+    from emnist.policy import env_number
+
+    return env_number(env, PREPARED_BYTES_ENV, DEFAULT_PREPARED_BYTES, 1 << 20, 1 << 50)
+
+
+def _manifest_room(files: int) -> int:
+    return 4096 + 256 * files  # a manifest's canonical JSON, generously
+
+
+def mark_used(loc: Location) -> None:
+    """Record that a run uses the set at ``loc`` now (a directory's time; its least recently
+    used peers are evicted first). A read-only directory keeps its old time."""
+    if isinstance(loc, LocalLocation):
+        now = time.time_ns()  # the fine clock: the kernel's own stamp ties within its tick
+        try:
+            os.utime(loc.root, ns=(now, now))
+        except OSError:
+            pass
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _usage(base: Location) -> list[tuple[float, str, int]]:
+    """(last use, name, bytes) of each set directly under ``base``, least recently used
+    first. An s3:// set without its manifest is an upload in progress (or resumable): left
+    alone, as it is not a set yet."""
+    out: list[tuple[float, str, int]] = []
+    for name in base.dirs():
+        if not _NAME.match(name):
+            continue
+        if isinstance(base, LocalLocation):
+            try:
+                when = (base.root / name).stat().st_mtime
+            except FileNotFoundError:
+                continue  # evicted by a concurrent caller
+            out.append((when, name, _tree_bytes(base.root / name)))
+            continue
+        infos = base.child(name).list()
+        man = next((i for i in infos if i.name == MANIFEST), None)
+        if man is not None:
+            out.append((man.modified, name, sum(i.size for i in infos)))
+    return sorted(out)
+
+
+def _remove(base: Location, name: str) -> None:
+    """Remove a set so that no reader finds half of it: a directory renamed aside first, an
+    s3:// set's manifest first."""
+    if isinstance(base, LocalLocation):
+        aside = base.root / f".evicted-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(base.root / name, aside)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    loc = base.child(name)
+    loc.delete(MANIFEST)
+    loc.delete("")
+
+
+def evict_sets(base: Location, limit: int, keep: str = "") -> list[str]:
+    """Remove the least recently used sets under ``base`` (never ``keep``) until the sets
+    there take at most ``limit`` bytes; the names removed."""
+    sets = _usage(base)
+    total = sum(size for _, _, size in sets)
+    removed = []
+    for _, name, size in sets:
+        if total <= limit:
+            break
+        if name == keep:
+            continue
+        _remove(base, name)
+        total -= size
+        removed.append(name)
+    return removed
+
+
+def _make_room(base: Location, name: str, planned: int, limit: int) -> None:
+    """Refuse a set larger than ``limit``; otherwise evict until ``planned`` more bytes fit."""
+    if planned > limit:
+        msg = (f"its prepared set would take {planned} bytes, more than {PREPARED_BYTES_ENV} "
+               f"({limit}) in the function's environment")
+        raise DataError(f"{base.url}/{name}: {msg}", field="dataset", public=msg)
+    evict_sets(base, limit - planned, keep=name)
 
 
 def _write_all(writer: Any, src: _Source, shapes: dict[str, tuple[int, ...]], seed: int,
@@ -503,13 +623,28 @@ def find_set(data_url: str, dataset: str, workers: int, seed: int, *,
 
 def ensure_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
                root: str | os.PathLike[str] | None = None,
-               env: Mapping[str, str] | None = None) -> PreparedSet:
+               env: Mapping[str, str] | None = None,
+               max_bytes: int | None = None) -> PreparedSet:
     """The set a run needs: prepared here when the source files are here (or found complete
     by its key), else the newest complete one of these parameters at ``data_url`` (prepared
     elsewhere, e.g. by ``emnist data prepare`` on a laptop). DataError ``missing`` when
-    neither exists."""
+    neither exists. A request picks the seed, so what it can make a data location hold is
+    bounded: the sets there stay within ``max_bytes`` (default: ``max_prepared_bytes`` of
+    ``env``, else of the process's environment), least recently used evicted first."""
+    limit = max_bytes if max_bytes is not None else \
+        prepared_limit(os.environ if env is None else env)
+    found = _find_or_prepare(dataset, workers, data_url, seed, root, env, limit)
+    if not is_remote(found.url):
+        mark_used(LocalLocation(found.url))
+    return found
+
+
+def _find_or_prepare(dataset: str, workers: int, data_url: str, seed: int,
+                     root: str | os.PathLike[str] | None, env: Mapping[str, str] | None,
+                     limit: int) -> PreparedSet:
     try:
-        return prepare_set(dataset, workers, data_url, seed=seed, root=root, env=env)
+        return prepare_set(dataset, workers, data_url, seed=seed, root=root, env=env,
+                           max_bytes=limit)
     except DataError as e:
         if not e.missing:
             raise

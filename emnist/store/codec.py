@@ -39,6 +39,19 @@ class CorruptValue(ValueError):
         self.key, self.reason = key, reason
 
 
+class Refused(bytes):
+    """A value a store handle refused before it was decoded (a document whose seal does not
+    verify: emnist.store.signing); decoding it raises ``CorruptValue`` with ``reason``, so
+    every reader refuses it the way it refuses a damaged value."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> Refused:
+        self = super().__new__(cls, b"")
+        self.reason = reason
+        return self
+
+
 @dataclass
 class Decoded:
     array: np.ndarray | None  # read-only view into the value's bytes (no copy)
@@ -74,6 +87,8 @@ def decode(key: str, value: bytes | None, *, dtype: np.dtype | str | None = None
     """Check everything, then return a zero-copy view; ``dtype``/``shape`` are expectations."""
     if value is None:
         raise CorruptValue(key, "missing")
+    if isinstance(value, Refused):
+        raise CorruptValue(key, value.reason)
     if len(value) < _HEAD.size:
         raise CorruptValue(key, f"truncated header ({len(value)} bytes)")
     magic, version, code, ndim, _flags, clock, crc = _HEAD.unpack_from(value)
@@ -114,6 +129,8 @@ def decode_doc(key: str, value: bytes | None) -> Any:
         return json.loads(d.raw)
     except ValueError as e:
         raise CorruptValue(key, f"invalid JSON ({e})") from None
+    except RecursionError:
+        raise CorruptValue(key, "invalid JSON (nested too deeply)") from None
 
 
 # -- streaming: headers apart from payloads (vectors of hundreds of MB, no joined copy) --------

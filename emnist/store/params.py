@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from emnist import policy
 from emnist.store import codec
 from emnist.store.keys import key_for
 from emnist.store.kv import KV, StoreError
@@ -39,8 +40,14 @@ from emnist.store.kv import KV, StoreError
 DEFAULT_CHUNK_BYTES = 384 * 1024  # the 784-100-47 model (333 KB) in one value
 DEFAULT_BATCH_BYTES = 16 << 20  # value bytes per round trip (big vectors only)
 DEFAULT_BATCH_VALUES = 64  # values per round trip
+MAX_CHUNKS = 1 << 16  # keys of one vector: bounds the key and bound lists a layout makes
+MAX_CHUNK_ELEMS = 1 << 24  # values per chunk (a layout read back from the store)
 MODES = ("atomic", "overwrite")
 Check = tuple[str, Callable[[str, "bytes | None"], object]]  # (key, fn raising to refuse)
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 class MissingState(StoreError):
@@ -82,6 +89,9 @@ class ParameterStore:
         return ps
 
     def _layout(self, num_params: int) -> None:
+        if -(-num_params // self.chunk) > MAX_CHUNKS:
+            raise policy.PolicyError("chunk_bytes", f"the parameters would be cut into more "
+                                     f"than {MAX_CHUNKS} chunks: use a larger chunk_bytes")
         self.num_params = num_params
         starts = range(0, num_params, self.chunk)
         self.bounds = [(a, min(a + self.chunk, num_params)) for a in starts]
@@ -140,13 +150,28 @@ class ParameterStore:
         if not batches and then:
             self.kv.set_many(dict(then))
 
-    def attach(self) -> dict[str, Any]:
-        """Read the layout written by ``init`` (a worker joining the run)."""
+    def attach(self, max_params: int = policy.DEFAULT_MAX_PARAMS) -> dict[str, Any]:
+        """Read the layout written by ``init`` (a worker joining the run). The store is not
+        trusted: its numbers are checked (``max_params``, chunk size and count) before they
+        size anything, else ``CorruptValue`` naming the field."""
         layout = self.get_doc("layout")
         if layout is None:
             raise MissingState(f"run {self.run_id!r} has no parameters in {self.kv.url}")
-        self.chunk = int(layout["chunk_elems"])
-        self._layout(int(layout["num_params"]))
+        key = self.key("layout")
+        if not isinstance(layout, dict):
+            raise codec.CorruptValue(key, "not a parameter layout (not a JSON object)")
+        n, elems = layout.get("num_params"), layout.get("chunk_elems")
+        if not _whole(n, 1, max_params):
+            raise codec.CorruptValue(key, f"num_params: must be a whole number in "
+                                     f"1..{max_params} (max_params)")
+        if not _whole(elems, 1, MAX_CHUNK_ELEMS):
+            raise codec.CorruptValue(key, f"chunk_elems: must be a whole number in "
+                                     f"1..{MAX_CHUNK_ELEMS}")
+        if -(-n // elems) > MAX_CHUNKS:
+            raise codec.CorruptValue(key, f"chunk_elems: cuts the vector into more than "
+                                     f"{MAX_CHUNKS} chunks")
+        self.chunk = elems
+        self._layout(n)
         return layout
 
     def fetch(self, out: np.ndarray, docs: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:

@@ -15,15 +15,22 @@ the previous generation deleted: a reader sees the old checkpoint or the new one
 reader that finds a piece gone because a newer checkpoint replaced it reads the manifest again).
 One value per checkpoint, as before, would also hit Redis's 512 MB value limit
 (proto-max-bulk-len). Checkpoints written as one value are still read.
+
+A directory is checked when it is used, not only when a request named it: a write or read
+starts from the operator's checkpoint root that holds the directory (``checkpoint_roots`` in
+the environment) and walks each name below it with ``O_NOFOLLOW``, then creates the file with
+``O_EXCL`` and renames it inside that directory's descriptor. A symbolic link placed anywhere
+below the root after the request was accepted (the directory itself, a parent, the file) makes
+the write fail with nothing written, instead of redirecting it outside the root.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import struct
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,9 +38,11 @@ from urllib.parse import urlsplit
 import numpy as np
 from crc32c import crc32c
 
+from emnist.policy import env_list
 from emnist.store import codec, shared_kv
-from emnist.store.keys import key_for
+from emnist.store.keys import key_for, valid_run_id
 from emnist.store.kv import KV
+from emnist.train.config import ConfigError
 
 _LEN = struct.Struct("<Q")
 PIECE_BYTES = 8 << 20  # bytes read or written at a time, and per Redis value
@@ -45,6 +54,80 @@ READ_ATTEMPTS = 3  # a newer checkpoint replacing the one being read: read the n
 
 class NoCheckpoint(LookupError):
     pass
+
+
+class UnsafeCheckpointDir(ConfigError):
+    """The checkpoint directory is, or passes through, a symbolic link (or a file) below the
+    operator's root, or is no longer under any root: refused rather than followed."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__("checkpoint_url", f"{what}; nothing was written or read there")
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _local_roots(env: Mapping[str, str]) -> list[str]:
+    """The directories of ``checkpoint_roots`` (plain paths or file:///paths)."""
+    out = []
+    for root in env_list(env, "checkpoint_roots"):
+        path = urlsplit(root).path if root.startswith("file://") else root
+        if "://" not in path and os.path.isabs(path):
+            out.append(os.path.normpath(path))
+    return out
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _anchor(directory: Path, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """Where a write may follow links (the operator's root that holds ``directory``) and the
+    names below it that it may not. Without roots, or for the function's own
+    ``checkpoint_url``, the directory itself is the operator's (or a local user's) choice."""
+    path = os.path.normpath(os.path.abspath(directory))
+    roots = _local_roots(env)
+    for candidate in (path, os.path.realpath(path)):
+        tops = [t for r in roots for t in {r, os.path.realpath(r)} if _under(candidate, t)]
+        if tops:
+            top = max(tops, key=len)  # the innermost root: the fewest names walked
+            rel = os.path.relpath(candidate, top)
+            return top, [] if rel == "." else rel.split(os.sep)
+    own = env.get("checkpoint_url") or ""
+    own = urlsplit(own).path if own.startswith("file://") else own
+    if not roots or (own and os.path.normpath(own) == path):
+        return path, []
+    raise UnsafeCheckpointDir("the checkpoint directory is no longer under checkpoint_roots")
+
+
+def _open_dir(directory: Path, env: Mapping[str, str], create: bool) -> int:
+    """A descriptor of ``directory`` reached from its root without following a link below it
+    (created when ``create``). FileNotFoundError when it is not there."""
+    top, names = _anchor(directory, env)
+    if create:
+        os.makedirs(top, exist_ok=True)
+    fd = os.open(top, _DIR_FLAGS)
+    try:
+        for name in names:
+            if create:
+                try:
+                    os.mkdir(name, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                below = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeCheckpointDir("the checkpoint directory passes through a "
+                                              "symbolic link or a file below its root") \
+                        from None
+                raise
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Replaced(Exception):
@@ -145,8 +228,12 @@ class _PieceReader:
 
 
 class Checkpoints:
-    def __init__(self, url: str) -> None:
+    """The checkpoints at ``url``; ``env`` (default: the process's environment) holds the
+    operator's ``checkpoint_roots`` that every directory write and read is checked against."""
+
+    def __init__(self, url: str, env: Mapping[str, str] | None = None) -> None:
         self.url = url
+        self.env = os.environ if env is None else env
         scheme = urlsplit(url).scheme
         self.kv: KV | None = shared_kv(url) if scheme == "redis" else None
         self.dir = None if self.kv else Path(urlsplit(url).path if scheme == "file" else url)
@@ -159,19 +246,30 @@ class Checkpoints:
         if self.kv is not None:
             self._write_redis(run_id, head, payload)
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{run_id}.")
+        if not valid_run_id(run_id):
+            raise ValueError(f"invalid run id {run_id!r}")
+        dir_fd = _open_dir(self.dir, self.env, create=True)
+        tmp = f".{run_id}.{secrets.token_hex(6)}.tmp"
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                for at in range(0, len(payload), PIECE_BYTES):
-                    f.write(payload[at:at + PIECE_BYTES])  # from the array's memory
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / f"{run_id}.ckpt")  # readers see the old or the new
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(head)
+                    for at in range(0, len(payload), PIECE_BYTES):
+                        f.write(payload[at:at + PIECE_BYTES])  # from the array's memory
+                    f.flush()
+                    os.fsync(f.fileno())
+                # readers see the old or the new; a link at the name is replaced, not followed
+                os.replace(tmp, f"{run_id}.ckpt", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
+                raise
+        finally:
+            os.close(dir_fd)
 
     def _write_redis(self, run_id: str, head: bytes, payload: memoryview) -> None:
         key = key_for(run_id, "checkpoint")
@@ -216,11 +314,23 @@ class Checkpoints:
         if self.kv is not None:
             return self._read_redis(run_id)
         path = self.dir / f"{run_id}.ckpt"
+        if not valid_run_id(run_id):
+            raise ValueError(f"invalid run id {run_id!r}")
         try:
-            f = open(path, "rb", buffering=0)
+            dir_fd = _open_dir(self.dir, self.env, create=False)
         except FileNotFoundError:
             raise NoCheckpoint(f"no checkpoint of run {run_id!r} at {self.url}") from None
-        with f:
+        try:
+            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise NoCheckpoint(f"no checkpoint of run {run_id!r} at {self.url}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeCheckpointDir("the checkpoint file is a symbolic link") from None
+            raise
+        finally:
+            os.close(dir_fd)
+        with open(fd, "rb", buffering=0) as f:
             return read_stream(str(path), f.readinto)
 
     def _read_redis(self, run_id: str) -> tuple[dict[str, Any], np.ndarray]:

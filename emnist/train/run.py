@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from emnist import policy
 from emnist.data.cache import open_set
 from emnist.data.prepared import ensure_set
 from emnist.data.shards import image_shape
 from emnist.models import Model, ModelSpec, build_model, param_count
 from emnist.store import KV, MissingState, ParameterStore, claim, shared_kv
+from emnist.store.keys import key_for
 from emnist.store.tiered import TieredStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
+from emnist.train.rundoc import RunRefused, checked_run
 from emnist.train.runindex import record_run
 from emnist.train.state import Lease, WorkerState, state_key, stop_calls, stored_docs
 from emnist.train.worker import run_worker
@@ -42,16 +45,21 @@ def new_run_id() -> str:
 
 
 def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, Any], ModelSpec]:
-    """Find or prepare the run's set at its data location (a directory or s3://) and check the
-    config against its manifest (no shard is read here): the run document (with the
-    network's ModelSpec, built from the set's image shape and class count)."""
+    """Check the config against the dataset's class count and image shape (known from its
+    name) and build the network, then find or prepare the run's set at its data location (a
+    directory or s3://) and check its manifest against them (no shard is read here): every
+    refusal comes before anything is written, so a refused request leaves nothing behind.
+    The run document, with the network's ModelSpec."""
+    from emnist.data.datasets import dataset_shape
+    from emnist.models import TorchMissing
+
     if workers < 1:
         raise ConfigError("number_of_workers", f"must be >= 1, got {workers}")
-    found = ensure_set(cfg.dataset, workers, cfg.shard_location, seed=cfg.seed,
-                       root=cfg.dataset_dir)
-    man = found.manifest
-    num_classes, features = int(man["num_classes"]), int(man["features"])
-    shape = image_shape(man, features)
+    try:
+        num_classes, shape = dataset_shape(cfg.dataset)
+    except ValueError as e:
+        raise ConfigError("dataset", str(e)) from None
+    features = shape[0] * shape[1] * shape[2]
     if cfg.num_labels is not None and cfg.num_labels != num_classes:
         raise ConfigError("num_labels", f"{cfg.num_labels} given but {cfg.dataset} has "
                           f"{num_classes} classes")
@@ -61,8 +69,15 @@ def _describe(cfg: TrainConfig, workers: int, run_id: str) -> tuple[dict[str, An
     try:
         spec = cfg.model_spec(num_classes, shape)
         num_params = param_count(spec)
-    except ValueError as e:  # e.g. an image shape the architecture cannot take
+    except (ValueError, TorchMissing) as e:  # e.g. an image shape the architecture cannot take
         raise ConfigError("model", f"{cfg.model} on {cfg.dataset}: {e}") from None
+    found = ensure_set(cfg.dataset, workers, cfg.shard_location, seed=cfg.seed,
+                       root=cfg.dataset_dir)
+    man = found.manifest
+    got = (int(man["num_classes"]), image_shape(man, int(man["features"])))
+    if got != (num_classes, shape):
+        raise ConfigError("dataset", f"the prepared set of {cfg.dataset} has {got[0]} classes "
+                          f"of {list(got[1])} images, not {num_classes} of {list(shape)}")
     # every worker does the same number of minibatches per pass: averaging rounds line up
     steps = max(1, min(man["sizes"]) // cfg.batch_size)
     return {"run_id": run_id, "config": cfg.to_dict(), "model": spec.to_dict(),
@@ -141,10 +156,13 @@ def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
 
 
 def resume_run(kv: KV, run_id: str, checkpoint_url: str = "",
-               start_worker: StartWorker | None = None) -> dict[str, Any]:
+               start_worker: StartWorker | None = None,
+               env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Relaunch a run's unfinished workers; if the store lost the run (a memcached restart),
-    restore it from its last checkpoint first."""
+    restore it from its last checkpoint first. The run document, stored or restored, must
+    pass ``checked_run`` (with the function's ``env``: its policy and caps)."""
     store = ParameterStore(kv, run_id)
+    key = store.key("run")
     state = store.get_doc("run")
     restored = False
     if state is None:
@@ -155,26 +173,43 @@ def resume_run(kv: KV, run_id: str, checkpoint_url: str = "",
             docs, params = Checkpoints(checkpoint_url).read(run_id)
         except NoCheckpoint as e:
             raise UnknownRun(f"unknown run id {run_id!r}: not in {kv.url}; {e}") from None
-        state = docs["run"]
+        sealer = getattr(kv, "sealer", None)
+        state = sealer.open(key, docs.get("run")) if sealer is not None else docs.get("run")
+        state, cfg = checked_run(key, run_id, state, env)
+        if params.size != state["num_params"]:
+            raise RunRefused(key, "num_params: differs from the checkpoint's parameters")
         state["restores"] = (state.get("restores") or [])[-19:] + [{"at": time.time()}]
-        store = ParameterStore(kv, run_id, chunk_bytes=state["config"]["chunk_bytes"])
+        store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
         store.init(params)
-        workers = {k: {**v, "lease": ""} for k, v in docs["workers"].items()}
-        store.put_docs({**workers, **docs.get("extra", {}), "run": state})
+        names = {state_key(w) for w in range(state["workers"])}
+        workers = {k: {**v, "lease": ""} for k, v in (docs.get("workers") or {}).items()
+                   if k in names and isinstance(v, dict)}
+        kept = {f"result:{w}" for w in range(state["workers"])} | {"stop", "avglatest"}
+        extra = {k: v for k, v in (docs.get("extra") or {}).items() if k in kept}
+        store.put_docs({**workers, **extra, "run": state})
         record_run(kv, state)  # the store lost its run index too
         restored = True
+    else:
+        state, _ = checked_run(key, run_id, state, env)
     results = store.get_docs([f"result:{w}" for w in range(state["workers"])])
     todo = [w for w in range(state["workers"]) if f"result:{w}" not in results]
     _launch(state, start_worker, todo)
     return {**state, "resumed_workers": todo, "restored_from_checkpoint": restored}
 
 
-def load_run(kv: KV, run_id: str) -> tuple[ParameterStore, dict[str, Any]]:
+def load_run(kv: KV, run_id: str, env: Mapping[str, str] | None = None
+             ) -> tuple[ParameterStore, dict[str, Any]]:
+    """The run's parameter store and document, both checked (``checked_run``: caps, and with
+    the function's ``env`` its policy; the layout against the caps and the document) before
+    anything is sized from them."""
     store = ParameterStore(kv, run_id)
     state = store.get_doc("run")
     if state is None:
         raise UnknownRun(f"unknown run id {run_id!r} (not in {kv.url})")
-    store.attach()
+    state, _ = checked_run(store.key("run"), run_id, state, env)
+    store.attach(max_params=policy.max_params(env or {}))
+    if store.num_params != state["num_params"]:
+        raise RunRefused(store.key("layout"), "num_params: differs from the run document's")
     return store, state
 
 
@@ -189,7 +224,9 @@ def write_checkpoint(store: ParameterStore, state: dict[str, Any], url: str) -> 
     store.fetch(params)
     workers = {k: v for k, v in docs.items() if k.startswith("worker:")}
     extra = {k: v for k, v in docs.items() if not k.startswith("worker:")}
-    Checkpoints(url).write(store.run_id, {"run": state, "workers": workers, "extra": extra},
+    sealer = getattr(store.kv, "sealer", None)  # the run document keeps its seal here too
+    run = sealer.seal(store.key("run"), state) if sealer is not None else state
+    Checkpoints(url).write(store.run_id, {"run": run, "workers": workers, "extra": extra},
                            params)
 
 
@@ -199,17 +236,27 @@ def run_model(state: dict[str, Any], cfg: TrainConfig,
     from the store); a run set up before specs were recorded trains the MLP its config
     describes."""
     raw = state.get("model")
-    spec = (ModelSpec.from_dict(raw) if raw is not None
-            else cfg.model_spec(state["num_classes"], image_shape))
+    try:
+        spec = (ModelSpec.from_dict(raw) if raw is not None
+                else cfg.model_spec(state.get("num_classes"), image_shape))
+        count = param_count(spec)  # nothing allocated yet
+    except (ValueError, TypeError, ImportError) as e:  # ImportError: a torch model, no torch
+        raise RunRefused(key_for(state["run_id"], "run"),
+                         f"model: not a valid network ({str(e)[:200]})") from None
+    if count != state["num_params"]:  # checked against max_params (checked_run)
+        raise RunRefused(key_for(state["run_id"], "run"), "model: its size differs from the run "
+                         "document's num_params")
     return build_model(spec, seed=cfg.seed)
 
 
 def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
-                 next_pass: Callable[[], None] | None = None
-                 ) -> tuple[WorkerState, dict[str, Any]]:
+                 next_pass: Callable[[], None] | None = None,
+                 env: Mapping[str, str] | None = None) -> tuple[WorkerState, dict[str, Any]]:
     """One worker of a run, resumed from its stored state; with execution type 2 it trains
-    one pass and calls ``next_pass`` to have the gateway start the next invocation."""
-    store, state = load_run(kv, run_id)
+    one pass and calls ``next_pass`` to have the gateway start the next invocation. ``env``:
+    the function's environment, whose policy and caps the run document must pass (None: a
+    trusted caller, the default caps only)."""
+    store, state = load_run(kv, run_id, env)
     if not 0 <= worker_id < state["workers"]:
         raise ConfigError("worker_id", f"{worker_id} is outside run {run_id} "
                           f"(workers 0..{state['workers'] - 1})")
@@ -280,13 +327,17 @@ def _detail(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_status(kv: KV, run_id: str, detail: bool = False) -> dict[str, Any]:
+def run_status(kv: KV, run_id: str, detail: bool = False,
+               env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Per-worker progress and results, for the CLI's progress bar and `emnist status`;
-    with ``detail`` each worker's whole state document (bounded lists), for the dashboard."""
+    with ``detail`` each worker's whole state document (bounded lists), for the dashboard.
+    The run document is checked first (``checked_run``): its worker count is within the
+    caps before it sizes the answer."""
     store = ParameterStore(kv, run_id)
     state = store.get_doc("run")
     if state is None:
         raise UnknownRun(f"unknown run id {run_id!r} (not in {kv.url})")
+    state, _ = checked_run(store.key("run"), run_id, state, env, report=True)
     n = state["workers"]
     # worker states merged with their owners' progress notes (the documents alone lag the
     # pushes by up to a heartbeat)

@@ -5,18 +5,23 @@ memcached cannot list keys, so setup records every run it starts in one bounded 
 KV's atomic ``update_many`` so concurrent setups lose no entry. :func:`list_runs` answers
 emnist-setup's ``GET ?runs=1``: the entries, newest first, with each run's state read in one
 round trip (bounded by ``KEY_BUDGET`` keys; runs past it are reported ``unknown``). The index
-is advisory: a damaged one is started afresh, never trusted.
+is advisory: a damaged one is started afresh, never trusted, and so is each entry (anyone who
+reaches the store can write it): one whose fields do not have their types and bounds
+(``valid_entry``) is dropped before its numbers size anything.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
+from emnist.policy import HARD_MAX_WORKERS
 from emnist.store import KV, CorruptValue, codec
 from emnist.store.keys import index_key, key_for, valid_run_id
 
-__all__ = ["INDEX_MAX", "LIST_MAX", "index_entry", "list_runs", "read_index", "record_run"]
+__all__ = ["INDEX_MAX", "LIST_MAX", "index_entry", "list_runs", "read_index", "record_run",
+           "valid_entry"]
 
 INDEX_MAX = 200  # entries kept (~40 KB: far below memcached's 1 MB item limit)
 LIST_MAX = 100  # most runs one GET ?runs=1 answers
@@ -41,6 +46,26 @@ def index_entry(state: dict[str, Any]) -> dict[str, Any]:
             "execution_type": cfg.get("execution_type"), "started": state.get("started")}
 
 
+_TEXT = {"algorithm": 32, "model": 200, "dataset": 64}  # longest index_entry writes
+
+
+def valid_entry(e: Any) -> bool:
+    """True for an index entry as ``index_entry`` writes it: a run id, a worker count within
+    the hard cap, bounded strings, and numbers that are finite."""
+    if not isinstance(e, dict) or not valid_run_id(e.get("run_id")):
+        return False
+    workers, started, et = e.get("workers"), e.get("started"), e.get("execution_type")
+    return (isinstance(workers, int) and not isinstance(workers, bool)
+            and 1 <= workers <= HARD_MAX_WORKERS
+            and (started is None or (isinstance(started, int | float)
+                                     and not isinstance(started, bool)
+                                     and math.isfinite(started)))
+            and (et is None or (isinstance(et, int) and not isinstance(et, bool)
+                                and 1 <= et <= 3))
+            and all(isinstance(e.get(k, ""), str) and len(e.get(k, "")) <= most
+                    for k, most in _TEXT.items()))
+
+
 def _decode(key: str, old: bytes | None) -> list[dict[str, Any]]:
     if old is None:
         return []
@@ -49,8 +74,7 @@ def _decode(key: str, old: bytes | None) -> list[dict[str, Any]]:
     except CorruptValue:
         return []  # advisory: a damaged index is started afresh
     runs = doc.get("runs") if isinstance(doc, dict) else None
-    return [e for e in runs if isinstance(e, dict) and valid_run_id(e.get("run_id"))] \
-        if isinstance(runs, list) else []
+    return [e for e in runs[-INDEX_MAX:] if valid_entry(e)] if isinstance(runs, list) else []
 
 
 def record_run(kv: KV, state: dict[str, Any]) -> None:
@@ -93,9 +117,9 @@ def list_runs(kv: KV, limit: int = 50) -> list[dict[str, Any]]:
     keys: list[str] = []
     counted: set[str] = set()
     for e in entries:
-        names = ["run", "stop"] + [f"result:{w}" for w in range(e["workers"])]
-        if len(keys) + len(names) > KEY_BUDGET:
+        if len(keys) + 2 + e["workers"] > KEY_BUDGET:  # before any name is made
             break
+        names = ["run", "stop"] + [f"result:{w}" for w in range(e["workers"])]
         keys += [key_for(e["run_id"], n) for n in names]
         counted.add(e["run_id"])
     got = kv.get_many(keys) if keys else {}

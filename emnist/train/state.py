@@ -16,6 +16,7 @@ owner's note, whichever is further along.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -171,6 +172,62 @@ class _Moved(Exception):
 
 
 _INTS = {k for k in PROGRESS if k not in ("seconds", "train_seconds")}
+# a worker document read back from the store is checked before use (the store is untrusted:
+# anyone who reaches memcached can write it): every field its type, numbers finite and
+# bounded, lists and strings bounded, the lease a token; else CorruptValue naming the field
+MAX_COUNT = 1 << 53  # counters stay exact in float64 (the progress notes)
+MAX_ENTRIES = 100_000  # entries of a stored list (curve: one per pass, iterations <= 100,000)
+MAX_ENTRY = 32  # values in one list entry
+MAX_STR = 1024
+_LEASE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")  # a token; part of a store key (note_key)
+
+
+def _scalar(v: Any) -> bool:
+    """A value a list entry may hold: floats as they are (a loss may be NaN: a number steers
+    nothing here), integers within the counters' range, short strings."""
+    if v is None or isinstance(v, bool | float):
+        return True
+    if isinstance(v, int):
+        return abs(v) <= MAX_COUNT
+    return isinstance(v, str) and len(v) <= MAX_STR
+
+
+def _valid(kind: str, v: Any) -> bool:
+    if v is None and "None" in kind:
+        return True
+    if kind.startswith("bool"):
+        return isinstance(v, bool)
+    if kind.startswith("int"):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
+    if kind.startswith("float"):
+        return isinstance(v, int | float) and not isinstance(v, bool) and _scalar(v)
+    if kind.startswith("str"):
+        return isinstance(v, str) and len(v) <= MAX_STR
+    if kind.startswith("list"):
+        return isinstance(v, list) and len(v) <= MAX_ENTRIES and all(
+            (isinstance(e, list) and len(e) <= MAX_ENTRY and all(map(_scalar, e)))
+            or (isinstance(e, dict) and len(e) <= MAX_ENTRY and all(map(_scalar, e.values())))
+            for e in v)
+    return True
+
+
+_KINDS = {f.name: str(f.type) for f in fields(WorkerState)}
+
+
+def checked_doc(key: str, doc: Any, worker_id: int | None = None) -> dict[str, Any]:
+    """``doc`` if it is a worker state document (of ``worker_id``, when given) whose every
+    known field has its type and bounds; else ``CorruptValue`` naming the field."""
+    if not isinstance(doc, dict):
+        raise codec.CorruptValue(key, "a worker state must be a JSON object")
+    for name, kind in _KINDS.items():
+        if name in doc and not _valid(kind, doc[name]):
+            raise codec.CorruptValue(key, f"{name}: not a valid value for a worker state")
+    if not _LEASE.match(doc.get("lease", "")):
+        raise codec.CorruptValue(key, "lease: not a lease token")
+    if "worker_id" not in doc or (worker_id is not None and doc["worker_id"] != worker_id):
+        raise codec.CorruptValue(key, "worker_id: missing, or the document is another "
+                                 "worker's")
+    return doc
 
 
 def encode_note(doc: dict[str, Any]) -> bytes:
@@ -178,8 +235,21 @@ def encode_note(doc: dict[str, Any]) -> bytes:
 
 
 def decode_note(key: str, value: bytes) -> dict[str, Any]:
+    """A progress note; ``CorruptValue`` unless every counter is finite and in range."""
     values = codec.decode(key, value, dtype=np.float64, shape=(len(PROGRESS),)).array
+    if not (np.isfinite(values).all() and (values >= 0).all() and (values <= MAX_COUNT).all()):
+        raise codec.CorruptValue(key, "a progress note's counters must be finite, >= 0 and "
+                                 f"<= {MAX_COUNT}")
     return {k: int(v) if k in _INTS else float(v) for k, v in zip(PROGRESS, values.tolist())}
+
+
+def _read_note(key: str, value: bytes) -> dict[str, Any] | None:
+    """A note, or None when it is damaged or forged: a worker then resumes from its
+    document (older, never ahead of the store)."""
+    try:
+        return decode_note(key, value)
+    except codec.CorruptValue:
+        return None
 
 
 def resumable(doc: dict[str, Any], note: dict[str, Any] | None) -> dict[str, Any]:
@@ -204,11 +274,16 @@ def stored_docs(store: ParameterStore, worker_ids: Iterable[int]) -> dict[str, d
     for any number of workers."""
     keys = {store.key(state_key(w)): w for w in worker_ids}
     got = store.kv.get_many(list(keys))
-    docs = {keys[k]: codec.decode_doc(k, v) for k, v in got.items()}
+    docs = {}
+    for k, v in got.items():
+        try:
+            docs[keys[k]] = checked_doc(k, codec.decode_doc(k, v), keys[k])
+        except codec.CorruptValue:
+            continue  # damaged or forged: reported as no state (a worker refuses it)
     owned = {w: d["lease"] for w, d in docs.items() if d.get("lease")}
     note_keys = {store.key(note_key(w, o)): w for w, o in owned.items()}
     notes = store.kv.get_many(list(note_keys)) if note_keys else {}
-    by_worker = {note_keys[k]: decode_note(k, v) for k, v in notes.items()}
+    by_worker = {note_keys[k]: _read_note(k, v) for k, v in notes.items()}
     return {state_key(w): resumable(d, by_worker.get(w)) for w, d in sorted(docs.items())}
 
 
@@ -217,7 +292,7 @@ def _note(store: ParameterStore, worker_id: int, owner: str) -> dict[str, Any] |
         return None
     key = store.key(note_key(worker_id, owner))
     got = store.kv.get_many([key])
-    return decode_note(key, got[key]) if key in got else None
+    return _read_note(key, got[key]) if key in got else None
 
 
 class Lease:
@@ -236,12 +311,14 @@ class Lease:
         taken: list[WorkerState] = []
         while True:
             seen = self.store.kv.get_many([self.key]).get(self.key)
-            owner = "" if seen is None else codec.decode_doc(self.key, seen).get("lease", "")
+            owner = "" if seen is None else checked_doc(
+                self.key, codec.decode_doc(self.key, seen), self.worker_id).get("lease", "")
             note = _note(self.store, self.worker_id, owner)
 
             def take(key: str, old: bytes | None, owner: str = owner,
                      note: dict[str, Any] | None = note) -> bytes:
-                doc = {} if old is None else codec.decode_doc(key, old)
+                doc = {} if old is None else checked_doc(key, codec.decode_doc(key, old),
+                                                         self.worker_id)
                 if doc.get("lease", "") != owner:
                     raise _Moved  # read its owner's note again
                 st = (WorkerState(self.worker_id) if old is None
@@ -311,7 +388,7 @@ class Lease:
         if old is None:  # acquire wrote it: the store lost it (restarted, evicted)
             raise MissingState(f"worker {self.worker_id}'s state vanished from "
                                f"{self.store.kv.url}")
-        cur = codec.decode_doc(key, old)
+        cur = checked_doc(key, codec.decode_doc(key, old), self.worker_id)
         if cur.get("lease") not in (self.owner, ""):
             raise LeaseLost(f"worker {self.worker_id} was taken over by {cur.get('lease')}")
         return cur

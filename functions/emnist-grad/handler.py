@@ -16,6 +16,11 @@ POST JSON:
 the X-Loss header. A bad request is a 400 naming the problem; an unknown params_key or batch
 file is a 404.
 
+``params_key`` may name only a p2p peer's parameters of one step
+(``emnist:{run}:p2p:params:{rank}:{step}``, what emnist.p2p.serverless writes; under
+``run_id`` and for ``step`` when those are given): a training run's keys are never read, so a
+caller cannot have the function compute losses on another run's parameters.
+
 The request is untrusted: ``store_url`` and ``data`` default to this function's environment
 (``store_url``, ``data_location``) and any other value must be allowed by its policy
 (``allowed_store_urls``, ``data_roots``: emnist.policy); the model is validated
@@ -54,6 +59,7 @@ from emnist.faas import (
     typed_body,
 )
 from emnist.model import MLP, MLPShape, to_float
+from emnist.p2p.serverless import params_key
 from emnist.p2p.split import BatchCache
 from emnist.store import CorruptValue, MissingState, ParameterStore, codec
 
@@ -63,6 +69,7 @@ FIELDS = {"run_id": str, "step": int, "params_key": str, "params": str, "store_u
 SHAPE = ("inputs", "hidden", "classes")
 BATCH_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,4}$")
 PARAMS_KEY = re.compile(r"^[A-Za-z0-9_:.-]{1,200}$")
+P2P_KEY = re.compile(r"^emnist:([A-Za-z0-9_-]{1,64}):p2p:params:(\d{1,9}):(\d{1,16})$")
 MAX_INLINE = 1 << 20  # bytes of base64 accepted inline
 LIMITS = {"inputs": (1, 1 << 20), "hidden": (1, 1_000_000), "classes": (1, 100_000),
           "step": (0, 1 << 53)}
@@ -173,6 +180,22 @@ def _store_url(req: dict, env: dict) -> str:
     return policy.check_store_url(env, "store_url", req["store_url"], own)
 
 
+def _check_key(req: dict) -> None:
+    """``params_key`` must be a p2p peer's step parameters (emnist.p2p.serverless.params_key),
+    of ``run_id`` and ``step`` when given: checked before the store is asked anything, so a
+    refused key reveals nothing about what is stored there."""
+    key = req["params_key"]
+    m = P2P_KEY.match(key)
+    if m is None or params_key(m.group(1), int(m.group(2)), int(m.group(3))) != key:
+        raise BadRequest("params_key: only a p2p peer's step parameters "
+                         "(emnist:<run>:p2p:params:<rank>:<step>) are served, never a "
+                         "training run's keys")
+    if "run_id" in req and req["run_id"] != m.group(1):
+        raise BadRequest("params_key: not a key of run_id's p2p session")
+    if "step" in req and req["step"] != int(m.group(3)):
+        raise BadRequest("params_key: not the parameters of this step")
+
+
 def _load_params(req: dict, n: int, env: dict) -> np.ndarray:
     if "params" in req:
         try:
@@ -180,6 +203,7 @@ def _load_params(req: dict, n: int, env: dict) -> np.ndarray:
                                 shape=(n,)).array
         except codec.CorruptValue as e:
             raise BadRequest(f"params: {_reason(e)}") from None
+    _check_key(req)
     url = policy.resolve(env, _store_url(req, env))
     key = (url, req["params_key"])
     with _params_lock:

@@ -39,7 +39,7 @@ from emnist.faas import (
 )
 from emnist.gateway.client import GatewayClient
 from emnist.store import CorruptValue
-from emnist.store.keys import valid_run_id
+from emnist.store.keys import key_for, valid_run_id
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, new_run_id, resume_run, run_status, setup_run
 from emnist.train.runindex import LIST_MAX, list_runs
@@ -78,7 +78,12 @@ def _status(event, env: dict):
     run_id = _run_id("run_id", event.query.get("run_id"))
     kv = _query_store(event, env)
     try:
-        return respond(200, redacted(run_status(kv, run_id, detail=_flag(event, "detail"))))
+        return respond(200, redacted(run_status(kv, run_id, detail=_flag(event, "detail"),
+                                                env=env)))
+    except CorruptValue as e:  # a damaged, forged or over-cap run document
+        log(f"status {run_id}: {e}")
+        raise Conflict(f"run_id: the stored run document of {run_id} is refused: {e.reason} "
+                       "(details in the function's logs)") from None
     except UnknownRun:
         raise NotFound(f"run_id: unknown run id {run_id} (not in this function's store)") \
             from None
@@ -89,7 +94,8 @@ def _resume(request: dict, run_id: str, env: dict, start):
         raise BadRequest("resume: takes only store_url and checkpoint_url besides the run id")
     cfg = resolved_config(TrainConfig.from_request(env, request), env)
     try:
-        state = resume_run(open_store(cfg.store_url, env), run_id, cfg.checkpoint_url, start)
+        state = resume_run(open_store(cfg.store_url, env), run_id, cfg.checkpoint_url, start,
+                           env=env)
     except UnknownRun as e:
         log(f"resume {run_id}: {e}")
         where = ("nor in checkpoint_url" if cfg.checkpoint_url else
@@ -97,6 +103,9 @@ def _resume(request: dict, run_id: str, env: dict, start):
         raise NotFound(f"resume: unknown run id {run_id}: not in the store {where}") from None
     except CorruptValue as e:
         log(f"resume {run_id}: {e}")
+        if e.key == key_for(run_id, "run"):  # stored or restored: forged, or over a cap
+            raise Conflict(f"resume: the run document of {run_id} is refused: {e.reason} "
+                           "(details in the function's logs)") from None
         raise Conflict(f"checkpoint_url: the checkpoint of run {run_id} is damaged (details "
                        "in the function's logs)") from None
     print(f"Run {run_id} resumed: workers {state['resumed_workers']}", flush=True)
@@ -126,8 +135,13 @@ def _setup(event, env: dict):
                    "config": config})
         return respond(200, redacted({"run_id": run_id, "workers": workers, "config": config,
                                       "execution_type": 1}))
-    state = setup_run(cfg, open_store(cfg.store_url, env), workers, run_id=run_id,
-                      start_worker=start)
+    try:
+        state = setup_run(cfg, open_store(cfg.store_url, env), workers, run_id=run_id,
+                          start_worker=start)
+    except CorruptValue as e:  # a document under this run id that does not verify
+        log(f"setup {run_id}: {e}")
+        raise Conflict(f"run_id: run {run_id} already exists in the store (its document is "
+                       "refused: details in the function's logs)") from None
     print(f"Run {state['run_id']}: {workers} workers, {cfg.model} on {cfg.dataset}", flush=True)
     return respond(200, redacted(state))
 

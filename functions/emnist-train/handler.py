@@ -9,6 +9,8 @@ exists resumes where it stopped.
 
 The request is untrusted: its ``store_url`` and the places in a type-1 ``config`` must be this
 function's own or allowed by its environment's policy (emnist.policy), like emnist-setup's.
+So is the store: the run document must verify (its seal, when ``store_key_secret`` names a
+key) and every place and size it names must pass the same policy and caps (409 otherwise).
 """
 
 import json
@@ -37,6 +39,7 @@ from emnist.faas import (
 )
 from emnist.gateway.client import GatewayClient
 from emnist.models import preload
+from emnist.store import CorruptValue
 from emnist.store.keys import valid_run_id
 from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, ensure_run, train_worker
@@ -65,15 +68,19 @@ def _train(event, context, env: dict):
     if "store_url" in request:
         policy.check_store_url(env, "store_url", store_url, own)
     kv = open_store(store_url, env)
-    if "config" in request:
-        cfg = resolved_config(TrainConfig.from_request(env, request["config"]), env)
-        if cfg.execution_type != 1 or not cfg.number_of_workers:
-            raise BadRequest("config: only for execution_type 1, with number_of_workers")
-        ensure_run(cfg, kv, cfg.number_of_workers, run_id)
     body = {k: v for k, v in request.items() if k != "config"}
     try:
+        if "config" in request:
+            cfg = resolved_config(TrainConfig.from_request(env, request["config"]), env)
+            if cfg.execution_type != 1 or not cfg.number_of_workers:
+                raise BadRequest("config: only for execution_type 1, with number_of_workers")
+            ensure_run(cfg, kv, cfg.number_of_workers, run_id)
         st, record = train_worker(kv, run_id, worker_id, context.hostname,
-                                  next_pass=_next_pass(body, env))
+                                  next_pass=_next_pass(body, env), env=env)
+    except CorruptValue as e:  # a run or worker document that is damaged, forged or refused
+        log(f"worker {worker_id}: {e}")
+        raise Conflict(f"run_id: a stored document of run {run_id} is refused: {e.reason} "
+                       "(details in the function's logs)") from None
     except UnknownRun:
         raise NotFound(f"run_id: unknown run id {run_id} (not in this function's store)") \
             from None
