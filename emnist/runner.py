@@ -79,23 +79,51 @@ def status(gw: GatewayClient, run_id: str) -> dict[str, Any]:
     return body
 
 
+QUEUED_NOTE_AFTER = 5.0  # seconds a worker may wait for its call before the user is told
+QUEUED_NOTE = ("workers {workers} have not started after {seconds:.0f}s while {running} "
+               "train: their calls wait in the gateway's async queue. On OpenFaaS CE each "
+               "queue-worker runs one call at a time, so workers train one after another: "
+               "run queue-worker replicas >= workers, ack_wait and the gateway's timeouts "
+               "above a call's length, or a dedicated queue (docs/deploy.md)")
+
+
+QUEUED_PASSES = 2  # passes another worker trained while one never started: a serial queue
+
+
+def queued_note(st: dict[str, Any], waited: float) -> str | None:
+    """Why some workers have no state yet while others train (a serialising queue), or
+    None: said after QUEUED_NOTE_AFTER seconds, or as soon as another worker has trained
+    QUEUED_PASSES passes (concurrent workers start within a pass of each other)."""
+    waiting = [w for w, p in enumerate(st["progress"]) if p is None and st["results"][w] is None]
+    running = [w for w, p in enumerate(st["progress"]) if p is not None]
+    ahead = max((p.get("iteration") or 0 for p in st["progress"] if p), default=0)
+    if not waiting or not running or (waited < QUEUED_NOTE_AFTER and ahead < QUEUED_PASSES):
+        return None
+    return QUEUED_NOTE.format(workers=waiting, seconds=waited,
+                              running=f"worker{'s' if len(running) > 1 else ''} {running}")
+
+
 def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: float,
           interval: float = 0.25,
           on_status: Callable[[dict[str, Any]], None] | None = None,
+          on_note: Callable[[str], None] | None = None,
           recover: bool = True, max_recoveries: int = 5) -> RunOutcome:
     """Poll until every worker has a result, or fail after ``timeout`` seconds.
 
     With ``recover``: a run the store lost is restored from its checkpoint (emnist-setup
     resume), and a worker whose heartbeat went stale (its replica died and nobody retried
-    the call) is invoked again; it resumes from its saved state.
+    the call) is invoked again; it resumes from its saved state. A worker with no state at
+    all is never invoked again: its call may only be queued (OpenFaaS CE runs one call per
+    queue-worker), and a second one would be a third delivery; ``on_note`` hears why it
+    waits, once.
     """
     run_id, config = state["run_id"], state["config"]
     lease = float(config.get("lease_seconds", 10.0))
     deadline = time.monotonic() + timeout
     recoveries: list[str] = []
     relaunched: dict[int, float] = {}
-    seen, transient = False, 0
-    watching_since = time.time()
+    seen, transient, noted = False, 0, False
+    watching_since, started = time.time(), time.monotonic()
     while True:
         try:
             st = status(gw, run_id)
@@ -122,13 +150,16 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
         if st["done"]:
             return RunOutcome(run_id, st["workers"], invoked, st["results"],
                               st["config"]["target_accuracy"], state, recoveries)
+        note = None if noted else queued_note(st, time.monotonic() - started)
+        if note and on_note:
+            on_note(note)
+            noted = True
         if recover:
             for w, p in enumerate(st["progress"]):
-                if st["results"][w] is not None:
-                    continue
-                # no state at all: its call failed before it saved (or the store lost it)
-                last = (p or {}).get("heartbeat") or watching_since
-                stale = not (p or {}).get("done") and st["now"] - last > 3 * lease
+                if st["results"][w] is not None or p is None:
+                    continue  # p None: never started (queued), or the store lost it
+                last = p.get("heartbeat") or watching_since
+                stale = not p.get("done") and st["now"] - last > 3 * lease
                 if stale and time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
                     relaunched[w] = time.monotonic()
                     gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})

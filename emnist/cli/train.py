@@ -108,8 +108,9 @@ def _run(c: Ctx, config: dict[str, Any], *, timeout: float, progress: bool) -> R
         state, invoked = resume(gw, config["resume"], config.get("checkpoint_url"))
     else:
         state, invoked = start_run(gw, config)
+    note = lambda m: click.echo(f"\nnote: {m}", err=True)  # noqa: E731
     if not progress:
-        return watch(gw, state, invoked, timeout=timeout)
+        return watch(gw, state, invoked, timeout=timeout, on_note=note)
     total = state["config"]["iterations"]
     label = f"run {state['run_id']} ({state['workers']} workers)"
     with click.progressbar(length=total, label=label, show_eta=False,
@@ -123,7 +124,7 @@ def _run(c: Ctx, config: dict[str, Any], *, timeout: float, progress: bool) -> R
                 f"w{p['worker_id']} it {p['iteration']} acc {p['accuracy']:.3f}" for p in prog))
             seen[0] = it
 
-        return watch(gw, state, invoked, timeout=timeout, on_status=on_status)
+        return watch(gw, state, invoked, timeout=timeout, on_status=on_status, on_note=note)
 
 
 def _flags_given(kw: dict[str, Any], keep: tuple[str, ...]) -> list[str]:

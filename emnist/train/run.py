@@ -29,7 +29,14 @@ from emnist.train.checkpoint import Checkpoints, NoCheckpoint
 from emnist.train.config import ConfigError, TrainConfig
 from emnist.train.rundoc import RunRefused, checked_run
 from emnist.train.runindex import record_run
-from emnist.train.state import Lease, WorkerState, state_key, stop_calls, stored_docs
+from emnist.train.state import (
+    Lease,
+    NothingToDo,
+    WorkerState,
+    state_key,
+    stop_calls,
+    stored_docs,
+)
 from emnist.train.worker import run_worker
 from emnist.wait import wait_until
 
@@ -91,10 +98,15 @@ def _initial(spec: ModelSpec, seed: int) -> np.ndarray:
     return build_model(spec, seed=seed).init_params(seed)
 
 
-def _launch(state: dict[str, Any], start_worker: StartWorker | None, only: list[int]) -> None:
+def _launch(state: dict[str, Any], start_worker: StartWorker | None, only: list[int],
+            first: bool = False) -> None:
+    """Start ``only``'s workers; a new type-2 run's first calls name their pass, so a
+    redelivered one finds it trained and does nothing."""
+    per_pass = first and state["config"].get("execution_type") == 2
+    extra = {"pass": 1} if per_pass else {}
     for w in only if start_worker else ():
         start_worker({"run_id": state["run_id"], "worker_id": w,
-                      "store_url": state["config"]["store_url"]})
+                      "store_url": state["config"]["store_url"], **extra})
 
 
 def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = None,
@@ -108,7 +120,7 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
     state = _create(cfg, kv, workers, run_id, store)
     if state is None:
         raise _exists(run_id)
-    _launch(state, start_worker, list(range(workers)))
+    _launch(state, start_worker, list(range(workers)), first=True)
     return state
 
 
@@ -250,12 +262,15 @@ def run_model(state: dict[str, Any], cfg: TrainConfig,
 
 
 def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
-                 next_pass: Callable[[], None] | None = None,
-                 env: Mapping[str, str] | None = None) -> tuple[WorkerState, dict[str, Any]]:
+                 next_pass: Callable[[int], None] | None = None,
+                 env: Mapping[str, str] | None = None,
+                 for_pass: int | None = None) -> tuple[WorkerState, dict[str, Any]]:
     """One worker of a run, resumed from its stored state; with execution type 2 it trains
-    one pass and calls ``next_pass`` to have the gateway start the next invocation. ``env``:
-    the function's environment, whose policy and caps the run document must pass (None: a
-    trusted caller, the default caps only)."""
+    one pass and calls ``next_pass(pass)`` to have the gateway start the next invocation.
+    ``env``: the function's environment, whose policy and caps the run document must pass
+    (None: a trusted caller, the default caps only). ``for_pass``: the pass the call was
+    sent for; a call with nothing to do (a redelivery, a duplicate, a finished worker)
+    trains nothing, writes nothing and answers the worker's record with ``repeat``."""
     store, state = load_run(kv, run_id, env)
     if not 0 <= worker_id < state["workers"]:
         raise ConfigError("worker_id", f"{worker_id} is outside run {run_id} "
@@ -270,7 +285,10 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
         raise MissingState(f"run {run_id} stores {store.num_params} parameters, "
                            f"its model needs {model.num_params}")
     lease = Lease(store, worker_id, cfg.lease_seconds)
-    st = lease.acquire(hostname)
+    try:
+        st = lease.acquire(hostname, for_pass=for_pass)
+    except NothingToDo as e:
+        return e.state, _repeat(store, e.state)
     started_at = (st.iteration, st.step)
     stop_calls(st)
     data = (shard.x, shard.y, *data_set.test())
@@ -309,8 +327,15 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     if st.done:
         store.put_doc(f"result:{worker_id}", record)
     elif next_pass is not None:
-        next_pass()  # after progress only (above): no invocation chain spins in place
+        next_pass(st.iteration + 1)  # after progress only (above): no chain spins in place
     return st, record
+
+
+def _repeat(store: ParameterStore, st: WorkerState) -> dict[str, Any]:
+    """What a call with nothing to do answers: the finished worker's stored result (never
+    rewritten), else its state's record, marked ``repeat``."""
+    stored = store.get_doc(f"result:{st.worker_id}") if st.done else None
+    return {**(stored if isinstance(stored, dict) else st.result()), "repeat": True}
 
 
 PROGRESS_FIELDS = ("worker_id", "iteration", "offset", "accuracy", "hostname", "heartbeat",

@@ -55,6 +55,15 @@ class WorkerBusy(StoreError):
     """The worker is owned by a live invocation."""
 
 
+class NothingToDo(Exception):
+    """The call has nothing left to train: the worker is done, or the pass it was sent for
+    is trained already (a redelivered or duplicated call). Nothing was written."""
+
+    def __init__(self, state: WorkerState) -> None:
+        super().__init__(f"worker {state.worker_id}: nothing to do")
+        self.state = state
+
+
 @dataclass
 class WorkerState:
     worker_id: int
@@ -304,9 +313,12 @@ class Lease:
         self.owner = secrets.token_hex(6)
 
     def acquire(self, hostname: str, wait: float | None = None,
-                sleep: Callable[[float], None] = time.sleep) -> WorkerState:
+                sleep: Callable[[float], None] = time.sleep,
+                for_pass: int | None = None) -> WorkerState:
         """Take the worker (resuming its state), waiting up to ``wait`` for a live owner's
-        heartbeat to go stale."""
+        heartbeat to go stale. ``NothingToDo`` (and nothing written) when the worker is done
+        or ``for_pass`` (the pass a call was sent for) is trained already: at-least-once
+        delivery never trains a pass twice nor rewrites a finished worker."""
         deadline = time.monotonic() + (2 * self.seconds if wait is None else wait)
         taken: list[WorkerState] = []
         while True:
@@ -323,6 +335,8 @@ class Lease:
                     raise _Moved  # read its owner's note again
                 st = (WorkerState(self.worker_id) if old is None
                       else WorkerState.from_dict(resumable(doc, note)))
+                if st.done or (for_pass is not None and st.iteration >= for_pass):
+                    raise NothingToDo(st)
                 if st.lease and time.time() - st.heartbeat < self.seconds:
                     raise WorkerBusy(f"worker {self.worker_id} is running (lease {st.lease})")
                 if st.invocations and not st.done:

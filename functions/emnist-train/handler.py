@@ -4,8 +4,10 @@ POST {"run_id": ID, "worker_id": N}: the run's config and network (its ModelSpec
 the store (written by emnist-setup), so every worker of a run trains the same model alike.
 Execution type 3 loops until done in this invocation; type 2 trains one pass and asks the
 gateway for the next invocation; type 1 also carries "config" and the first worker to arrive
-initialises the run. A worker whose state
-exists resumes where it stopped.
+initialises the run. A worker whose state exists resumes where it stopped. A type-2 call
+names its ``pass``; calls are delivered at least once (OpenFaaS's queue redelivers), so one
+that finds its pass trained, or its worker done, trains and writes nothing and answers the
+worker's record with ``"repeat": true`` (no second result line in the logs).
 
 The request is untrusted: its ``store_url`` and the places in a type-1 ``config`` must be this
 function's own or allowed by its environment's policy (emnist.policy), like emnist-setup's.
@@ -45,14 +47,16 @@ from emnist.train.config import TrainConfig
 from emnist.train.run import UnknownRun, ensure_run, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
-FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict}
+FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict, "pass": int}
+MAX_PASS = 100_000  # the most iterations a run may have
 
 preload(os.environ.get("model", ""))  # a torch stack imports torch before the replica is ready
 
 
 def _next_pass(body: dict, env: dict):
+    """The next invocation names its pass: a redelivered copy finds it trained (a no-op)."""
     url = gateway_url(env)
-    return lambda: GatewayClient(url).invoke_async("emnist-train", body)
+    return lambda n: GatewayClient(url).invoke_async("emnist-train", {**body, "pass": n})
 
 
 def _train(event, context, env: dict):
@@ -63,6 +67,8 @@ def _train(event, context, env: dict):
     top = policy.max_workers(env)
     if not 0 <= worker_id < top:
         raise BadRequest(f"worker_id: must be between 0 and {top - 1} (max_workers)")
+    if not 1 <= request.get("pass", 1) <= MAX_PASS:
+        raise BadRequest(f"pass: must be between 1 and {MAX_PASS}")
     own = TrainConfig.from_sources(env).store_url
     store_url = request.get("store_url") or own
     if "store_url" in request:
@@ -76,7 +82,8 @@ def _train(event, context, env: dict):
                 raise BadRequest("config: only for execution_type 1, with number_of_workers")
             ensure_run(cfg, kv, cfg.number_of_workers, run_id)
         st, record = train_worker(kv, run_id, worker_id, context.hostname,
-                                  next_pass=_next_pass(body, env), env=env)
+                                  next_pass=_next_pass(body, env), env=env,
+                                  for_pass=request.get("pass"))
     except CorruptValue as e:  # a run or worker document that is damaged, forged or refused
         log(f"worker {worker_id}: {e}")
         raise Conflict(f"run_id: a stored document of run {run_id} is refused: {e.reason} "
@@ -87,7 +94,10 @@ def _train(event, context, env: dict):
     except (WorkerBusy, LeaseLost) as e:
         log(f"worker {worker_id}: {e}")
         raise Conflict(f"worker_id: {e}") from None
-    if st.done:
+    if record.get("repeat"):  # a redelivered or duplicated call: the first one answered
+        log(f"worker {worker_id}: nothing to do for this call (pass "
+            f"{request.get('pass', '-')}, worker at pass {st.iteration}, done {st.done})")
+    elif st.done:
         print(st.summary_line(), flush=True)
         print(json.dumps({"emnist_result": record}), flush=True)
     return respond(200, record)

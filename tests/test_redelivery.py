@@ -1,0 +1,167 @@
+"""Training on OpenFaaS CE's queue semantics (emulated by the local gateway): every async call
+is delivered at least once, a queue-worker runs one call at a time.
+
+- A run whose every emnist-train call is delivered twice (the second while the first still
+  runs: ack_wait far below a call's length) ends with the same parameters, results and
+  result lines as a run whose calls are delivered once, for execution types 3 and 2.
+- With one queue-worker the workers run one after another: the run completes correctly,
+  `emnist train` says why its workers wait, and the watcher never invokes a worker that is
+  only queued (a third delivery).
+
+Real gateways running emnist.yml, real memcached, real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from emnist.cli import main
+from emnist.store import ParameterStore, open_kv
+from emnist.train.state import state_key
+from tests.conftest import MEMCACHED_URL
+from tests.servers import local_gateway
+
+RUN = {"dataset": "fashion-mnist", "number_of_workers": 1, "iterations": 3,
+       "target_accuracy": 0.99, "batch_size": 100, "n_fetch": 5, "n_push": 5}
+SAME = ("iterations", "accuracy", "samples", "step", "pushes", "fetches", "stop_reason",
+        "done", "reached", "invocations")
+
+
+def _gateway(tmp_path_factory, name: str, **queue: str):
+    tmp = tmp_path_factory.mktemp(name)
+    (tmp / "data").mkdir()
+    env = {"STORE_URL": MEMCACHED_URL, "DATA_LOCATION": str(tmp / "data" / "shards"),
+           "DATA_ROOTS": str(tmp / "data"), "TRAIN_REPLICAS": "2", "GRAD_REPLICAS": "1",
+           **queue}
+    return local_gateway(tmp, env)
+
+
+@pytest.fixture(scope="module")
+def once(tmp_path_factory):
+    with _gateway(tmp_path_factory, "once") as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory):
+    """Every queued call is delivered again 0.3 s after it started, to an idle
+    queue-worker, while the first delivery still trains."""
+    with _gateway(tmp_path_factory, "twice", EMNIST_GATEWAY_QUEUE_WORKERS="4",
+                  EMNIST_GATEWAY_ACK_WAIT="0.3") as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def kv():
+    kv = open_kv(MEMCACHED_URL)
+    yield kv
+    kv.close()
+
+
+def _run(gw, kv, config: dict) -> tuple[str, ParameterStore]:
+    r = gw.invoke("emnist-setup", config, check=False)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    store = ParameterStore(kv, run_id)
+    deadline = time.monotonic() + 240
+    while store.get_doc("result:0") is None:
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.05)
+    store.attach()
+    return run_id, store
+
+
+def _settled(gw, legit_calls: int) -> None:
+    """Wait until the gateway delivered more emnist-train calls than were made (its
+    redeliveries), and every extra delivery answered that it had nothing to do."""
+    deadline = time.monotonic() + 60
+    while True:
+        delivered = int(gw.get_function("emnist-train").get("invocationCount", 0))
+        repeats = sum("nothing to do for this call" in t for t in _log_texts(gw))
+        if delivered > legit_calls and repeats >= delivered - legit_calls:
+            return
+        assert time.monotonic() < deadline, (delivered, legit_calls, repeats)
+        time.sleep(0.1)
+
+
+def _log_texts(gw) -> list[str]:
+    return [m["text"] for m in gw.logs("emnist-train", tail=0)]
+
+
+def _result_lines(gw, run_id: str) -> int:
+    n = 0
+    for text in _log_texts(gw):
+        if text.startswith('{"emnist_result"'):
+            n += json.loads(text)["emnist_result"]["run_id"] == run_id
+    return n
+
+
+def _params(store: ParameterStore) -> np.ndarray:
+    out = np.empty(store.num_params, dtype=np.float32)
+    store.fetch(out)
+    return out
+
+
+@pytest.mark.parametrize("execution_type", [3, 2])
+def test_a_call_delivered_twice_trains_and_reports_as_delivered_once(once, twice, kv,
+                                                                     execution_type):
+    config = {**RUN, "execution_type": execution_type}
+    base_id, base = _run(once, kv, config)
+    before = int(twice.get_function("emnist-train").get("invocationCount", 0))
+    twin_id, twin = _run(twice, kv, config)
+    legit = RUN["iterations"] if execution_type == 2 else 1  # calls setup and passes made
+    _settled(twice, before + legit)  # the copies arrived and did nothing
+    np.testing.assert_array_equal(_params(twin), _params(base))
+    a, b = base.get_doc("result:0"), twin.get_doc("result:0")
+    assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+    assert [c[1:3] for c in a["curve"]] == [c[1:3] for c in b["curve"]]
+    assert b["invocations"] == (RUN["iterations"] if execution_type == 2 else 1)
+    state = twin.get_doc(state_key(0))
+    assert state["done"] and not state["lease"]
+    assert _result_lines(once, base_id) == 1
+    assert _result_lines(twice, twin_id) == 1  # the copies printed nothing
+
+
+def test_a_duplicate_sent_while_the_worker_trains_changes_nothing(once, kv):
+    """The same, deterministically: a synchronous copy of worker 0's call, sent while its
+    first delivery trains, answers once that one is done, and writes or prints nothing."""
+    r = once.invoke("emnist-setup", {**RUN, "iterations": 6, "execution_type": 3},
+                    check=False)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    store = ParameterStore(kv, run_id)
+    deadline = time.monotonic() + 120
+    while not (store.get_doc(state_key(0)) or {}).get("lease"):  # the first delivery trains
+        assert store.get_doc("result:0") is None, "the run ended before the copy was sent"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    copy = once.invoke("emnist-train", {"run_id": run_id, "worker_id": 0}, check=False)
+    assert copy.status_code == 200, copy.text
+    result = store.get_doc("result:0")
+    assert result is not None and result["iterations"] == 6
+    assert result["invocations"] == 1  # the copy never took the worker
+    assert _result_lines(once, run_id) == 1
+    assert copy.json().get("repeat") and copy.json()["hostname"] == result["hostname"]
+
+
+def test_one_queue_worker_runs_workers_in_turn_and_says_so(tmp_path_factory, kv):
+    """CE's defaults: one queue-worker. Worker 1 waits for worker 0's whole call; with a
+    1 s lease the old watcher took it for dead after 3 s and invoked it a third time."""
+    with _gateway(tmp_path_factory, "ce", EMNIST_GATEWAY_QUEUE_WORKERS="1") as gw:
+        r = CliRunner().invoke(main, [
+            "--gateway", gw.url, "train", "--workers", "2", "--dataset", "fashion-mnist",
+            "--iterations", "12", "--target-accuracy", "0.99", "--batch-size", "100",
+            "--lease-seconds", "1", "--timeout", "300"])
+        assert r.exit_code in (0, 1), r.output  # 1: the target (0.99) is not reached
+        assert "have not started after" in r.output and "queue-worker" in r.output, r.output
+        assert "had no result" not in r.output, r.output
+        runs = [json.loads(t)["emnist_result"] for t in _log_texts(gw)
+                if t.startswith('{"emnist_result"')]
+        assert sorted(x["worker_id"] for x in runs) == [0, 1]
+        assert all(x["iterations"] == 12 and x["invocations"] == 1 for x in runs)
+        # two calls from setup, none from the watcher
+        assert int(gw.get_function("emnist-train")["invocationCount"]) == 2
