@@ -69,17 +69,27 @@ def test_deploy_target_local_is_up(stack_env):
 def test_deploy_k8s_applies_manifests_then_deploys_functions_through_the_gateway(
         stack_env, variants, tmp_path):
     from tests.test_k8s import _calls, _fake_kubectl
-    bindir = _fake_kubectl(tmp_path, {"apply": "secret/emnist-store-password created\n"})
+    applied = ["secret/emnist-store-password created", "deployment.apps/memcached created",
+               "service/memcached created", "daemonset.apps/memcached-local created",
+               "service/memcached-local created", "statefulset.apps/redis created",
+               "service/redis created",
+               "networkpolicy.networking.k8s.io/emnist-stores created"]
+    bindir = _fake_kubectl(tmp_path, {"apply": "\n".join(applied) + "\n",
+                                      "config current-context": "lab\n"})
     pw = tmp_path / "pw"
     pw.write_text("pw-for-redis")
     r = CliRunner().invoke(main, ["--gateway", stack_env["url"], "deploy", "-f",
                                   str(variants / "emnist641.yml"), "--store-password-file",
                                   str(pw), "--manifests", str(ROOT / "deploy" / "k8s"),
-                                  "--no-s3"],  # MinIO and its Secrets: tests/test_k8s_s3.py
+                                  "--no-s3",  # MinIO and its Secrets: tests/test_k8s_s3.py
+                                  "--registry", "ghcr.io/lab"],
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
-    [call] = _calls(tmp_path)
+    check, ready, call = _calls(tmp_path)  # the cluster answers before anything is applied
+    assert check["argv"] == ["config", "current-context"] and ready["argv"][:2] == ["get",
+                                                                                    "--raw"]
     assert call["argv"] == ["apply", "-f", "-"]
+    assert all(f"  {line}" in r.output for line in applied)
     kinds = re.findall(r"^kind: (\w+)", call["stdin"], re.M)
     assert sorted(kinds) == sorted(["Secret", "Deployment", "Service", "DaemonSet", "Service",
                                     "StatefulSet", "Service", "NetworkPolicy"])

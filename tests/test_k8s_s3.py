@@ -300,7 +300,8 @@ def test_only_function_pods_and_the_setup_job_reach_minios_s3_port():
 
 def _kubectl(tmp_path: Path, missing: tuple[str, ...] = ()) -> Path:
     """A stand-in `kubectl` recording argv and stdin; `get secret NAME` fails NotFound (like
-    kubectl, exit 1) for the names in ``missing``, everything else succeeds."""
+    kubectl, exit 1) for the names in ``missing``; a context is set, the cluster answers and
+    `apply` reports each object it read as created; everything else succeeds."""
     bindir = tmp_path / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     script = bindir / "kubectl"
@@ -314,6 +315,14 @@ if args[:2] == ["get", "secret"] and args[2] in {list(missing)!r}:
     sys.exit(f'Error from server (NotFound): secrets "{{args[2]}}" not found')
 if args[:2] == ["get", "secret"]:
     print(f"secret/{{args[2]}}")
+if args[:2] == ["config", "current-context"]:
+    print("lab")
+if args[:1] == ["apply"]:
+    import yaml
+    for d in (d for d in yaml.safe_load_all(stdin) if d):
+        api = d["apiVersion"]
+        group = "." + api.split("/")[0] if "/" in api else ""
+        print(f'{{d["kind"].lower()}}{{group}}/{{d["metadata"]["name"]}} created')
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return bindir
@@ -365,7 +374,8 @@ def test_dry_run_shows_minio_redacted_and_functions_with_endpoint_secret_and_dat
     assert set(by_name) == set(S3_FUNCTIONS)
     for name in S3_FUNCTIONS:
         b = by_name[name]
-        assert b["secrets"] == [objectstore.KEYS_SECRET]  # the NAME, never a value
+        assert b["secrets"][0] == objectstore.KEYS_SECRET  # the NAME, never a value
+        assert b["secrets"][1:] == ([] if name == "emnist-grad" else ["emnist-store-key"])
         assert b["envVars"]["s3_endpoint_url"] == "http://minio.openfaas-fn:9000"
         assert "s3://lab-data/sets" in b["envVars"]["data_roots"].split(",")
         assert access not in json.dumps(b) and secret_key not in json.dumps(b)
@@ -379,8 +389,8 @@ def test_no_s3_and_an_external_endpoint(tmp_path):
     docs, bodies = _dry_run_parts(r.output)
     assert not any(objectstore.is_minio(d) or d["metadata"]["name"].startswith(
         ("emnist-s3", "emnist-minio")) for d in docs)
-    assert all(b.get("secrets", []) == [] and b["envVars"]["s3_endpoint_url"] == ""
-               for b in bodies)
+    assert all(b.get("secrets", []) in ([], ["emnist-store-key"]) and
+               b["envVars"]["s3_endpoint_url"] == "" for b in bodies)
     # an external S3: no MinIO, the functions get its endpoint; keys must exist or be given
     r = _deploy(tmp_path / "b", "--dry-run", "--s3-endpoint", "https://s3.example.org",
                 "--store-password", "pw-1")
@@ -392,7 +402,7 @@ def test_no_s3_and_an_external_endpoint(tmp_path):
     assert f"Secret {objectstore.KEYS_SECRET} must exist" in r.output
     assert {b["envVars"]["s3_endpoint_url"] for b in bodies} == {"https://s3.example.org"}
     r = _deploy(tmp_path / "c", "--s3-endpoint", "https://s3.example.org", "--store-password",
-                "pw-1", missing=(objectstore.KEYS_SECRET,))
+                "pw-1", "--registry", "ghcr.io/lab", missing=(objectstore.KEYS_SECRET,))
     assert r.exit_code == 2 and "--s3-access-key" in r.output and "Traceback" not in r.output
     for bad, says in ((["--data-url", "/srv/sets"], "must be s3://bucket/prefix"),
                       (["--data-url", "s3://A_B/x"], "--data-url"),
@@ -423,13 +433,15 @@ def local_gateway(tmp_path):
 
 def test_deploy_generates_missing_secrets_reruns_the_job_and_deploys_wired_functions(
         tmp_path, local_gateway):
-    r = _deploy(tmp_path, "--store-password", "pw-for-redis", gateway=local_gateway.url,
-                env={"TRAIN_REPLICAS": "1", "GRAD_REPLICAS": "1"},
+    r = _deploy(tmp_path, "--store-password", "pw-for-redis", "--registry", "ghcr.io/lab",
+                gateway=local_gateway.url, env={"TRAIN_REPLICAS": "1", "GRAD_REPLICAS": "1"},
                 missing=(objectstore.ROOT_SECRET, objectstore.KEYS_SECRET))
     assert r.exit_code == 0, r.output
     calls = _calls(tmp_path)
     argv = [c["argv"] for c in calls]
-    assert argv == [["get", "secret", objectstore.ROOT_SECRET, "-n", FNS, "-o", "name"],
+    assert argv[:2] == [["config", "current-context"],
+                        ["get", "--raw", "/readyz", f"--request-timeout={k8s.CHECK_TIMEOUT}s"]]
+    assert argv[2:] == [["get", "secret", objectstore.ROOT_SECRET, "-n", FNS, "-o", "name"],
                     ["get", "secret", objectstore.KEYS_SECRET, "-n", FNS, "-o", "name"],
                     ["delete", "job", objectstore.SETUP_JOB, "-n", FNS, "--ignore-not-found"],
                     ["apply", "-f", "-"]]
@@ -443,17 +455,19 @@ def test_deploy_generates_missing_secrets_reruns_the_job_and_deploys_wired_funct
     gw = GatewayClient(local_gateway.url)
     for name in S3_FUNCTIONS:
         fn = gw.get_function(name)
-        assert fn["secrets"] == [objectstore.KEYS_SECRET]
+        assert fn["secrets"][0] == objectstore.KEYS_SECRET
         assert fn["envVars"]["s3_endpoint_url"] == "http://minio.openfaas-fn:9000"
         assert not any(v in json.dumps(fn) for v in generated)
     assert gw.get_function("emnist-train")["envVars"]["data_location"] == \
         objectstore.DEFAULT_DATA_URL
     # a second deploy keeps existing Secrets (no new keys) but runs the Job again
-    r = _deploy(tmp_path / "again", "--store-password", "pw-for-redis",
-                gateway=local_gateway.url, env={"TRAIN_REPLICAS": "1", "GRAD_REPLICAS": "1"})
+    r = _deploy(tmp_path / "again", "--store-password", "pw-for-redis", "--registry",
+                "ghcr.io/lab", gateway=local_gateway.url,
+                env={"TRAIN_REPLICAS": "1", "GRAD_REPLICAS": "1"})
     assert r.exit_code == 0, r.output
     calls = _calls(tmp_path / "again")
-    assert [c["argv"][:2] for c in calls] == [["get", "secret"], ["get", "secret"],
+    assert [c["argv"][:2] for c in calls] == [["config", "current-context"], ["get", "--raw"],
+                                              ["get", "secret"], ["get", "secret"],
                                               ["delete", "job"], ["apply", "-f"]]
     applied = [d for d in yaml.safe_load_all(calls[-1]["stdin"]) if d]
     assert [d["metadata"]["name"] for d in applied if d["kind"] == "Secret"] == [

@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
+import requests
 
 from emnist.cli.base import Ctx, friendly, pass_ctx, stack_option, store_option
-from emnist.cli.stack import bring_up, print_functions
+from emnist.cli.stack import STORE_KEY_SECRET, bring_up, print_functions
 from emnist.cluster import baseimages, k8s, objectstore
 from emnist.cluster import build as builder
 from emnist.data.idx import DataError
 from emnist.data.s3 import DEFAULT_ACCESS_SECRET, DEFAULT_SECRET_SECRET, parse_s3_url
-from emnist.gateway.client import deploy_request
+from emnist.gateway.client import GatewayClient, GatewayError, deploy_request
 from emnist.gateway.stack import load_stack
 from emnist.paths import cache_dir
 
@@ -24,6 +27,7 @@ PASSWORD_ENV = "EMNIST_STORE_PASSWORD"
 S3_ENDPOINT_ENV = "EMNIST_S3_ENDPOINT"  # the functions' endpoint (never the laptop's)
 DATA_URL_ENV = "EMNIST_DATA_URL"  # the same name `emnist data prepare --data-url` reads
 ACCESS_ENV, SECRET_ENV = "EMNIST_S3_ACCESS_KEY", "EMNIST_S3_SECRET_KEY"
+PLACEHOLDER_REGISTRY = "docker.io/emnist/"  # emnist.yml's ${REGISTRY:-docker.io/emnist}
 
 REGISTRY_OPT = click.option("--registry", envvar="REGISTRY", default=None,
                             help="Image prefix, e.g. ghcr.io/you (env REGISTRY; the stack's "
@@ -140,17 +144,36 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
         return
     plan = _s3_plan(use_s3, s3_endpoint, data_url, namespace)
     env = builder.image_env(os.environ, registry, tag)
+    key_secret = env.get("STORE_KEY_SECRET") or STORE_KEY_SECRET
+    env["STORE_KEY_SECRET"] = key_secret  # setup and train seal run documents with it
     if plan:
         env.update(objectstore.stack_env(plan, env))
     spec = load_stack(stack, env)
+    placeholders = [fn.image for fn in spec.functions.values()
+                    if fn.image.startswith(PLACEHOLDER_REGISTRY)]
+    if placeholders and not dry_run:
+        raise click.UsageError(
+            f"no cluster can pull {', '.join(placeholders)} (the stack's placeholder "
+            f"registry): push the images (emnist build --push --registry REG) and pass "
+            f"--registry REG (or env REGISTRY)")
     password = _password(store_password, store_password_file)
+    if password:
+        try:
+            k8s.store_secret(password)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    context = None
+    if not dry_run and not skip_stores:  # kubectl is used: its cluster must answer first
+        context = k8s.check_cluster()
+        click.echo(f"kube context {context}: the cluster answers", err=True)
     objs: list[dict] = []
     notes: list[str] = []
+    generated: list[str] = []  # said once kubectl has applied them
     if not skip_stores:
         if password is None and not dry_run and not _secret_exists(k8s.SECRET_NAME, namespace):
             password = secrets.token_urlsafe(24)
-            click.echo(f"generated a store password into Secret {k8s.SECRET_NAME} in "
-                       f"{namespace} (read it with kubectl get secret)", err=True)
+            generated.append(f"generated a store password into Secret {k8s.SECRET_NAME} in "
+                             f"{namespace} (read it with kubectl get secret)")
         if password is None and dry_run:
             notes.append(f"# Secret {k8s.SECRET_NAME}: a random password unless it exists "
                          f"(or pass --store-password-file / {PASSWORD_ENV})")
@@ -158,7 +181,7 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
         found = [m for m in k8s.load_manifests(manifests)
                  if (plan and plan.minio) or not objectstore.is_minio(m)]
         extra = _s3_secrets(plan, namespace, s3_access_key, s3_secret_key, dry_run,
-                            notes) if plan else []
+                            notes, generated) if plan else []
         objs = k8s.render(found, namespace=namespace, password=shown, secrets=extra)
         if plan:
             objs = objectstore.configure(objs, plan)
@@ -167,6 +190,8 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
     rerun_job = ["delete", "job", objectstore.SETUP_JOB, "-n", namespace, "--ignore-not-found"]
     minio = any(objectstore.is_minio(m) for m in objs)
     if dry_run:
+        for image in placeholders:
+            click.echo(f"# note: {image} cannot be pulled by a cluster: pass --registry")
         if plan:
             click.echo(f"# functions: data_location {plan.data_url} at {plan.endpoint}, keys "
                        f"from the OpenFaaS secret {objectstore.KEYS_SECRET}")
@@ -177,6 +202,8 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
                 click.echo(f"# kubectl {' '.join(rerun_job)}  (the setup Job runs again)")
             click.echo(f"# kubectl apply -f - ({len(objs)} objects)")
             click.echo(k8s.to_yaml([k8s.redact(m) for m in objs]))
+        click.echo(f"# POST {c.gateway}/system/secrets {key_secret}: a random key unless the "
+                   "secret exists")
         for body in requests_:
             click.echo(f"# PUT {c.gateway}/system/functions (then POST if 404)")
             click.echo(json.dumps(body, indent=2, sort_keys=True))
@@ -186,8 +213,13 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
     if minio:
         k8s.kubectl(rerun_job)
     if objs:
-        click.echo(k8s.apply(objs).rstrip())
+        _apply(objs, context)
+        for line in generated:
+            click.echo(line, err=True)
     gw = c.gw
+    if ensure_gateway_secret(gw, key_secret, lambda: secrets.token_urlsafe(32)):
+        click.echo(f"created the OpenFaaS secret {key_secret} (a random key that seals run "
+                   f"documents) through {c.gateway}", err=True)
     for body in requests_:
         gw.deploy(body)
         click.echo(f"deployed {body['service']} ({body['image']}) to {c.gateway}")
@@ -196,6 +228,49 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
                    f" & emnist data prepare --data-url {plan.data_url} --s3-endpoint "
                    f"http://127.0.0.1:{objectstore.MINIO_PORT} (keys: docs/deploy.md)")
     click.echo("next: emnist scale emnist-train --replicas N; emnist train --workers N")
+
+
+def _apply(objs: list[dict], context: str | None) -> None:
+    """Apply, then list what kubectl said it applied (its own lines), and fail before the
+    functions are deployed if it did not name every object sent: a deploy reports only what
+    happened, never the plan."""
+    out = k8s.apply(objs)
+    applied = k8s.applied_lines(out)
+    click.echo(f"applied to kube context {context} ({len(applied)} objects):")
+    for ref, action in applied:
+        click.echo(f"  {ref} {action}")
+    missing = k8s.unreported(objs, applied)
+    if missing:
+        raise k8s.KubectlError(f"kubectl apply did not report {len(missing)} of the "
+                               f"{len(objs)} objects sent ({', '.join(missing)}); the "
+                               "functions were not deployed")
+
+
+def ensure_gateway_secret(gw: GatewayClient, name: str, make: Callable[[], str]) -> bool:
+    """Create the OpenFaaS secret ``name`` with ``make()`` through the gateway's
+    ``/system/secrets`` (as ``faas-cli secret create`` does) unless it exists; True when
+    created. Never overwrites: a key that sealed stored documents must outlive redeploys."""
+    def call(method: str, **kwargs: Any) -> Any:
+        try:
+            resp = gw.session.request(method, gw.url + "/system/secrets", auth=gw.auth,
+                                      timeout=gw.timeout, **kwargs)
+        except requests.ConnectionError as e:
+            raise GatewayError(0, f"the gateway at {gw.url} is not reachable "
+                                  f"({type(e).__name__})") from e
+        return resp
+
+    resp = call("GET", params={"namespace": k8s.FUNCTIONS_NAMESPACE})
+    if not resp.ok:
+        raise GatewayError(resp.status_code, f"listing secrets: {resp.text.strip()}")
+    if any(item.get("name") == name for item in resp.json() or []):
+        return False
+    resp = call("POST", json={"name": name, "value": make(),
+                              "namespace": k8s.FUNCTIONS_NAMESPACE})
+    if resp.status_code == 409:  # created meanwhile: theirs is kept
+        return False
+    if not resp.ok:
+        raise GatewayError(resp.status_code, f"creating secret {name}: {resp.text.strip()}")
+    return True
 
 
 def _s3_plan(use_s3: bool, endpoint: str | None, data_url: str,
@@ -218,7 +293,8 @@ def _s3_plan(use_s3: bool, endpoint: str | None, data_url: str,
 
 
 def _s3_secrets(plan: objectstore.S3Plan, namespace: str, access: str | None,
-                secret: str | None, dry_run: bool, notes: list[str]) -> list[dict]:
+                secret: str | None, dry_run: bool, notes: list[str],
+                generated: list[str]) -> list[dict]:
     """The MinIO root Secret and the functions' keys (generated when absent), or nothing for
     what already exists. Keys live in the functions' namespace (OpenFaaS mounts them from
     there) and, for MinIO's setup Job, in the stores' namespace too."""
@@ -232,8 +308,8 @@ def _s3_secrets(plan: objectstore.S3Plan, namespace: str, access: str | None,
             out.append(objectstore.root_secret(*placeholder, namespace))
         elif not _secret_exists(objectstore.ROOT_SECRET, namespace):
             out.append(objectstore.root_secret(*objectstore.generate_root(), namespace))
-            click.echo(f"generated MinIO's administrator into Secret {objectstore.ROOT_SECRET} "
-                       f"in {namespace}", err=True)
+            generated.append(f"generated MinIO's administrator into Secret "
+                             f"{objectstore.ROOT_SECRET} in {namespace}")
     keys: tuple[str, str] | None = (access, secret) if access and secret else None
     if keys is None and dry_run:
         if plan.minio:
@@ -249,8 +325,8 @@ def _s3_secrets(plan: objectstore.S3Plan, namespace: str, access: str | None,
                 f"/{SECRET_ENV}) or create the Secret {objectstore.KEYS_SECRET} in {fns} with "
                 f"the keys {DEFAULT_ACCESS_SECRET} and {DEFAULT_SECRET_SECRET}")
         keys = objectstore.generate_keys()
-        click.echo(f"generated the functions' S3 keys into Secret {objectstore.KEYS_SECRET} in "
-                   f"{fns}", err=True)
+        generated.append(f"generated the functions' S3 keys into Secret "
+                         f"{objectstore.KEYS_SECRET} in {fns}")
     if keys:
         out.append(objectstore.keys_secret(*keys, fns))
         if plan.minio and namespace != fns:

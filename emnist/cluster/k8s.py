@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -21,14 +22,16 @@ from typing import Any
 import yaml
 
 __all__ = ["FUNCTIONS_NAMESPACE", "KUBECTL_HINT", "KubectlError", "Pod", "SECRET_NAME",
-           "apply", "kubectl", "load_manifests", "pod_logs", "pods", "redact", "render",
-           "scale_command", "scale_deployment", "store_secret", "to_yaml"]
+           "apply", "applied_lines", "check_cluster", "kubectl", "load_manifests", "object_ref",
+           "pod_logs", "pods", "redact", "render", "scale_command", "scale_deployment",
+           "store_secret", "to_yaml", "unreported"]
 
 FUNCTIONS_NAMESPACE = "openfaas-fn"
 SECRET_NAME = "emnist-store-password"  # also the key: OpenFaaS mounts it at
 # /var/openfaas/secrets/emnist-store-password (STORE_URL ...?password_file=emnist-store-password)
 KUBECTL_HINT = ("kubectl is not installed or not on PATH: install it "
                 "(https://kubernetes.io/docs/tasks/tools/) and point it at the cluster")
+CHECK_TIMEOUT = 5  # seconds kubectl may take to reach the API server in check_cluster
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
                   "StorageClass", "CustomResourceDefinition"}
 
@@ -61,9 +64,17 @@ def load_manifests(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def store_secret(password: str, namespace: str = FUNCTIONS_NAMESPACE) -> dict[str, Any]:
-    """The store password as a Secret (an OpenFaaS secret too when in the functions' ns)."""
+    """The store password as a Secret (an OpenFaaS secret too when in the functions' ns).
+
+    Redis reads it from a config file as ``requirepass "<password>"`` (redis.yaml), where a
+    double quote, a backslash or a control character would end or alter the value: refused.
+    """
     if not password:
         raise ValueError("the store password is empty")
+    if any(ch in password for ch in '"\\') or any(ord(ch) < 32 or ord(ch) == 127
+                                                 for ch in password):
+        raise ValueError("the store password may not contain a double quote, a backslash or "
+                         "a control character (Redis reads it from a quoted config line)")
     return {"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": SECRET_NAME, "namespace": namespace,
                          "labels": {"app.kubernetes.io/part-of": "emnist"}},
@@ -124,21 +135,81 @@ def to_yaml(manifests: list[Mapping[str, Any]]) -> str:
 # -- kubectl -----------------------------------------------------------------------------------
 
 def kubectl(args: list[str], *, input: str | None = None, capture: bool = True,
-            env: Mapping[str, str] | None = None) -> str:
-    """Run ``kubectl ARGS``; its stdout (when captured). KubectlError on failure or absence."""
+            env: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
+    """Run ``kubectl ARGS``; its stdout (when captured). KubectlError on failure, absence, or
+    no answer within ``timeout`` seconds."""
     env = dict(os.environ if env is None else env)
     binary = shutil.which("kubectl", path=env.get("PATH"))
     if binary is None:
         raise KubectlError(KUBECTL_HINT)
-    proc = subprocess.run([binary, *args], input=input, text=True, env=env,
-                          stdin=None if input is not None else subprocess.DEVNULL,
-                          stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.PIPE)
+    try:
+        proc = subprocess.run([binary, *args], input=input, text=True, env=env,
+                              stdin=None if input is not None else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise KubectlError(f"kubectl {' '.join(args[:3])} did not answer within "
+                           f"{timeout:g}s") from None
     if proc.returncode:
         err = (proc.stderr or "").strip().splitlines()
         raise KubectlError(f"kubectl {' '.join(args[:3])} failed ({proc.returncode}): "
                            f"{err[-1] if err else 'no output'}")
     return proc.stdout or ""
+
+
+def check_cluster(timeout: float = CHECK_TIMEOUT) -> str:
+    """The current kube context, once its API server has answered ``/readyz``.
+
+    Run before anything is generated or applied, so that a wrong or missing context, or a
+    cluster that is down, fails with one line naming the context instead of half a deploy.
+    """
+    why = "it printed nothing"
+    try:
+        context = kubectl(["config", "current-context"], timeout=timeout).strip()
+    except KubectlError as e:
+        if str(e) == KUBECTL_HINT:
+            raise
+        context, why = "", str(e)
+    if not context:
+        raise KubectlError(f"no kube context is set ({why}): `kubectl config use-context "
+                           "NAME` for the cluster to deploy to; nothing was deployed")
+    try:
+        kubectl(["get", "--raw", "/readyz", f"--request-timeout={timeout:g}s"],
+                timeout=timeout + 5)
+    except KubectlError as e:
+        raise KubectlError(f"the cluster of kube context {context!r} does not answer: {e}; "
+                           "nothing was deployed") from e
+    return context
+
+
+def object_ref(m: Mapping[str, Any]) -> str:
+    """How ``kubectl apply`` names an object in its output: ``kind[.group]/name``."""
+    api = str(m.get("apiVersion", ""))
+    group = api.split("/")[0] if "/" in api else ""
+    kind = str(m["kind"]).lower()
+    return f"{kind}.{group}/{m['metadata']['name']}" if group else f"{kind}/{m['metadata']['name']}"
+
+
+_APPLIED = re.compile(r"^(\S+/\S+) (created|configured|unchanged|serverside-applied)"
+                      r"(?: \(.*\))?$")
+
+
+def applied_lines(output: str) -> list[tuple[str, str]]:
+    """``(kind[.group]/name, action)`` for every object ``kubectl apply`` said it applied."""
+    return [(m.group(1), m.group(2)) for m in map(_APPLIED.match, output.splitlines()) if m]
+
+
+def unreported(manifests: list[Mapping[str, Any]], applied: list[tuple[str, str]]) -> list[str]:
+    """The objects sent that kubectl's output does not name (each line accounts for one)."""
+    left = [ref for ref, _ in applied]
+    missing = []
+    for m in manifests:
+        ref = object_ref(m)
+        if ref in left:
+            left.remove(ref)
+        else:
+            missing.append(ref)
+    return missing
 
 
 def apply(manifests: list[dict[str, Any]]) -> str:
