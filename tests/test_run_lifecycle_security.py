@@ -133,3 +133,22 @@ def test_a_pass_that_took_too_many_invocations_stops_the_worker(gateway, kv):
     assert r.json()["done"] and r.json()["stop_reason"].startswith("invocations: ")
     assert store.get_doc(state_key(0))["step"] == step  # nothing trained on the way out
     _no_more_calls(gateway, calls + 1)
+
+
+@pytest.mark.parametrize("forged", [[1, 2, 3], "stop", {"worker_id": "x" * 5000, "reason": 7}])
+def test_a_malformed_stop_signal_stops_the_worker_cleanly(gateway, kv, forged):
+    """A stop document a store writer forged (not an object, hostile fields) ends the worker
+    with a short reason, never a crash of every train call."""
+    run_id = "tstop" + str(time.time_ns())[-9:]
+    store = ParameterStore(kv, run_id)
+    store.put_doc("stop", forged)
+    r = gateway.invoke("emnist-setup", {**RUN, "run_id": run_id, "iterations": 5,
+                                        "dataset": "fashion-mnist", "target_accuracy": 0.99},
+                       check=False)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while store.get_doc("result:0") is None:
+        assert time.monotonic() < deadline, "the worker never finished"
+        time.sleep(0.05)
+    reason = store.get_doc("result:0")["stop_reason"]
+    assert reason.startswith("stopped by worker ") and len(reason) < 120, reason

@@ -29,7 +29,13 @@ import numpy as np
 
 from emnist.store import ParameterStore, codec
 from emnist.train.config import TrainConfig
-from emnist.train.state import Progress, WorkerState, require_finite
+from emnist.train.state import (
+    Progress,
+    WorkerState,
+    require_finite,
+    round_number,
+    stop_signal,
+)
 
 KEEP_ROUNDS = 3  # a worker deletes its own round r - KEEP_ROUNDS when it publishes round r
 
@@ -74,10 +80,9 @@ class Averaging:
     def rejoin(self, params: np.ndarray, steps_per_pass: int) -> None:
         """A worker that starts behind the newest round, or at it (its state is recorded at
         rounds), takes that round's average (skipping to it)."""
-        latest = self.store.get_doc("avglatest")
-        if not latest or latest["round"] * self.every < self.st.step:
+        r = round_number(self.store.get_doc("avglatest"))
+        if r is None or r * self.every < self.st.step:
             return
-        r = latest["round"]
         self.st.step = r * self.every
         self.st.iteration, self.st.offset = divmod(self.st.step, steps_per_pass)
         present = [w for w in range(len(self.others) + 1)
@@ -109,7 +114,7 @@ class Averaging:
             got = kv.get_many([*markers, stop_key])
             present = sorted(w for k, w in markers.items() if k in got)
             if stop_key in got:
-                self.stop = codec.decode_doc(stop_key, got[stop_key])
+                self.stop = stop_signal(codec.decode_doc(stop_key, got[stop_key]))
             waiting = [w for w in self.others if w not in present and w not in self.suspect]
             if not waiting:
                 break

@@ -32,7 +32,7 @@ import numpy as np
 
 from emnist.store import ParameterStore
 from emnist.train.config import TrainConfig
-from emnist.train.state import Progress, WorkerState, require_finite
+from emnist.train.state import Progress, WorkerState, require_finite, stop_signal
 
 STOP_CHECK_EVERY = 5  # exchanges between reads of the run's stop flag
 
@@ -138,7 +138,7 @@ class Exchange:
             self.res.fetches += 1
             self.res.bytes_fetched += nbytes
         if check_stop:
-            self.stop = self.store.get_doc("stop")
+            self.stop = stop_signal(self.store.get_doc("stop"))
 
     def settle(self, params: np.ndarray) -> None:
         """Wait for the exchange in flight; make the local copy ``fetched global + pending``."""

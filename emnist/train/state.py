@@ -139,6 +139,27 @@ class WorkerState:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def stop_signal(doc: Any) -> dict[str, Any] | None:
+    """A run's ``stop`` document as the loop uses it (the store is untrusted): None when
+    there is none; a malformed one still stops the worker, its fields reduced to a worker
+    id and a short reason."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        return {"worker_id": None, "reason": "a malformed stop signal"}
+    worker = doc.get("worker_id")
+    return {"worker_id": worker if isinstance(worker, int) and not isinstance(worker, bool)
+            and 0 <= worker <= MAX_COUNT else None,
+            "reason": str(doc.get("reason"))[:64]}
+
+
+def round_number(doc: Any) -> int | None:
+    """The ``round`` of an ``avglatest`` document, or None unless it is a counter in range."""
+    r = doc.get("round") if isinstance(doc, dict) else None
+    return r if isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= MAX_COUNT \
+        else None
+
+
 def stop_calls(st: WorkerState) -> None:
     """End a worker whose current pass has taken ``MAX_PASS_CALLS`` invocations already."""
     if not st.done and st.pass_calls > MAX_PASS_CALLS:
