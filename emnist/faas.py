@@ -153,34 +153,41 @@ def guarded(data_field: str = "dataset_dir") -> Callable[[Callable], Callable]:
     """Wrap ``handle(event, context)``: expected problems become 4xx naming the field (data
     errors name ``data_field`` unless they know theirs), store and gateway failures a generic
     502, anything else a generic 500; details and tracebacks go to stderr only."""
-    from emnist.data import DataError
-    from emnist.gateway.client import GatewayError
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def handle(event: Any, context: Any) -> Any:
             try:
                 return fn(event, context)
-            except RequestError as e:
-                return error(e.status, str(e))
-            except (ConfigError, PolicyError) as e:
-                return error(400, str(e))
-            except DataError as e:
-                return _data_answer(e, data_field)
-            except StoreError as e:
-                log(f"store error: {e}")
-                return error(502, "store_url: the store failed or cannot be reached "
-                             "(details in the function's logs)")
-            except GatewayError as e:
-                log(f"gateway error: {e}")
-                status = f" (HTTP {e.status})" if e.status else ""
-                return error(502, f"gateway: the OpenFaaS gateway refused or failed a call"
-                             f"{status} (details in the function's logs)")
-            except Exception:  # noqa: BLE001 - the caller sees no exception text
-                log(f"internal error:\n{traceback.format_exc()}")
-                return error(500, INTERNAL)
+            except Exception as e:  # noqa: BLE001 - the caller sees no exception text
+                return answer_for(e, data_field)
         return handle
     return wrap
+
+
+def answer_for(e: Exception, data_field: str = "dataset_dir") -> dict[str, Any]:
+    """The answer :func:`guarded` gives for ``e`` (the details go to stderr only); handlers
+    that note a failure elsewhere (a worker's error document) use the same words."""
+    from emnist.data import DataError
+    from emnist.gateway.client import GatewayError
+
+    if isinstance(e, RequestError):
+        return error(e.status, str(e))
+    if isinstance(e, ConfigError | PolicyError):
+        return error(400, str(e))
+    if isinstance(e, DataError):
+        return _data_answer(e, data_field)
+    if isinstance(e, StoreError):
+        log(f"store error: {e}")
+        return error(502, "store_url: the store failed or cannot be reached "
+                     "(details in the function's logs)")
+    if isinstance(e, GatewayError):
+        log(f"gateway error: {e}")
+        status = f" (HTTP {e.status})" if e.status else ""
+        return error(502, f"gateway: the OpenFaaS gateway refused or failed a call"
+                     f"{status} (details in the function's logs)")
+    log("internal error:\n" + "".join(traceback.format_exception(e)))
+    return error(500, INTERNAL)
 
 
 def kv_for(url: str) -> KV:

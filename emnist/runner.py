@@ -103,6 +103,16 @@ def queued_note(st: dict[str, Any], waited: float) -> str | None:
                               running=f"worker{'s' if len(running) > 1 else ''} {running}")
 
 
+def _failures(st: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """Workers without a result whose last call failed after their last heartbeat."""
+    out = []
+    for w, failure in enumerate(st.get("errors") or []):
+        beat = (st["progress"][w] or {}).get("heartbeat") or 0.0
+        if failure and st["results"][w] is None and failure["at"] > beat:
+            out.append((w, failure))
+    return out
+
+
 def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: float,
           interval: float = 0.25,
           on_status: Callable[[dict[str, Any]], None] | None = None,
@@ -154,6 +164,18 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
         if note and on_note:
             on_note(note)
             noted = True
+        for w, failure in _failures(st):
+            if not failure["retry"]:
+                raise RunError(f"run {run_id}: worker {w} failed: {failure['error']} (see "
+                               f"`emnist logs {TRAIN}`)")
+            if recover and st["progress"][w] is None and \
+                    time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
+                if len(recoveries) >= max_recoveries:
+                    raise RunError(f"run {run_id}: worker {w} failed again: "
+                                   f"{failure['error']}")
+                relaunched[w] = time.monotonic()  # its call failed before it saved: retry
+                gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
+                recoveries.append(f"{time.time():.3f} relaunched failed worker {w}")
         if recover:
             for w, p in enumerate(st["progress"]):
                 if st["results"][w] is not None or p is None:

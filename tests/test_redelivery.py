@@ -23,7 +23,7 @@ from emnist.cli import main
 from emnist.store import ParameterStore, open_kv
 from emnist.train.state import state_key
 from tests.conftest import MEMCACHED_URL
-from tests.servers import local_gateway
+from tests.servers import ROOT, local_gateway
 
 RUN = {"dataset": "fashion-mnist", "number_of_workers": 1, "iterations": 3,
        "target_accuracy": 0.99, "batch_size": 100, "n_fetch": 5, "n_push": 5}
@@ -164,4 +164,31 @@ def test_one_queue_worker_runs_workers_in_turn_and_says_so(tmp_path_factory, kv)
         assert sorted(x["worker_id"] for x in runs) == [0, 1]
         assert all(x["iterations"] == 12 and x["invocations"] == 1 for x in runs)
         # two calls from setup, none from the watcher
+        assert int(gw.get_function("emnist-train")["invocationCount"]) == 2
+
+
+def test_workers_that_cannot_reach_their_data_end_the_run_with_the_reason(tmp_path):
+    """No shared disk: emnist-train's data location is not where setup prepared the set (as
+    in separate containers). The workers' failure ends `emnist train` with their reason,
+    long before its timeout, and nobody invokes them again."""
+    lines = (ROOT / "emnist.yml").read_text().splitlines()
+    train_at = lines.index("  emnist-train:")
+    at = next(i for i in range(train_at, len(lines)) if "data_location:" in lines[i])
+    lines[at] = "      data_location: ${TRAIN_DATA_LOCATION:-}"
+    stack = tmp_path / "stack.yml"
+    stack.write_text("\n".join(lines) + "\n")
+    for name in ("functions", "emnist", "template"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "data").mkdir()
+    env = {"STORE_URL": MEMCACHED_URL, "DATA_LOCATION": str(tmp_path / "data" / "setup"),
+           "TRAIN_DATA_LOCATION": str(tmp_path / "data" / "train"), "TRAIN_REPLICAS": "2",
+           "GRAD_REPLICAS": "1"}
+    with local_gateway(tmp_path, env, stack=stack) as gw:
+        r = CliRunner().invoke(main, [
+            "--gateway", gw.url, "train", "--workers", "2", "--dataset", "fashion-mnist",
+            "--lease-seconds", "1", "--timeout", "120"])
+        assert r.exit_code == 1, r.output
+        assert "failed: run_id: a stored document" in r.output and "data_location" in r.output, \
+            r.output
+        assert "had no result after" not in r.output
         assert int(gw.get_function("emnist-train")["invocationCount"]) == 2

@@ -22,7 +22,7 @@ from emnist.data.cache import open_set
 from emnist.data.prepared import ensure_set
 from emnist.data.shards import image_shape
 from emnist.models import Model, ModelSpec, build_model, param_count
-from emnist.store import KV, MissingState, ParameterStore, claim, shared_kv
+from emnist.store import KV, CorruptValue, MissingState, ParameterStore, claim, codec, shared_kv
 from emnist.store.keys import key_for
 from emnist.store.tiered import TieredStore
 from emnist.train.checkpoint import Checkpoints, NoCheckpoint
@@ -331,6 +331,45 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     return st, record
 
 
+MAX_ERROR = 300  # characters of a worker's error document
+
+
+def record_failure(kv: KV, run_id: str, worker_id: int, hostname: str, message: str,
+                   retry: bool) -> bool:
+    """Note why a worker's call failed (``error:{worker}``), so a watcher ends a run that
+    cannot proceed within seconds, and relaunches only what a retry can fix. Only for a
+    run that exists (a refused request leaves nothing), one bounded document per worker."""
+    store = ParameterStore(kv, run_id)
+    if store.key("run") not in kv.get_many([store.key("run")]):
+        return False
+    store.put_doc(f"error:{worker_id}", {"worker_id": worker_id, "hostname": hostname[:64],
+                                         "at": time.time(), "error": message[:MAX_ERROR],
+                                         "retry": retry})
+    return True
+
+
+def _errors(store: ParameterStore, n: int) -> list[dict[str, Any] | None]:
+    """Each worker's last failure note, a damaged or forged one read as none."""
+    keys = [store.key(f"error:{w}") for w in range(n)]
+    got = store.kv.get_many(keys)
+    out = []
+    for k in keys:
+        try:
+            out.append(_error_doc(codec.decode_doc(k, got[k])) if k in got else None)
+        except CorruptValue:
+            out.append(None)
+    return out
+
+
+def _error_doc(doc: Any) -> dict[str, Any] | None:
+    """A stored error document as status reports it (the store is untrusted), or None."""
+    if not (isinstance(doc, dict) and isinstance(doc.get("error"), str)
+            and isinstance(doc.get("at"), int | float)):
+        return None
+    return {"error": doc["error"][:MAX_ERROR], "at": float(doc["at"]),
+            "retry": doc.get("retry") is True, "hostname": str(doc.get("hostname", ""))[:64]}
+
+
 def _repeat(store: ParameterStore, st: WorkerState) -> dict[str, Any]:
     """What a call with nothing to do answers: the finished worker's stored result (never
     rewritten), else its state's record, marked ``repeat``."""
@@ -375,6 +414,7 @@ def run_status(kv: KV, run_id: str, detail: bool = False,
             k: d.get(k) for k in PROGRESS_FIELDS})
     results = [docs.get(f"result:{w}") for w in range(n)]
     return {"run_id": run_id, "workers": n, "config": state["config"],
+            "errors": _errors(store, n),
             "started": state["started"], "stop": docs.get("stop"), "now": time.time(),
             "steps_per_pass": state.get("steps_per_pass"), "model": state.get("model"),
             "num_classes": state.get("num_classes"), "num_params": state.get("num_params"),

@@ -29,6 +29,7 @@ from emnist.faas import (
     BadRequest,
     Conflict,
     NotFound,
+    answer_for,
     environment,
     error,
     gateway_url,
@@ -43,8 +44,8 @@ from emnist.gateway.client import GatewayClient
 from emnist.models import preload
 from emnist.store import CorruptValue
 from emnist.store.keys import valid_run_id
-from emnist.train.config import TrainConfig
-from emnist.train.run import UnknownRun, ensure_run, train_worker
+from emnist.train.config import ConfigError, TrainConfig
+from emnist.train.run import UnknownRun, ensure_run, record_failure, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
 FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict, "pass": int}
@@ -73,13 +74,42 @@ def _train(event, context, env: dict):
     store_url = request.get("store_url") or own
     if "store_url" in request:
         policy.check_store_url(env, "store_url", store_url, own)
+    cfg = None
+    if "config" in request:  # the whole request is validated before anything is done
+        cfg = resolved_config(TrainConfig.from_request(env, request["config"]), env)
+        if cfg.execution_type != 1 or not cfg.number_of_workers:
+            raise BadRequest("config: only for execution_type 1, with number_of_workers")
     kv = open_store(store_url, env)
+    try:
+        return _run(request, cfg, context, env, kv)
+    except Exception as e:  # noted for the watcher, then answered by guarded as always
+        _note_failure(kv, run_id, worker_id, context.hostname, e)
+        raise
+
+
+def _note_failure(kv, run_id: str, worker_id: int, hostname: str, e: Exception) -> None:
+    """A failure a watcher should hear of: in the run's store, for a run that exists, in the
+    words of the answer; 5xx (store, gateway, internal) may pass on a retry. A busy worker
+    (another delivery trains it) and an unknown run are not failures of this worker."""
+    if isinstance(e, Busy | NotFound | BadRequest | ConfigError):
+        return  # not the run's failure: a busy worker, an unknown run, a bad worker id
+    answer = answer_for(e, "run_id")
+    try:
+        record_failure(kv, run_id, worker_id, hostname, answer["body"]["error"],
+                       retry=answer["statusCode"] >= 500)
+    except Exception as note_error:  # noqa: BLE001 - the store may be what failed
+        log(f"worker {worker_id}: could not note the failure: {note_error}")
+
+
+class Busy(Conflict):
+    """Another invocation owns the worker (a duplicate delivery): answered 409, not noted."""
+
+
+def _run(request: dict, cfg: TrainConfig | None, context, env: dict, kv):
+    run_id, worker_id = request["run_id"], request["worker_id"]
     body = {k: v for k, v in request.items() if k != "config"}
     try:
-        if "config" in request:
-            cfg = resolved_config(TrainConfig.from_request(env, request["config"]), env)
-            if cfg.execution_type != 1 or not cfg.number_of_workers:
-                raise BadRequest("config: only for execution_type 1, with number_of_workers")
+        if cfg is not None:
             ensure_run(cfg, kv, cfg.number_of_workers, run_id)
         st, record = train_worker(kv, run_id, worker_id, context.hostname,
                                   next_pass=_next_pass(body, env), env=env,
@@ -93,7 +123,7 @@ def _train(event, context, env: dict):
             from None
     except (WorkerBusy, LeaseLost) as e:
         log(f"worker {worker_id}: {e}")
-        raise Conflict(f"worker_id: {e}") from None
+        raise Busy(f"worker_id: {e}") from None
     if record.get("repeat"):  # a redelivered or duplicated call: the first one answered
         log(f"worker {worker_id}: nothing to do for this call (pass "
             f"{request.get('pass', '-')}, worker at pass {st.iteration}, done {st.done})")
