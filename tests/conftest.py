@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 
 import pytest
 
@@ -48,3 +49,22 @@ def kv(request):
     """Every backend, each on a real server."""
     return request.getfixturevalue({"memcached": "memcached_kv", "memcached+binary": "binary_kv",
                                     "redis": "redis_kv"}[request.param])
+
+
+@pytest.fixture
+def trap():
+    """A listening socket nobody should connect to: any connection shows in its backlog."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    s.setblocking(False)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def module_kv():
+    """One memcached handle for a module's tests (runs never share keys)."""
+    kv = open_kv(MEMCACHED_URL)
+    yield kv
+    kv.close()

@@ -80,3 +80,19 @@ def start_together(procs: list[subprocess.Popen], timeout: float = 120) -> None:
         p.stdin.flush()
     for p in procs:
         assert p.wait(timeout) == 0
+
+
+def run_to_result(gw: GatewayClient, kv, config: Mapping, timeout: float = 240):
+    """emnist-setup with ``config``, then wait for worker 0's result: (run id, its store)."""
+    from emnist.store import ParameterStore
+
+    r = gw.invoke("emnist-setup", dict(config), check=False)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    store = ParameterStore(kv, run_id)
+    deadline = time.monotonic() + timeout
+    while store.get_doc("result:0") is None:
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.05)
+    store.attach()
+    return run_id, store

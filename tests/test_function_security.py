@@ -87,17 +87,6 @@ def fn_env(monkeypatch):
     return set_env
 
 
-@pytest.fixture
-def trap():
-    """A listening socket nobody should connect to: any connection shows in its backlog."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(8)
-    s.setblocking(False)
-    yield s
-    s.close()
-
-
 def no_connection(trap: socket.socket) -> None:
     with pytest.raises(BlockingIOError):
         conn, _ = trap.accept()

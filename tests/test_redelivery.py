@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 from emnist.cli import main
-from emnist.store import ParameterStore, open_kv
+from emnist.store import ParameterStore
 from emnist.train.state import state_key
 from tests.conftest import MEMCACHED_URL
-from tests.servers import ROOT, local_gateway
+from tests.servers import ROOT, local_gateway, run_to_result
 
 RUN = {"dataset": "fashion-mnist", "number_of_workers": 1, "iterations": 3,
        "target_accuracy": 0.99, "batch_size": 100, "n_fetch": 5, "n_push": 5}
@@ -56,23 +56,8 @@ def twice(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kv():
-    kv = open_kv(MEMCACHED_URL)
-    yield kv
-    kv.close()
-
-
-def _run(gw, kv, config: dict) -> tuple[str, ParameterStore]:
-    r = gw.invoke("emnist-setup", config, check=False)
-    assert r.status_code == 200, r.text
-    run_id = r.json()["run_id"]
-    store = ParameterStore(kv, run_id)
-    deadline = time.monotonic() + 240
-    while store.get_doc("result:0") is None:
-        assert time.monotonic() < deadline, "the run did not finish"
-        time.sleep(0.05)
-    store.attach()
-    return run_id, store
+def kv(module_kv):
+    return module_kv
 
 
 def _settled(gw, legit_calls: int) -> None:
@@ -110,9 +95,9 @@ def _params(store: ParameterStore) -> np.ndarray:
 def test_a_call_delivered_twice_trains_and_reports_as_delivered_once(once, twice, kv,
                                                                      execution_type):
     config = {**RUN, "execution_type": execution_type}
-    base_id, base = _run(once, kv, config)
+    base_id, base = run_to_result(once, kv, config)
     before = int(twice.get_function("emnist-train").get("invocationCount", 0))
-    twin_id, twin = _run(twice, kv, config)
+    twin_id, twin = run_to_result(twice, kv, config)
     legit = RUN["iterations"] if execution_type == 2 else 1  # calls setup and passes made
     _settled(twice, before + legit)  # the copies arrived and did nothing
     np.testing.assert_array_equal(_params(twin), _params(base))

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from emnist.store import ParameterStore, codec, open_kv
+from emnist.store import ParameterStore, codec
 from emnist.train.state import MAX_PASS_CALLS, state_key
 from tests.conftest import MEMCACHED_URL
-from tests.servers import local_gateway
+from tests.servers import local_gateway, run_to_result
 
 RUN = {"dataset": "synthetic", "number_of_workers": 1, "iterations": 2,
        "target_accuracy": 1.0, "batch_size": 50}
@@ -32,24 +32,13 @@ def gateway(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kv():
-    kv = open_kv(MEMCACHED_URL)
-    yield kv
-    kv.close()
+def kv(module_kv):
+    return module_kv
 
 
 def _finished_run(gw, kv) -> tuple[str, ParameterStore]:
     """A 1-worker run set up by emnist-setup and trained to its iteration limit."""
-    r = gw.invoke("emnist-setup", RUN, check=False)
-    assert r.status_code == 200, r.text
-    run_id = r.json()["run_id"]
-    store = ParameterStore(kv, run_id)
-    deadline = time.monotonic() + 120
-    while store.get_doc("result:0") is None:
-        assert time.monotonic() < deadline, "the run did not finish"
-        time.sleep(0.05)
-    store.attach()
-    return run_id, store
+    return run_to_result(gw, kv, RUN, timeout=120)
 
 
 def _calls(gw) -> int:

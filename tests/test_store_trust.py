@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import stat
 import threading
 import tracemalloc
@@ -90,17 +89,6 @@ def recorder():
     r = Recorder()
     yield r
     r.close()
-
-
-@pytest.fixture
-def trap():
-    """A listening socket nobody should connect to: a connection shows in its backlog."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(8)
-    s.setblocking(False)
-    yield s
-    s.close()
 
 
 @pytest.fixture
