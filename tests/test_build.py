@@ -147,3 +147,12 @@ def test_context_imports_and_answers_in_a_fresh_venv(fresh_venv, contexts, name)
         assert s3 == 404 and "nosuchrun" in b3["error"]  # reached memcached through the store
     else:
         assert s3 == 405  # train only takes POST
+
+
+def test_every_function_requests_and_limits_its_memory():
+    """No BestEffort pods: each function of emnist.yml asks for memory and caps it (a torch
+    worker needs ~800 MB, within the train limit)."""
+    for fn in load_stack(ROOT / "emnist.yml", {}).functions.values():
+        assert fn.requests.get("memory") and fn.limits.get("memory"), fn.name
+    train = load_stack(ROOT / "emnist.yml", {}).functions["emnist-train"]
+    assert train.limits["memory"] == "1Gi"
