@@ -85,7 +85,9 @@ def test_deploy_k8s_applies_manifests_then_deploys_functions_through_the_gateway
                                   "--registry", "ghcr.io/lab"],
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
-    check, ready, call = _calls(tmp_path)  # the cluster answers before anything is applied
+    # the cluster answers before anything is applied; the queue's width is read last
+    check, ready, call, queue = _calls(tmp_path)
+    assert queue["argv"][:3] == ["get", "deployment", "queue-worker"]
     assert check["argv"] == ["config", "current-context"] and ready["argv"][:2] == ["get",
                                                                                     "--raw"]
     assert call["argv"] == ["apply", "-f", "-"]

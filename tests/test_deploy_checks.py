@@ -41,7 +41,8 @@ REFUSED = ("The connection to the server 10.0.0.1:6443 was refused - did you spe
 
 
 def _kubectl(tmp_path: Path, *, context: str | None = "lab-cluster", readyz: str = "",
-             drop: tuple[str, ...] = (), actions: dict[str, str] | None = None) -> Path:
+             drop: tuple[str, ...] = (), actions: dict[str, str] | None = None,
+             queue_workers: str = "") -> Path:
     """A `kubectl` that appends {argv, stdin} to calls.jsonl. `config current-context` prints
     ``context`` (None: fails as kubectl does when none is set); `get --raw /readyz` fails with
     ``readyz`` when given; `get secret` says NotFound; `apply -f -` prints one
@@ -50,7 +51,7 @@ def _kubectl(tmp_path: Path, *, context: str | None = "lab-cluster", readyz: str
     bindir.mkdir(parents=True, exist_ok=True)
     conf = tmp_path / "kubectl.json"
     conf.write_text(json.dumps({"context": context, "readyz": readyz, "drop": list(drop),
-                                "actions": actions or {}}))
+                                "actions": actions or {}, "queue_workers": queue_workers}))
     script = bindir / "kubectl"
     script.write_text(f"""#!{sys.executable}
 import json, sys
@@ -70,6 +71,10 @@ elif args[:3] == ["get", "--raw", "/readyz"]:
     print("ok", end="")
 elif args[:2] == ["get", "secret"]:
     sys.exit(f'Error from server (NotFound): secrets "{{args[2]}}" not found')
+elif args[:3] == ["get", "deployment", "queue-worker"]:
+    if not conf["queue_workers"]:
+        sys.exit('Error from server (NotFound): deployments.apps "queue-worker" not found')
+    print(conf["queue_workers"], end="")
 elif args[:1] == ["apply"]:
     for d in yaml.safe_load_all(stdin):
         if not d:
@@ -363,3 +368,22 @@ def test_the_store_key_secret_is_created_once_and_the_functions_use_it(tmp_path,
     assert r.exit_code == 0, r.output
     assert "created the OpenFaaS secret" not in r.output
     assert stored.read_bytes() == first  # the key that sealed documents is kept
+
+
+@pytest.mark.parametrize("queue_workers, note", [
+    ("1", "runs 1 replica(s) for 2 train workers"),  # emnist.yml's TRAIN_REPLICAS default
+    ("", "could not read the queue-worker Deployment"),
+    ("4", None),
+])
+def test_the_deploy_checks_the_queue_workers_against_the_train_workers(tmp_path, gateway,
+                                                                      queue_workers, note):
+    r = _deploy(tmp_path, gateway.url, "--registry", REGISTRY, "--no-s3", "--store-password",
+                "pw-1", queue_workers=queue_workers, env={"TRAIN_REPLICAS": None})
+    assert r.exit_code == 0, r.output
+    asked = [c["argv"] for c in _calls(tmp_path) if c["argv"][:2] == ["get", "deployment"]]
+    assert asked == [["get", "deployment", "queue-worker", "-n", "openfaas", "-o",
+                      "jsonpath={.spec.replicas}"]]
+    if note is None:
+        assert "note: " not in r.output
+    else:
+        assert note in r.output and "queue-worker" in r.output

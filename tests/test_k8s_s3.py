@@ -444,8 +444,10 @@ def test_deploy_generates_missing_secrets_reruns_the_job_and_deploys_wired_funct
     assert argv[2:] == [["get", "secret", objectstore.ROOT_SECRET, "-n", FNS, "-o", "name"],
                     ["get", "secret", objectstore.KEYS_SECRET, "-n", FNS, "-o", "name"],
                     ["delete", "job", objectstore.SETUP_JOB, "-n", FNS, "--ignore-not-found"],
-                    ["apply", "-f", "-"]]
-    applied = [d for d in yaml.safe_load_all(calls[-1]["stdin"]) if d]
+                    ["apply", "-f", "-"],
+                    ["get", "deployment", "queue-worker", "-n", "openfaas", "-o",
+                     "jsonpath={.spec.replicas}"]]  # after the functions: the queue's width
+    applied = [d for d in yaml.safe_load_all(calls[-2]["stdin"]) if d]
     root = _one(applied, "Secret", objectstore.ROOT_SECRET)["stringData"]
     keys = _one(applied, "Secret", objectstore.KEYS_SECRET)["stringData"]
     generated = [*root.values(), *keys.values()]
@@ -468,8 +470,9 @@ def test_deploy_generates_missing_secrets_reruns_the_job_and_deploys_wired_funct
     calls = _calls(tmp_path / "again")
     assert [c["argv"][:2] for c in calls] == [["config", "current-context"], ["get", "--raw"],
                                               ["get", "secret"], ["get", "secret"],
-                                              ["delete", "job"], ["apply", "-f"]]
-    applied = [d for d in yaml.safe_load_all(calls[-1]["stdin"]) if d]
+                                              ["delete", "job"], ["apply", "-f"],
+                                              ["get", "deployment"]]
+    applied = [d for d in yaml.safe_load_all(calls[-2]["stdin"]) if d]
     assert [d["metadata"]["name"] for d in applied if d["kind"] == "Secret"] == [
         k8s.SECRET_NAME]
 

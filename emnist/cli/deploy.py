@@ -227,7 +227,25 @@ def deploy(c: Ctx, target: str, stack: str, store: str, namespace: str, manifest
         click.echo(f"data: kubectl -n {namespace} port-forward svc/minio {objectstore.MINIO_PORT}"
                    f" & emnist data prepare --data-url {plan.data_url} --s3-endpoint "
                    f"http://127.0.0.1:{objectstore.MINIO_PORT} (keys: docs/deploy.md)")
+    if context is not None:
+        _check_queue(spec)
     click.echo("next: emnist scale emnist-train --replicas N; emnist train --workers N")
+
+
+def _check_queue(spec: Any) -> None:
+    """Say when the cluster's queue-worker replicas are fewer than the train workers the
+    stack asks for (com.openfaas.scale.min): OpenFaaS CE would run them one at a time."""
+    train = spec.functions.get("emnist-train")
+    wanted = str((train.labels if train else {}).get("com.openfaas.scale.min", ""))
+    have = k8s.queue_worker_replicas()
+    if have is None:
+        click.echo("note: could not read the queue-worker Deployment in openfaas: check that "
+                   "its replicas are at least the train workers (docs/deploy.md)", err=True)
+    elif wanted.isdigit() and have < int(wanted):
+        click.echo(f"note: the queue-worker Deployment runs {have} replica(s) for {wanted} "
+                   "train workers: OpenFaaS CE runs one call per queue-worker, so they would "
+                   "train one after another; `kubectl scale deployment queue-worker -n "
+                   f"openfaas --replicas {wanted}` (docs/deploy.md)", err=True)
 
 
 def _apply(objs: list[dict], context: str | None) -> None:

@@ -182,6 +182,21 @@ def check_cluster(timeout: float = CHECK_TIMEOUT) -> str:
     return context
 
 
+QUEUE_WORKER = ("deployment", "queue-worker", "openfaas")  # the chart's queue-worker
+
+
+def queue_worker_replicas(timeout: float = CHECK_TIMEOUT) -> int | None:
+    """Replicas of OpenFaaS's queue-worker Deployment, or None when it cannot be read. On
+    CE each takes one async call at a time, so fewer than the train workers serialise them."""
+    kind, name, namespace = QUEUE_WORKER
+    try:
+        out = kubectl(["get", kind, name, "-n", namespace, "-o", "jsonpath={.spec.replicas}"],
+                      timeout=timeout).strip()
+    except KubectlError:
+        return None
+    return int(out) if out.isdigit() else None
+
+
 def object_ref(m: Mapping[str, Any]) -> str:
     """How ``kubectl apply`` names an object in its output: ``kind[.group]/name``."""
     api = str(m.get("apiVersion", ""))
