@@ -103,6 +103,19 @@ def queued_note(st: dict[str, Any], waited: float) -> str | None:
                               running=f"worker{'s' if len(running) > 1 else ''} {running}")
 
 
+def _lost_calls(st: dict[str, Any], grace: float) -> list[int]:
+    """Workers that never started although every worker that did has finished ``grace``
+    seconds ago: a queue that ran their calls in turn is free by then, so their calls were
+    lost (a replica killed before the worker saved anything), not queued."""
+    started = [w for w, p in enumerate(st["progress"]) if p is not None]
+    if not started or any(st["results"][w] is None for w in started):
+        return []
+    last = max(float((st["results"][w] or {}).get("finished") or 0.0) for w in started)
+    if st["now"] - last <= grace:
+        return []
+    return [w for w, p in enumerate(st["progress"]) if p is None and st["results"][w] is None]
+
+
 def _failures(st: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """Workers without a result whose last call failed after their last heartbeat."""
     out = []
@@ -123,9 +136,10 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
     With ``recover``: a run the store lost is restored from its checkpoint (emnist-setup
     resume), and a worker whose heartbeat went stale (its replica died and nobody retried
     the call) is invoked again; it resumes from its saved state. A worker with no state at
-    all is never invoked again: its call may only be queued (OpenFaaS CE runs one call per
-    queue-worker), and a second one would be a third delivery; ``on_note`` hears why it
-    waits, once.
+    all is not invoked again while others train: its call may only be queued (OpenFaaS CE
+    runs one call per queue-worker), and a second one would be a third delivery; ``on_note``
+    hears why it waits, once. Once every started worker has finished, a queue would have
+    run it: its call was lost, and it is invoked again.
     """
     run_id, config = state["run_id"], state["config"]
     lease = float(config.get("lease_seconds", 10.0))
@@ -177,6 +191,11 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
                 gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
                 recoveries.append(f"{time.time():.3f} relaunched failed worker {w}")
         if recover:
+            for w in _lost_calls(st, 3 * lease):
+                if time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
+                    relaunched[w] = time.monotonic()
+                    gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
+                    recoveries.append(f"{time.time():.3f} relaunched never-started worker {w}")
             for w, p in enumerate(st["progress"]):
                 if st["results"][w] is not None or p is None:
                     continue  # p None: never started (queued), or the store lost it

@@ -20,7 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 from emnist.cli import main
+from emnist.runner import watch
 from emnist.store import ParameterStore
+from emnist.train.config import TrainConfig
+from emnist.train.run import setup_run
 from emnist.train.state import state_key
 from tests.conftest import MEMCACHED_URL
 from tests.servers import ROOT, local_gateway, run_to_result
@@ -176,4 +179,30 @@ def test_workers_that_cannot_reach_their_data_end_the_run_with_the_reason(tmp_pa
         assert "failed: run_id: a stored document" in r.output and "data_location" in r.output, \
             r.output
         assert "had no result after" not in r.output
+        assert int(gw.get_function("emnist-train")["invocationCount"]) == 2
+
+
+def test_a_lost_call_is_invoked_again_once_the_started_workers_finished(tmp_path, kv):
+    """Worker 1's call never arrives (as if its replica died before the worker saved
+    anything). While worker 0 trains it might only be queued; once worker 0 has finished a
+    queue would have run it, so the watcher invokes it, and the run completes."""
+    (tmp_path / "data").mkdir()
+    shards = tmp_path / "data" / "shards"
+    env = {"STORE_URL": MEMCACHED_URL, "DATA_LOCATION": str(shards),
+           "DATA_ROOTS": str(tmp_path / "data"), "TRAIN_REPLICAS": "2", "GRAD_REPLICAS": "1"}
+    with local_gateway(tmp_path, env) as gw:
+        cfg = TrainConfig(dataset="synthetic", iterations=2, target_accuracy=1.0,
+                          lease_seconds=1.0, store_url=MEMCACHED_URL,
+                          data_location=str(shards))
+        sent = []
+
+        def start(body: dict) -> None:
+            sent.append(body["worker_id"])
+            if body["worker_id"] == 0:
+                gw.invoke_async("emnist-train", body)
+
+        state = setup_run(cfg, kv, 2, start_worker=start)
+        out = watch(gw, state, time.time(), timeout=120)
+        assert sent == [0, 1] and sorted(r["worker_id"] for r in out.results) == [0, 1]
+        assert any("relaunched never-started worker 1" in r for r in out.recoveries)
         assert int(gw.get_function("emnist-train")["invocationCount"]) == 2
