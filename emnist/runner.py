@@ -178,33 +178,34 @@ def watch(gw: GatewayClient, state: dict[str, Any], invoked: float, *, timeout: 
         if note and on_note:
             on_note(note)
             noted = True
+        def due(w: int) -> bool:  # not invoked again within the last 3 leases
+            return time.monotonic() - relaunched.get(w, -1e9) > 3 * lease
+
+        def relaunch(w: int, why: str) -> None:
+            relaunched[w] = time.monotonic()
+            gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
+            recoveries.append(f"{time.time():.3f} relaunched {why} worker {w}")
+
         for w, failure in _failures(st):
             if not failure["retry"]:
                 raise RunError(f"run {run_id}: worker {w} failed: {failure['error']} (see "
                                f"`emnist logs {TRAIN}`)")
-            if recover and st["progress"][w] is None and \
-                    time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
+            if recover and st["progress"][w] is None and due(w):
                 if len(recoveries) >= max_recoveries:
                     raise RunError(f"run {run_id}: worker {w} failed again: "
                                    f"{failure['error']}")
-                relaunched[w] = time.monotonic()  # its call failed before it saved: retry
-                gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
-                recoveries.append(f"{time.time():.3f} relaunched failed worker {w}")
+                relaunch(w, "failed")  # its call failed before it saved: retry
         if recover:
             for w in _lost_calls(st, 3 * lease):
-                if time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
-                    relaunched[w] = time.monotonic()
-                    gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
-                    recoveries.append(f"{time.time():.3f} relaunched never-started worker {w}")
+                if due(w):
+                    relaunch(w, "never-started")
             for w, p in enumerate(st["progress"]):
                 if st["results"][w] is not None or p is None:
                     continue  # p None: never started (queued), or the store lost it
                 last = p.get("heartbeat") or watching_since
                 stale = not p.get("done") and st["now"] - last > 3 * lease
-                if stale and time.monotonic() - relaunched.get(w, -1e9) > 3 * lease:
-                    relaunched[w] = time.monotonic()
-                    gw.invoke_async(TRAIN, {"run_id": run_id, "worker_id": w})
-                    recoveries.append(f"{time.time():.3f} relaunched stale worker {w}")
+                if stale and due(w):
+                    relaunch(w, "stale")
         if time.monotonic() > deadline:
             missing = [w for w, r in enumerate(st["results"]) if r is None]
             raise RunError(f"run {run_id}: workers {missing} had no result after {timeout:.0f}s "

@@ -114,18 +114,12 @@ def setup_run(cfg: TrainConfig, kv: KV, workers: int, *, run_id: str | None = No
     """Prepare shards, write the run's state, then start one worker per shard. A run id
     that exists (or is being created by a type-1 worker) is refused: a run is created once."""
     run_id = run_id or new_run_id()
-    store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
-    if store.get_doc("run") is not None:
-        raise _exists(run_id)
-    state = _create(cfg, kv, workers, run_id, store)
+    state = _create(cfg, kv, workers, run_id,
+                    ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes))
     if state is None:
-        raise _exists(run_id)
+        raise ConfigError("run_id", f"run {run_id} already exists in the store")
     _launch(state, start_worker, list(range(workers)), first=True)
     return state
-
-
-def _exists(run_id: str) -> ConfigError:
-    return ConfigError("run_id", f"run {run_id} already exists in the store")
 
 
 def _create(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
@@ -156,9 +150,6 @@ def ensure_run(cfg: TrainConfig, kv: KV, workers: int, run_id: str,
     (and any call naming a run that exists, whatever its ``config``) join the stored run,
     its configuration unchanged. Idempotent."""
     store = ParameterStore(kv, run_id, chunk_bytes=cfg.chunk_bytes)
-    state = store.get_doc("run")
-    if state is not None:
-        return state
     state = _create(cfg, kv, workers, run_id, store)
     if state is not None:
         return state
@@ -281,9 +272,6 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     data_set = open_set(state["shard_dir"])
     shard = data_set.shard(worker_id)
     model = run_model(state, cfg, shard.image_shape)
-    if model.num_params != store.num_params:
-        raise MissingState(f"run {run_id} stores {store.num_params} parameters, "
-                           f"its model needs {model.num_params}")
     lease = Lease(store, worker_id, cfg.lease_seconds)
     try:
         st = lease.acquire(hostname, for_pass=for_pass)

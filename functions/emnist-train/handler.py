@@ -44,12 +44,12 @@ from emnist.gateway.client import GatewayClient
 from emnist.models import preload
 from emnist.store import CorruptValue
 from emnist.store.keys import valid_run_id
-from emnist.train.config import ConfigError, TrainConfig
+from emnist.train.config import LIMITS, ConfigError, TrainConfig
 from emnist.train.run import UnknownRun, ensure_run, record_failure, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
 FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict, "pass": int}
-MAX_PASS = 100_000  # the most iterations a run may have
+MAX_PASS = int(LIMITS["iterations"][1])  # a pass is one of the run's iterations
 
 preload(os.environ.get("model", ""))  # a torch stack imports torch before the replica is ready
 
