@@ -141,3 +141,32 @@ def test_a_malformed_stop_signal_stops_the_worker_cleanly(gateway, kv, forged):
         time.sleep(0.05)
     reason = store.get_doc("result:0")["stop_reason"]
     assert reason.startswith("stopped by worker ") and len(reason) < 120, reason
+
+
+@pytest.mark.parametrize("bad", [0, -1, 10**30, "2", 1.5, True])
+def test_a_pass_outside_the_iteration_range_is_refused_before_anything(gateway, kv, bad):
+    """``pass`` (which pass a type-2 call is for) is a number a caller chooses: bounded like
+    ``iterations``, typed, refused with a 400 naming it before the store is touched."""
+    run_id = "tpass" + str(time.time_ns())[-9:]
+    r = gateway.invoke("emnist-train", {"run_id": run_id, "worker_id": 0, "pass": bad},
+                       check=False)
+    assert r.status_code == 400 and r.json()["error"].startswith("pass: "), r.text
+    assert ParameterStore(kv, run_id).get_docs(["run", "error:0", state_key(0)]) == {}
+
+
+def test_forged_error_documents_are_bounded_or_ignored_in_the_status(gateway, kv):
+    """The failure notes the watcher reads (``error:{worker}``) are store values too: a
+    forged one that is not a note is ignored, a long one is cut, and the status answers."""
+    run_id, store = _finished_run(gateway, kv)
+    store.kv.delete_many([store.key("result:0")])
+    store.put_doc("error:0", {"error": "x" * 100_000, "at": 1e300, "retry": "yes",
+                              "hostname": ["h"] * 1000})
+    r = gateway.invoke("emnist-setup", None, method="GET", query={"run_id": run_id},
+                       check=False)
+    assert r.status_code == 200, r.text
+    [note] = r.json()["errors"]
+    assert len(note["error"]) == 300 and note["retry"] is False and len(note["hostname"]) <= 64
+    store.put_doc("error:0", ["not", "a", "note"])
+    r = gateway.invoke("emnist-setup", None, method="GET", query={"run_id": run_id},
+                       check=False)
+    assert r.status_code == 200 and r.json()["errors"] == [None], r.text
