@@ -7,10 +7,12 @@ a request may pick another value only when the environment allows it by name:
 - ``allowed_store_urls``: comma-separated store URLs a request may name (``store_url``,
   ``local_store_url``), besides the environment's own value of that field. URLs compare
   exactly, or equal once the provider's host aliases are applied to both (the same server).
-- ``data_roots``: comma-separated directories, ``s3://bucket/prefix`` or http(s) URL prefixes
-  under which a request may name ``dataset_dir``, ``data_location`` or emnist-grad's ``data``.
-  An s3:// URL names a bucket and key prefix only: the endpoint and keys are the function's
-  (``DATA_ENV``), so a request can never point a function at another S3 server.
+- ``data_roots``: comma-separated directories, ``s3://bucket/prefix``, ``store:[/prefix]`` or
+  http(s) URL prefixes under which a request may name ``dataset_dir``, ``data_location`` or
+  emnist-grad's ``data``. An s3:// URL names a bucket and key prefix only: the endpoint and
+  keys are the function's (``DATA_ENV``), so a request can never point a function at another
+  S3 server; a ``store:`` URL names a key prefix of the function's own ``store_url`` only
+  (emnist.data.kvlocation), and is never a ``dataset_dir`` (source files are on a disk).
 - ``checkpoint_roots``: the same for ``checkpoint_url`` (directories, ``file://`` paths, or
   exact ``redis://`` URLs).
 - ``max_params`` (default 150,000,000), ``max_workers`` (default 256): caps on the model size
@@ -140,6 +142,22 @@ def _url_inside(url: str, root: str) -> bool:
     return (u.path.rstrip("/") + "/").startswith(top)
 
 
+def _store_inside(value: str, root: str) -> bool:
+    """``value`` is the ``store:`` location ``root`` or below it (both well-formed)."""
+    from emnist.data.idx import DataError
+    from emnist.data.kvlocation import parse_store_url
+
+    try:
+        sub, top = parse_store_url(value), parse_store_url(root)
+    except DataError:
+        return False
+    return not top or sub == top or sub.startswith(top + "/")
+
+
+def _schemes(schemes: tuple[str, ...]) -> str:
+    return ", ".join("store:/" if s == "store" else f"{s}://" for s in schemes)
+
+
 def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: str | None,
                   roots_env: str, schemes: tuple[str, ...], own_env: str = "",
                   own_roots: tuple[str, ...] = ()) -> str:
@@ -155,6 +173,10 @@ def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: st
     if not roots:
         raise PolicyError(field, f"a request may not choose it: set {own_env or field} in the "
                           f"function's environment, or list allowed places in {roots_env}")
+    if value.startswith("store:") and "store" in schemes:  # a prefix of the function's store
+        if any(_store_inside(value, r) for r in roots if r.startswith("store:")):
+            return value
+        raise PolicyError(field, f"this store: location is not allowed: {allow}")
     scheme = urlsplit(value).scheme if "://" in value else ""
     if scheme in ("http", "https", "s3") and scheme in schemes:
         if any(_url_inside(value, r) for r in roots if "://" in r):
@@ -172,7 +194,7 @@ def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: st
         path = parts.path
     elif scheme:
         raise PolicyError(field, "must be an absolute path" + (
-            " or one of " + ", ".join(f"{s}://" for s in schemes) if schemes else ""))
+            " or one of " + _schemes(schemes) if schemes else ""))
     if not os.path.isabs(path) or _bad_path(path):
         raise PolicyError(field, "must be an absolute path without '..'")
     if any(_inside(path, r) for r in roots if "://" not in r and os.path.isabs(r)):
@@ -182,11 +204,14 @@ def _check_rooted(env: Mapping[str, str], field: str, value: str, configured: st
 
 def check_data_location(env: Mapping[str, str], field: str, value: str,
                         configured: str | None, urls: bool = False, own_env: str = "") -> str:
-    """``value`` (a directory or an s3:// prefix, or with ``urls`` also an http(s) URL
-    prefix) if it is the environment's own setting (``own_env``, default ``field``) or inside
-    one of ``data_roots``."""
-    return _check_rooted(env, field, value, configured, "data_roots",
-                         ("s3", "http", "https") if urls else ("s3",), own_env)
+    """``value`` (a directory, an s3:// prefix or a ``store:`` prefix, or with ``urls`` also
+    an http(s) URL prefix) if it is the environment's own setting (``own_env``, default
+    ``field``) or inside one of ``data_roots``. A ``dataset_dir`` is a directory or s3://
+    (source files), never ``store:``."""
+    schemes = ("s3", "http", "https") if urls else ("s3",)
+    if field != "dataset_dir":
+        schemes += ("store",)
+    return _check_rooted(env, field, value, configured, "data_roots", schemes, own_env)
 
 
 def check_checkpoint_url(env: Mapping[str, str], value: str, configured: str) -> str:
@@ -199,8 +224,10 @@ def check_checkpoint_url(env: Mapping[str, str], value: str, configured: str) ->
 def check_stored_location(env: Mapping[str, str], field: str, value: str, own: str) -> str:
     """``value``, a data location read back from the store (a run document's ``shard_dir``),
     if it is inside the function's own data location ``own`` (a directory, ``file://``,
-    s3:// or http(s) prefix) or one of ``data_roots``: a store value names no other place."""
+    s3://, ``store:`` or http(s) prefix) or one of ``data_roots``: a store value names no
+    other place."""
     if own.startswith("file://"):
         own = urlsplit(own).path
     return _check_rooted(env, field, value, None, "data_roots",
-                         ("s3", "http", "https", "file"), "data_location", (own,) if own else ())
+                         ("s3", "http", "https", "file", "store"), "data_location",
+                         (own,) if own else ())

@@ -40,7 +40,7 @@ functions:
       target_accuracy: ${{TARGET_ACCURACY:-0.85}}
       dataset: ${{DATASET:-fashion-mnist}}
       dataset_dir: ${{DATASET_DIR:-}}
-      data_location: ${{DATA_LOCATION:-}}
+      data_location: ${{DATA_LOCATION:-store:/}}
       data_roots: ${{DATA_ROOTS:-}}
       s3_endpoint_url: ${{S3_ENDPOINT_URL:-}}
       s3_region: ${{S3_REGION:-}}
@@ -62,6 +62,8 @@ functions:
       - ${{S3_SECRET:-}}
       - ${{STORE_KEY_SECRET:-}}
     environment:
+      # where setup keeps the shards (as emnist.yml: the store, no shared disk on OpenFaaS)
+      data_location: ${{DATA_LOCATION:-store:/}}
       data_roots: ${{DATA_ROOTS:-}}
       s3_endpoint_url: ${{S3_ENDPOINT_URL:-}}
       s3_region: ${{S3_REGION:-}}

@@ -59,7 +59,7 @@ def test_nothing_outside_the_cli_imports_it():
 def test_every_command_registered_once_in_the_group():
     assert {"up", "down", "invoke", "scale", "logs", "train", "status", "build", "deploy",
             "bench", "p2p", "data", "dashboard", "sim"} == set(main.commands)
-    assert {"store", "faults", "train", "run", "report", "gateway", "data"} == \
+    assert {"store", "faults", "train", "run", "report", "gateway", "data", "runtimes"} == \
         set(main.commands["bench"].commands)
     assert {"peer", "run", "report"} == set(main.commands["p2p"].commands)
 

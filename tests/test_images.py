@@ -3,22 +3,34 @@ emnist.yml and the vendored template, and each image runs as OpenFaaS runs it: o
 PID 1, a non-root user or an arbitrary UID, a read-only root filesystem with /tmp writable.
 
 Containers run on a podman network this test creates (reached at their bridge addresses, no
-port published on the host) and are removed afterwards."""
+port published on the host) and are removed afterwards.
+
+emnist-setup carries the default data set (dataset-fashion-mnist, emnist.yml's build_args), and
+extra wheels reach an image through the template's wheels/ folder and ADDITIONAL_PIP (checked
+with a small wheel; `emnist build --torch` is the same path with torch's 190 MB CPU wheel, a
+manual check: see the checks on TORCH_WHEEL below)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 
+from emnist.cli import main
 from emnist.cluster.baseimages import BASE_IMAGES, container_env
+from emnist.cluster.build import TORCH_WHEEL, WHEELS_DIR
 from tests.openfaas_tools import OPENFAAS_BIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +126,137 @@ def test_each_image_serves_as_any_uid_on_a_read_only_root(fn, images, podman_env
         assert "refused" in wrote  # the root filesystem really is read-only
     finally:
         podman(podman_env, "rm", "-f", name, check=False)
+
+
+# -- the default data set in emnist-setup --------------------------------------------------------
+FASHION_FILES = {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}
+# the package's default roots, as the handler imports it (index.py's site dir, function/)
+LOAD_DEFAULT = ("import site, sys; site.addsitedir('/home/app/python'); "
+                "sys.path.insert(0, '/home/app/function'); "
+                "from emnist.data.datasets import load_dataset; d = load_dataset('fashion-mnist'); "
+                "print(len(d.train_y), len(d.test_y), d.num_classes)")
+
+
+def test_setup_image_holds_the_default_dataset_and_loads_it_by_default(images, podman_env):
+    """`faas-cli invoke emnist-setup <<< '{}'` needs no data location: the default data set is
+    where the code looks by default, readable by an arbitrary UID on a read-only root."""
+    ls = podman(podman_env, "run", "--rm", "--entrypoint", "ls", images["emnist-setup"],
+                "/usr/share/datasets/fashion-mnist")
+    assert set(ls.split()) == FASHION_FILES
+    out = podman(podman_env, "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--user", "4242:0",
+                 "--entrypoint", "python", images["emnist-setup"], "-c", LOAD_DEFAULT)
+    assert out.splitlines()[-1] == "60000 10000 10"
+    # the apt step left no package lists, .deb files or apt caches in the layer
+    left = podman(podman_env, "run", "--rm", "--entrypoint", "sh", images["emnist-setup"], "-c",
+                  "ls /var/lib/apt/lists /var/cache/apt/archives /var/cache/apt | grep -v "
+                  "-e '^lock$' -e '^partial$' -e '^archives$' -e ':$' -e '^$' || true")
+    assert left == "", left
+
+
+@pytest.mark.parametrize("fn", ["emnist-train", "emnist-grad"])
+def test_only_setup_carries_the_dataset(fn, images, podman_env):
+    done = subprocess.run(["podman", "run", "--rm", "--entrypoint", "ls", images[fn],
+                           "/usr/share/datasets"], env=podman_env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "No such file" in done.stderr, done.stdout
+
+
+# -- extra wheels (emnist build --wheel / --torch) ---------------------------------------------
+PROBE = "emnist_probe"
+PROBE_VERSION = "1.0+emnisttest"  # a local version: no index can serve it, only wheels/
+
+
+def _make_wheel(folder: Path) -> Path:
+    """A real (pure-Python) wheel, written without a build backend or an index."""
+    dist = f"{PROBE}-{PROBE_VERSION}"
+    files = {f"{PROBE}.py": f"VERSION = {PROBE_VERSION!r}\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {PROBE}\n"
+                                           f"Version: {PROBE_VERSION}\n",
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\n"
+                                        "Root-Is-Purelib: true\nTag: py3-none-any\n"}
+
+    def digest(text: str) -> str:
+        raw = hashlib.sha256(text.encode()).digest()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    record = "".join(f"{name},sha256={digest(text)},{len(text.encode())}\n"
+                     for name, text in files.items()) + f"{dist}.dist-info/RECORD,,\n"
+    wheel = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:  # fixed times: the same bytes every run, so the
+        for name, text in {**files, f"{dist}.dist-info/RECORD": record}.items():  # layer caches
+            z.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), text)
+    return wheel
+
+
+def _project_copy(dest: Path) -> Path:
+    """The stack and what it builds from, in the test's own directory: a build stages wheels
+    in template/ and writes build/, never in the checkout others may be using."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.whl")
+    for name in ("functions", "template", "emnist"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy2(ROOT / "emnist.yml", dest / "emnist.yml")
+    return dest / "emnist.yml"
+
+
+def test_shrinkwrap_puts_a_wheel_in_every_context_and_names_the_build_args(tmp_path):
+    stack = _project_copy(tmp_path / "project")
+    wheel = _make_wheel(tmp_path)
+    r = CliRunner().invoke(main, ["build", "--shrinkwrap", "-f", str(stack), "--wheel",
+                                  str(wheel)])
+    assert r.exit_code == 0, r.output
+    arg = f"--build-arg ADDITIONAL_PIP=/tmp/wheels/{wheel.name}"
+    for fn in FUNCTIONS:
+        staged = stack.parent / "build" / fn / WHEELS_DIR / wheel.name
+        assert staged.read_bytes() == wheel.read_bytes()
+        line = next(x for x in r.output.splitlines() if x.startswith(f"{fn}: "))
+        assert arg in line, line
+        assert ("--build-arg ADDITIONAL_PACKAGE=dataset-fashion-mnist" in line) \
+            == (fn == "emnist-setup"), line
+    # a file that is not a wheel is refused before anything is built
+    r = CliRunner().invoke(main, ["build", "--shrinkwrap", "-f", str(stack), "--wheel",
+                                  str(stack)])
+    assert r.exit_code == 1 and "not a wheel file" in r.output
+
+
+def test_a_wheel_reaches_the_image_as_a_package_never_as_a_file(images, podman_env, tmp_path):
+    """`emnist build --wheel` (what --torch does with torch's CPU wheel): the real faas-cli
+    and podman install it from the template's wheels/ folder through ADDITIONAL_PIP; the image
+    holds the package but no wheel, and the template folder is left as it was."""
+    stack = _project_copy(tmp_path / "project")
+    wheels = stack.parent / "template" / "python3-http" / WHEELS_DIR
+    before = sorted(p.name for p in wheels.iterdir())
+    wheel = _make_wheel(tmp_path)
+    tag = f"{TAG}-wheel"
+    done = subprocess.run([sys.executable, "-m", "emnist.cli", "build", "-f", str(stack),
+                           "--podman", "--filter", "emnist-grad", "--wheel", str(wheel),
+                           "--tag", tag], env=podman_env, cwd=stack.parent,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert f"--build-arg ADDITIONAL_PIP=/tmp/wheels/{wheel.name}" in done.stderr
+    assert sorted(p.name for p in wheels.iterdir()) == before
+    image = f"docker.io/emnist/emnist-grad:{tag}"
+    try:
+        out = podman(podman_env, "run", "--rm", "--read-only", "--user", "4242:0",
+                     "--entrypoint", "python", image, "-c",
+                     f"import site; site.addsitedir('/home/app/python'); import {PROBE}; "
+                     f"print({PROBE}.VERSION, {PROBE}.__file__)")
+        assert out == f"{PROBE_VERSION} /home/app/python/{PROBE}.py"
+        found = podman(podman_env, "run", "--rm", "--user", "0", "--entrypoint", "sh", image,
+                       "-c",
+                       f"find / -xdev -name '{PROBE}*.whl' -o -name '{WHEELS_DIR}' -path "
+                       "'/tmp/*'")
+        assert found == ""
+    finally:
+        podman(podman_env, "rmi", "-f", image, check=False)
+
+
+def test_the_torch_wheel_fits_the_images_python(images, podman_env):
+    """`emnist build --torch` installs TORCH_WHEEL (cp311, manylinux_2_28, x86_64): the
+    image's pip must accept its tags (a base image on another Python or an older libc would
+    fail the torch build, not this cheap check's absence)."""
+    tag = "-".join(TORCH_WHEEL.removesuffix(".whl").split("-")[2:])
+    out = podman(podman_env, "run", "--rm", "--entrypoint", "python", images["emnist-train"],
+                 "-c", "from pip._vendor.packaging.tags import sys_tags; "
+                       "print('\\n'.join(map(str, sys_tags())))")
+    assert tag in out.splitlines(), tag

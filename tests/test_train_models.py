@@ -200,7 +200,8 @@ def test_execution_types_1_and_2_with_a_torch_model(memcached_kv, tmp_path, run_
     while pending:
         pending.pop()
         invocations += 1
-        st, rec = train_worker(memcached_kv, run2, 0, "h", next_pass=pending.append)
+        st, rec = train_worker(memcached_kv, run2, 0, "h",
+                               next_pass=lambda n, step: pending.append(n))
         assert st.iteration == invocations
     assert invocations == 3 and rec["done"] and rec["invocations"] == 3
 

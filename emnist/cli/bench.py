@@ -159,6 +159,39 @@ def bench_train(c: Ctx, model: str, worker_counts: str, ddp_counts: str | None,
     write_json(json_out, records)
 
 
+@bench.command("runtimes")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Rounds; each starts, measures and stops a stack per runtime in turn.")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--target-accuracy", type=float, default=0.85, show_default=True)
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              default="results/bench-runtimes.json", show_default=True,
+              help="Write records here.")
+@stack_option
+@pass_ctx
+@friendly
+def bench_runtimes_cmd(c: Ctx, rounds: int, workers: int, target_accuracy: float, dataset: str,
+                       json_out: str, stack: str) -> None:
+    """Processes against containers of the real images (`emnist up --runtime`): stack start,
+    one replica's start (scale from zero) and time to target for the same run, side by side.
+    Needs the images (`emnist build --podman --base-images`) and no gateway running."""
+    from emnist.bench.runtimes import COLUMNS, bench_runtimes
+    if local.gateway_alive(c.gateway):
+        raise click.UsageError(f"a gateway answers at {c.gateway}: this benchmark starts its "
+                               "own stacks (stop it: `emnist down`)")
+    config = {"number_of_workers": workers, "dataset": dataset,
+              "target_accuracy": target_accuracy}
+    records = bench_runtimes(
+        c.gw, lambda runtime: bring_up(c, stack, DEFAULT_STORE, runtime=runtime),
+        local.stop_all,
+        lambda: run_training(c, config, stack=stack, store=DEFAULT_STORE, timeout=600,
+                             progress=False),
+        rounds, echo=lambda m: click.echo(m, err=True))
+    click.echo(format_table(records, COLUMNS))
+    write_json(json_out, records)
+
+
 def _overrides(items: tuple[str, ...], target: float | None) -> dict:
     out: dict = {}
     for item in items:

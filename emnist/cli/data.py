@@ -1,5 +1,13 @@
 """`emnist data ...`: prepared sets at a data URL (prepare, ls, rm) and partitions of a
-dataset for peer-to-peer training (split)."""
+dataset for peer-to-peer training (split).
+
+Without ``--data-url`` the prepared-set commands use the stack's data location (emnist-setup's
+``data_location`` in the stack file, ``${VAR}`` substituted from this shell as `emnist up`
+does), so `emnist data ls` lists what the stack's runs train on: with the default stack that
+is ``store:/``, the sets kept in the store (``--store`` / STORE_URL, the store `emnist up`
+gives the functions). A stack file that is absent or sets no data location falls back to the
+cache's shards/.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from typing import Any
 
 import click
 
-from emnist.cli.base import friendly, write_json
+from emnist.cli.base import DEFAULT_STORE, friendly, write_json
 from emnist.cli.p2p import default_data_root
 
 
@@ -49,30 +57,68 @@ def split_cmd(peers: int, batch_size: int | None, dataset: str, dataset_dir: str
 # -- prepared sets: a directory or s3://bucket/prefix ----------------------------------------
 
 DATA_URL_ENV = "EMNIST_DATA_URL"
+SETUP = "emnist-setup"
 
 
-def _data_url(value: str | None) -> str:
+def stack_data_location(stack: str) -> str:
+    """emnist-setup's ``data_location`` in the stack file (substituted from this shell's
+    environment), "" when the file is absent, unreadable or sets none."""
+    from emnist.gateway.stack import StackError, load_stack
+
+    if not os.path.isfile(stack):
+        return ""
+    try:
+        fn = load_stack(stack).functions.get(SETUP)
+    except StackError:
+        return ""
+    return fn.environment.get("data_location", "") if fn is not None else ""
+
+
+def _data_url(value: str | None, stack: str) -> str:
+    from emnist.cli.stack import local_location
     from emnist.train.config import default_data_location
-    return value or default_data_location()
+
+    if value:
+        return value
+    own = stack_data_location(stack)
+    if own.startswith("store:"):
+        return own
+    return local_location(own) if own else default_data_location()
 
 
-def _env(s3_endpoint: str | None) -> dict[str, str]:
+def _where(url: str, store: str) -> str:
+    """``url`` for messages: a store:/ URL with the store it is in (no password)."""
+    from emnist.store import redact
+
+    return f"{url} (in {redact(store)})" if url.startswith("store:") else url
+
+
+def _env(s3_endpoint: str | None, store: str) -> dict[str, str]:
     """This shell's environment (AWS_* keys or a profile, or the emnist S3 secrets) plus the
-    endpoint from --s3-endpoint."""
+    endpoint from --s3-endpoint and, for store:/ URLs, the store from --store."""
     env = dict(os.environ)
     if s3_endpoint:
         env["s3_endpoint_url"] = s3_endpoint
+    env["store_url"] = store
     return env
 
 
 def data_url_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--store", envvar="STORE_URL", default=DEFAULT_STORE, show_default=True,
+                      help="The store that store:/ URLs name (env STORE_URL; what `emnist up` "
+                      "gives the functions).")(fn)
+    fn = click.option("--stack", "-f", default="emnist.yml", show_default=True,
+                      help="Stack file whose emnist-setup data_location is the default "
+                      "--data-url.")(fn)
     fn = click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL_S3", default=None,
                       metavar="URL", help="S3-compatible endpoint for s3:// URLs, e.g. "
                       "http://127.0.0.1:9000 (env AWS_ENDPOINT_URL_S3; keys from "
                       "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile).")(fn)
-    return click.option("--data-url", envvar=DATA_URL_ENV, default=None, metavar="DIR|S3URL",
-                        help=f"Where prepared sets live: a directory or s3://bucket/prefix "
-                        f"(env {DATA_URL_ENV}) [default: the cache's shards/].")(fn)
+    return click.option("--data-url", envvar=DATA_URL_ENV, default=None,
+                        metavar="DIR|S3URL|store:/...",
+                        help=f"Where prepared sets live: a directory, s3://bucket/prefix or "
+                        f"store:/[prefix] (in --store) (env {DATA_URL_ENV}) [default: the "
+                        "stack's data_location, else the cache's shards/].")(fn)
 
 
 @data.command("prepare")
@@ -93,7 +139,7 @@ def data_url_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly
 def prepare_cmd(dataset: str, samples: int | None, workers: int, seed: int,
                 dataset_dir: str | None, processes: int | None, data_url: str | None,
-                s3_endpoint: str | None) -> None:
+                s3_endpoint: str | None, stack: str, store: str) -> None:
     """Write each worker's shard and the test set once at the data URL (content-addressed,
     published atomically; a rerun resumes an interrupted upload); prints the set's URL."""
     from emnist.data.generated import GEN_PREFIX, canonical_name
@@ -106,18 +152,18 @@ def prepare_cmd(dataset: str, samples: int | None, workers: int, seed: int,
         dataset = canonical_name(samples)
     elif dataset.rstrip("-") == GEN_PREFIX.rstrip("-"):
         raise click.UsageError("--dataset fashion-mnist-gen needs --samples N")
-    url = _data_url(data_url)
+    url = _data_url(data_url, stack)
     bar: list[Any] = []
     t0 = time.perf_counter()
 
     def on_total(total: int) -> None:
-        bar.append(click.progressbar(length=total, label=f"{dataset} -> {url}",
+        bar.append(click.progressbar(length=total, label=f"{dataset} -> {_where(url, store)}",
                                      file=sys.stderr, show_pos=False, show_percent=True))
         bar[0].__enter__()
 
     try:
         ps = prepare_set(dataset, workers, url, seed=seed, root=dataset_dir,
-                         env=_env(s3_endpoint), processes=processes,
+                         env=_env(s3_endpoint, store), processes=processes,
                          progress=lambda n: bar[0].update(n) if bar else None,
                          on_total=on_total)
     finally:
@@ -138,17 +184,18 @@ def prepare_cmd(dataset: str, samples: int | None, workers: int, seed: int,
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Also write the list here.")
 @friendly
-def ls_cmd(data_url: str | None, s3_endpoint: str | None, json_out: str | None) -> None:
+def ls_cmd(data_url: str | None, s3_endpoint: str | None, stack: str, store: str,
+           json_out: str | None) -> None:
     """List the prepared sets at the data URL (partial: an upload that did not finish)."""
     from dataclasses import asdict
 
     from emnist.data.prepared import list_sets
 
-    url = _data_url(data_url)
-    sets = list_sets(url, _env(s3_endpoint))
+    url = _data_url(data_url, stack)
+    sets = list_sets(url, _env(s3_endpoint, store))
     write_json(json_out, [asdict(s) for s in sets])
     if not sets:
-        click.echo(f"no prepared sets at {url}", err=True)
+        click.echo(f"no prepared sets at {_where(url, store)}", err=True)
         return
     click.echo(f"{'name':<48} {'dataset':<24} {'workers':>7} {'seed':>5} {'samples':>9} "
                f"{'MB':>8}  state")
@@ -164,13 +211,14 @@ def ls_cmd(data_url: str | None, s3_endpoint: str | None, json_out: str | None) 
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @friendly
 def rm_cmd(names: tuple[str, ...], data_url: str | None, s3_endpoint: str | None,
-           yes: bool) -> None:
+           stack: str, store: str, yes: bool) -> None:
     """Delete prepared sets (by name, as `emnist data ls` shows them)."""
     from emnist.data.prepared import remove_set
 
-    url = _data_url(data_url)
+    url = _data_url(data_url, stack)
     if not yes:
-        click.confirm(f"delete {len(names)} set(s) at {url}?", abort=True, err=True)
+        click.confirm(f"delete {len(names)} set(s) at {_where(url, store)}?", abort=True,
+                      err=True)
     for name in names:
-        count = remove_set(url, name, _env(s3_endpoint))
+        count = remove_set(url, name, _env(s3_endpoint, store))
         click.echo(f"{name}: {count} files removed" if count else f"{name}: no such set")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -49,30 +50,53 @@ TAG_OPT = click.option("--tag", envvar="TAG", default=None, help="Image tag (env
 @click.option("--base-images", is_flag=True,
               help="With --podman: make local stand-ins of the template's base images from "
                    "Debian's packages when they are missing (offline machines; cached).")
+@click.option("--torch", "with_torch", is_flag=True,
+              help=f"Install torch's CPU build ({builder.TORCH_VERSION}) in the images, for "
+                   "MODEL=lenet5 etc. (setup and grad count a torch model's parameters, so "
+                   "all three need it). The wheel comes from the cache, else pip download "
+                   "(pip's config, then PyTorch's CPU index). faas-cli by hand: copy the "
+                   "wheel into template/python3-http/wheels/ and pass --build-arg "
+                   f"ADDITIONAL_PIP={builder.WHEELS_IN_IMAGE}/<wheel file>.")
+@click.option("--wheel", "wheels", multiple=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="Install this wheel file in the images too (the same way).")
+@click.option("--no-cache", is_flag=True, help="Build without the builder's layer cache.")
 @pass_ctx
 @friendly
 def build(c: Ctx, stack: str, shrinkwrap: bool, push: bool, registry: str | None,
-          tag: str | None, only: tuple[str, ...], podman: bool, base_images: bool) -> None:
+          tag: str | None, only: tuple[str, ...], podman: bool, base_images: bool,
+          with_torch: bool, wheels: tuple[str, ...], no_cache: bool) -> None:
     """Build the function images (faas-cli build), or only their contexts (--shrinkwrap)."""
     if shrinkwrap and push:
         raise click.UsageError("--push needs images: drop --shrinkwrap")
     if base_images and not podman:
         raise click.UsageError("--base-images needs --podman")
     env = builder.image_env(os.environ, registry, tag)
+    extra = builder.check_wheels(list(wheels))
+    if with_torch:
+        extra.append(builder.torch_wheel(env, echo=lambda m: click.echo(m, err=True)))
     if podman and not shrinkwrap:
         env = baseimages.container_env(env, cache_dir(env) / "bin")
         if base_images:
             for line in baseimages.ensure_base_images(env, echo=lambda m: click.echo(m, err=True)):
                 click.echo(line, err=True)
     if shrinkwrap:
-        for ctx in builder.shrinkwrap(stack, env=env, only=list(only) or None):
-            click.echo(f"{ctx.function}: shrink-wrapped to {ctx.path} (image {ctx.image})")
+        for ctx in builder.shrinkwrap(stack, env=env, only=list(only) or None, wheels=extra):
+            args = "".join(f" --build-arg {k}={v}" for k, v in sorted(ctx.build_args.items()))
+            click.echo(f"{ctx.function}: shrink-wrapped to {ctx.path} (image {ctx.image})"
+                       + (f", build with{args}" if args else ""))
         return
     root = Path(stack).resolve().parent
-    filters = [arg for name in only for arg in ("--filter", name)]
+    # faas-cli keeps the last of repeated --filter flags: several names go as one --regex
+    filters = (["--filter", only[0]] if len(only) == 1
+               else ["--regex", "^(" + "|".join(map(re.escape, only)) + ")$"] if only else [])
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
-    builder.faas_cli(["build", "-f", str(Path(stack).resolve()), *filters], env=env, cwd=root,
-                     echo=echo)
+    args = ["build", "-f", str(Path(stack).resolve()), *filters]
+    if no_cache:
+        args.append("--no-cache")
+    if extra:
+        args += ["--build-arg", builder.faas_pip_arg(stack, env, list(only) or None, extra)]
+    with builder.staged_wheels(stack, env, list(only) or None, extra):
+        builder.faas_cli(args, env=env, cwd=root, echo=echo)
     if push:
         builder.faas_cli(["push", "-f", str(Path(stack).resolve()), *filters], env=env,
                          cwd=root, echo=echo)

@@ -84,6 +84,7 @@ def store_key_env() -> dict[str, str]:
 
 def bring_up(c: Ctx, stack: str, store: str, replicas: Iterable[str] = (),
              callback_hosts: Iterable[str] = (), *, gateway_hosts: Iterable[str] = (),
+             runtime: str | None = None, container_user: str = "",
              **allowed: Iterable[str]) -> bool:
     """Start the local stack if no gateway answers; True when this call started it.
 
@@ -92,7 +93,8 @@ def bring_up(c: Ctx, stack: str, store: str, replicas: Iterable[str] = (),
     ``allowed`` is ``checkpoint_roots=``, ``data_roots=``, ``allowed_store_urls=``, and
     ``callback_hosts`` the hosts an async call's X-Callback-Url may name; ``gateway_hosts``
     the names the gateway answers to besides loopback (a gateway in front of it may address
-    it by one).
+    it by one). ``runtime`` (default ``$EMNIST_RUNTIME``, else ``process``): ``container``
+    runs the replicas as containers of the built images, with the store in a container too.
     """
     if local.gateway_alive(c.gateway):
         if store_given():
@@ -103,16 +105,21 @@ def bring_up(c: Ctx, stack: str, store: str, replicas: Iterable[str] = (),
         raise local.LocalStackError(f"no gateway answers at {c.gateway} (not a local "
                                     "address: start OpenFaaS there, or use --gateway)")
     path = stack_path(stack)
-    msg = local.ensure_memcached(store)
-    if msg:
-        click.echo(msg, err=True)
     unknown = set(allowed) - set(POLICY_VARS)
     if unknown:
         raise TypeError(f"bring_up: unknown policy names {sorted(unknown)}")
-    env = {"STORE_URL": store, **policy_env(**allowed), **callback_env(callback_hosts),
-           **store_key_env()}
-    info = local.start_gateway(path, urlsplit(c.gateway).port or 8080, env, list(replicas),
-                               allowed_hosts=gateway_hosts)
+    port = urlsplit(c.gateway).port or 8080
+    runtime = runtime or os.environ.get("EMNIST_RUNTIME") or "process"
+    if runtime == "container":
+        env = local.container_stack_env(path, port, store if store_given() else None,
+                                        container_user, echo=lambda m: click.echo(m, err=True))
+    else:
+        msg = local.ensure_memcached(store)
+        if msg:
+            click.echo(msg, err=True)
+        env = {"STORE_URL": store}
+    env.update({**policy_env(**allowed), **callback_env(callback_hosts), **store_key_env()})
+    info = local.start_gateway(path, port, env, list(replicas), allowed_hosts=gateway_hosts)
     click.echo(f"local gateway on {info['url']} (pid {info['pid']}); `emnist down` stops it",
                err=True)
     return True
@@ -146,13 +153,23 @@ def print_functions(c: Ctx) -> None:
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A Host name the gateway answers to besides loopback, e.g. the name an "
                    "OpenFaaS gateway in front of it uses (repeatable).")
+@click.option("--runtime", type=click.Choice(["process", "container"]), envvar="EMNIST_RUNTIME",
+              default="process", show_default=True,
+              help="Replicas as processes of this Python (fast), or as podman containers of "
+                   "the images `emnist build --podman` made, as OpenFaaS runs them (store and "
+                   "gateway relay in containers too, on a network of their own).")
+@click.option("--container-user", default="", metavar="UID[:GID]",
+              help="container runtime: run replicas as this UID instead of the image's "
+                   "user, as OpenShift assigns one.")
 @pass_ctx
 @friendly
 def up(c: Ctx, stack: str, store: str, replicas: tuple[str, ...],
        checkpoint_roots: tuple[str, ...], data_roots: tuple[str, ...],
-       callback_hosts: tuple[str, ...], allowed_hosts: tuple[str, ...]) -> None:
+       callback_hosts: tuple[str, ...], allowed_hosts: tuple[str, ...], runtime: str,
+       container_user: str) -> None:
     """Start a local memcached and the local OpenFaaS gateway (if no gateway answers)."""
     if not bring_up(c, stack, store, replicas, callback_hosts, gateway_hosts=allowed_hosts,
+                    runtime=runtime, container_user=container_user,
                     checkpoint_roots=checkpoint_roots, data_roots=data_roots):
         click.echo(f"a gateway already answers at {c.gateway}: using it", err=True)
     print_functions(c)

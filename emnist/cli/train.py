@@ -46,6 +46,9 @@ TRAIN_OPTIONS = [
     ("--checkpoint-url", "checkpoint_url", str, "Checkpoint directory or redis:// URL."),
     ("--checkpoint-every", "checkpoint_every", int, "Passes between checkpoints."),
     ("--max-seconds", "max_seconds", float, "Wall-clock limit (0: none)."),
+    ("--slice-seconds", "slice_seconds", float,
+     "An emnist-train call trains this long, then hands on to a new call (0: to the end; "
+     "below the platform's timeouts)."),
     ("--patience", "patience", int, "Early stopping on validation loss (0: off)."),
     ("--lease-seconds", "lease_seconds", float, "A worker silent this long is taken over."),
     ("--local-store", "local_store_url", str, "Node-local tier URL (memcached://... or local://)."),

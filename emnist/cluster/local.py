@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -119,6 +119,45 @@ def queue_args(stack: Path, env: Mapping[str, str] | None = None,
             for x in (flag, str(value))]
 
 
+CONTAINERS_RECORD = "containers.json"  # the container stack `up` started (its network)
+
+
+def container_stack_env(stack: Path, port: int, store: str | None, user: str = "",
+                        echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Start the cluster around container replicas (:mod:`.containerstack`) and return the
+    gateway's environment for them: podman's settings, the runtime, the network, the relay's
+    socket. The store is the stack's default (memcached.openfaas-fn) unless ``store`` names
+    another one the containers can reach (a loopback address cannot be)."""
+    from . import containerstack as cs
+    from .baseimages import container_env
+
+    if store and is_loopback(store):
+        raise LocalStackError(f"--store {store}: containers cannot reach this machine's "
+                              "loopback; the container runtime starts its own store "
+                              "(memcached.openfaas-fn), leave --store out")
+    state = home()
+    env = container_env(os.environ, state / "shim")
+    try:
+        images = sorted({fn.image for fn in load_stack(stack, env).functions.values()})
+    except StackError as e:
+        raise LocalStackError(f"{stack}: {e}") from None
+    missing = cs.missing_images(images, env)
+    if missing:
+        raise LocalStackError(f"no image {', '.join(missing)}: build them first (`emnist build "
+                              "--podman --base-images`, with the same REGISTRY and TAG)")
+    network = cs.network_name(port)
+    sock = cs.socket_path(state, network)
+    (state / CONTAINERS_RECORD).write_text(json.dumps({"network": network}))
+    for line in cs.infra_up(network, sock.parent, env, echo=echo):
+        echo(line)
+    env.update({"EMNIST_GATEWAY_RUNTIME": "container", "EMNIST_GATEWAY_NETWORK": network,
+                "EMNIST_GATEWAY_UNIX_SOCKET": str(sock),
+                "EMNIST_GATEWAY_CONTAINER_USER": user})
+    if store:
+        env["STORE_URL"] = store
+    return env
+
+
 def start_gateway(stack: Path, port: int, env: dict[str, str], replicas: list[str],
                   timeout: float = 60, allowed_hosts: Iterable[str] = ()) -> dict:
     """Start the local gateway in the background and wait until its replicas are healthy:
@@ -135,6 +174,8 @@ def start_gateway(stack: Path, port: int, env: dict[str, str], replicas: list[st
         args += ["--replicas", r]
     for host in allowed_hosts:
         args += ["--allowed-host", host]
+    if env.get("EMNIST_GATEWAY_UNIX_SOCKET"):
+        args += ["--unix-socket", env["EMNIST_GATEWAY_UNIX_SOCKET"]]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **env},
@@ -195,6 +236,26 @@ def stop_all() -> list[str]:
             done.append(f"stale {name} state in {state} ({why}): removed it, stopped nothing")
         record.unlink(missing_ok=True)
         own.unlink(missing_ok=True)
+    done += _stop_containers(state)
+    return done
+
+
+def _stop_containers(state: Path) -> list[str]:
+    """Remove the container stack `up --runtime container` started (after its gateway)."""
+    record = state / CONTAINERS_RECORD
+    try:
+        network = json.loads(record.read_text())["network"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    from . import containerstack as cs
+    from .baseimages import BaseImageError, container_env
+
+    try:
+        done = cs.remove_stack(str(network), container_env(os.environ, state / "shim"))
+    except (BaseImageError, cs.ContainerStackError, OSError) as e:
+        return [f"could not remove the containers of {network}: {e}"]
+    record.unlink(missing_ok=True)
+    shutil.rmtree(cs.socket_path(state, str(network)).parent, ignore_errors=True)
     return done
 
 

@@ -1,7 +1,8 @@
 """The worker's side of a prepared set: fetch only this worker's shard (and the test set),
 verify it, keep it on local disk, memory-map it.
 
-A set at a directory is read in place. A set at ``s3://`` or http(s) is copied file by file
+A set at a directory is read in place. A set at ``s3://``, http(s) or ``store:`` (the
+function's parameter store: what a replica without a shared disk reads) is copied file by file
 into ``<cache>/sets/<set name>/`` (``emnist.paths.cache_dir``): each file is downloaded to a
 temporary name, checked against the size and CRC-32C in the set's manifest, then renamed into
 place, so a second run on the same node (another replica, a later invocation) finds it whole
@@ -137,7 +138,8 @@ class SetReader:
 
 
 def open_set(set_url: str, env: Mapping[str, str] | None = None) -> SetReader:
-    """The prepared set at ``set_url`` (a directory, ``s3://...`` or http(s))."""
+    """The prepared set at ``set_url`` (a directory, ``s3://...``, ``store:/...`` or
+    http(s)); ``env`` (default: the process's) says which S3 endpoint or store."""
     return SetReader(open_location(set_url, env), env)
 
 

@@ -1,12 +1,14 @@
-"""Data URLs: one interface for a local directory, ``s3://bucket/prefix`` and (read-only) an
-http(s) URL prefix, used by shards, test sets and p2p partitions alike.
+"""Data URLs: one interface for a local directory, ``s3://bucket/prefix``, ``store:[/prefix]``
+(files kept in the function's own parameter store: ``emnist.data.kvlocation``) and (read-only)
+an http(s) URL prefix, used by shards, test sets and p2p partitions alike.
 
 A :class:`Location` names files relative to its URL (``worker-0-x.npy``, ``peer-1/train-x``);
 a name is never absolute and never has a ``..`` part, so a location reads only below itself.
 Every read is bounded (``max_bytes``) and every download is checked against the size and
 CRC-32C its caller expects before the caller may use it. Which S3 endpoint and credentials a
 location uses come from the environment mapping it is opened with (``emnist.data.s3``), never
-from the URL: ``s3://bucket/prefix`` carries a bucket and a key prefix only.
+from the URL: ``s3://bucket/prefix`` carries a bucket and a key prefix only. Likewise which
+store a ``store:`` location uses is the mapping's ``store_url``: the URL names no host.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def check_name(name: str) -> str:
 
 
 def is_remote(url: str) -> bool:
-    """True for a URL that needs a network (s3://, http(s)://), False for a directory."""
+    """True for a URL that needs a network (s3://, http(s)://, store:), False for a
+    directory."""
     m = _SCHEME.match(url)
-    return bool(m) and m.group(1) != "file"
+    return (bool(m) and m.group(1) != "file") or url.startswith("store:")
 
 
 @dataclass(frozen=True)
@@ -315,11 +318,16 @@ class HttpLocation(Location):
 
 def open_location(url: str, env: Mapping[str, str] | None = None) -> Location:
     """The location of ``url``: a directory, ``file:///dir``, ``s3://bucket/prefix`` (the
-    ``s3`` extra; endpoint and credentials from ``env``, see :mod:`emnist.data.s3`) or an
-    http(s) prefix (read-only)."""
+    ``s3`` extra; endpoint and credentials from ``env``, see :mod:`emnist.data.s3`),
+    ``store:[/prefix]`` (in the store ``env``'s ``store_url`` names, see
+    :mod:`emnist.data.kvlocation`) or an http(s) prefix (read-only)."""
     if not isinstance(url, str) or not url:
         raise DataError("a data location must be a directory or URL", field="data_location")
     env = os.environ if env is None else env
+    if url.startswith("store:"):
+        from .kvlocation import KVLocation
+
+        return KVLocation(url, env)
     m = _SCHEME.match(url)
     scheme = m.group(1) if m else ""
     if scheme in ("", "file"):
@@ -331,6 +339,6 @@ def open_location(url: str, env: Mapping[str, str] | None = None) -> Location:
     if scheme in ("http", "https"):
         return HttpLocation(url)
     raise DataError(f"{url}: unknown data location scheme {scheme}:// (use a directory, "
-                    "s3:// or http(s)://)", field="data_location",
-                    public=f"unknown scheme {scheme}:// (use a directory, s3:// or http(s)://)"
-                    if len(scheme) < 20 else "unknown scheme")
+                    "s3://, store:/ or http(s)://)", field="data_location",
+                    public=f"unknown scheme {scheme}:// (use a directory, s3://, store:/ or "
+                    "http(s)://)" if len(scheme) < 20 else "unknown scheme")

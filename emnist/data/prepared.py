@@ -1,5 +1,6 @@
-"""Prepared sets: each worker's shard and the test set, written once at a data URL (a directory
-or ``s3://bucket/prefix``), content-addressed, published atomically, uploaded resumably.
+"""Prepared sets: each worker's shard and the test set, written once at a data URL (a directory,
+``s3://bucket/prefix`` or ``store:[/prefix]``, the function's own parameter store),
+content-addressed, published atomically, uploaded resumably.
 
 A set is named ``<dataset>-w<workers>-s<seed>-<key>``, where ``key`` is the start of a SHA-256
 of everything that determines its bytes: the format version, dataset, seed, number of workers,
@@ -9,20 +10,23 @@ memory-maps (``worker-<i>-{x,y}.npy``, ``test-{x,y}.npy``) plus ``manifest.json`
 JSON carrying each file's size and CRC-32C and its own digest).
 
 Publishing: in a directory the set is built under a temporary name and renamed into place
-(``emnist.publish``). On S3 there is no rename, so the manifest is the commit: it is written
-last, after every data object exists whole (one PUT, or a completed multipart upload), and a
-reader opens a set only through its manifest. Two prepares of the same key write identical
-bytes (the content is a function of the key), so racing ones cannot corrupt each other. A
-rerun after an interruption skips each object already uploaded whole: the object has its
-planned size and an upload marker (``.uploaded/<file>``, written after the object) records
-its size and CRC-32C.
+(``emnist.publish``). On S3 and in the store there is no rename, so the manifest is the
+commit: it is written last, after every data object exists whole (one PUT, or a completed
+multipart upload; in the store, a file's header after its chunks), and a reader opens a set
+only through its manifest. Two prepares of the same key write identical bytes (the content is
+a function of the key), so racing ones cannot corrupt each other. A rerun after an
+interruption skips each object already uploaded whole: the object has its planned size and an
+upload marker (``.uploaded/<file>``, written after the object) records its size and CRC-32C;
+a store file's header records them itself (written last), so the store needs no markers.
 
 Bounded: a run's setup (``ensure_set``) names its seed, and every seed is a new set, so the
 sets at a data location are kept within ``max_prepared_bytes`` (the operator's environment,
-default 16 GiB), like the node's shard cache: a set too big for it is refused before anything
-is written, and the least recently used other sets are removed to make room (a directory
-set's last use is its directory's time, touched whenever a run finds or opens it; an s3://
-set's is its manifest's). The set being prepared is never removed.
+default 16 GiB; 1 GiB in a ``store:`` location, whose bytes are the store's memory), like the
+node's shard cache: a set too big for it is refused before anything is written, and the least
+recently used other sets are removed to make room (a directory set's last use is its
+directory's time, touched whenever a run finds or opens it; a store set's is its manifest's
+header time, touched likewise; an s3:// set's is its manifest's). The set being prepared is
+never removed.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ from emnist.publish import publish_dir, temp_dir_for
 from . import generated as gen
 from .datasets import DATASETS, dataset_files, load_dataset
 from .idx import DataError
+from .kvlocation import KVLocation, is_store_url
 from .location import LocalLocation, Location, is_remote, open_location
 from .npyio import chunk_bytes, npy_size
 
-__all__ = ["DEFAULT_PREPARED_BYTES", "FORMAT", "MANIFEST", "PREPARED_BYTES_ENV", "PREPROCESSING",
+__all__ = ["DEFAULT_PREPARED_BYTES", "DEFAULT_STORE_PREPARED_BYTES", "FORMAT", "MANIFEST",
+           "PREPARED_BYTES_ENV", "PREPROCESSING",
            "PreparedSet", "SetSummary", "canonical_dataset", "ensure_set", "evict_sets",
            "find_set", "list_sets", "manifest_bytes", "mark_used", "parse_manifest",
            "prepare_set", "prepared_limit", "read_manifest", "remove_set", "set_key",
@@ -66,6 +72,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,60}-w\d{1,6}-s\d{1,20}-[0-9a-f]{12}$"
 Progress = Callable[[int], None]
 PREPARED_BYTES_ENV = "max_prepared_bytes"
 DEFAULT_PREPARED_BYTES = 16 << 30  # many sets of any dataset; the shard cache has its own bound
+DEFAULT_STORE_PREPARED_BYTES = 1 << 30  # store: sets live in the store's memory
 
 
 def canonical_dataset(name: str) -> str:
@@ -275,12 +282,15 @@ class _DirWriter:
 class _ObjectWriter:
     def __init__(self, loc: Location) -> None:
         self.loc = loc
+        self.markers = not isinstance(loc, KVLocation)  # a store header is its own marker
 
     def have(self, name: str, size: int) -> int | None:
         """The CRC-32C of ``name`` when an earlier run uploaded it whole."""
         info = self.loc.stat(name)
         if info is None or info.size != size:
             return None
+        if not self.markers:
+            return info.crc32c
         try:
             mark = json.loads(self.loc.read(f"{MARKERS}/{name}", max_bytes=4096))
         except (DataError, ValueError):
@@ -292,8 +302,9 @@ class _ObjectWriter:
 
     def put(self, name: str, pieces: Any, size: int) -> int:
         crc = self.loc.put(name, pieces, size)
-        mark = json.dumps({"bytes": size, "crc32c": crc}).encode()
-        self.loc.put(f"{MARKERS}/{name}", [mark], len(mark))
+        if self.markers:
+            mark = json.dumps({"bytes": size, "crc32c": crc}).encode()
+            self.loc.put(f"{MARKERS}/{name}", [mark], len(mark))
         return crc
 
     def commit(self, manifest: bytes, expected: Mapping[str, Any]) -> None:
@@ -409,11 +420,13 @@ def prepare_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
 
 # -- the bound on what a data location holds ---------------------------------------------------
 
-def prepared_limit(env: Mapping[str, str]) -> int:
-    """``max_prepared_bytes`` of the operator's environment (default 16 GiB)."""
+def prepared_limit(env: Mapping[str, str], data_url: str = "") -> int:
+    """``max_prepared_bytes`` of the operator's environment (default 16 GiB; 1 GiB for a
+    ``store:`` ``data_url``: memory, shared with the runs' parameters)."""
     from emnist.policy import env_number
 
-    return env_number(env, PREPARED_BYTES_ENV, DEFAULT_PREPARED_BYTES, 1 << 20, 1 << 50)
+    default = DEFAULT_STORE_PREPARED_BYTES if is_store_url(data_url) else DEFAULT_PREPARED_BYTES
+    return env_number(env, PREPARED_BYTES_ENV, default, 1 << 20, 1 << 50)
 
 
 def _manifest_room(files: int) -> int:
@@ -421,9 +434,12 @@ def _manifest_room(files: int) -> int:
 
 
 def mark_used(loc: Location) -> None:
-    """Record that a run uses the set at ``loc`` now (a directory's time; its least recently
-    used peers are evicted first). A read-only directory keeps its old time."""
-    if isinstance(loc, LocalLocation):
+    """Record that a run uses the set at ``loc`` now (a directory's time, a store set's
+    manifest header; its least recently used peers are evicted first). A read-only directory
+    keeps its old time."""
+    if isinstance(loc, KVLocation):
+        loc.touch(MANIFEST)
+    elif isinstance(loc, LocalLocation):
         now = time.time_ns()  # the fine clock: the kernel's own stamp ties within its tick
         try:
             os.utime(loc.root, ns=(now, now))
@@ -632,10 +648,12 @@ def ensure_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
     bounded: the sets there stay within ``max_bytes`` (default: ``max_prepared_bytes`` of
     ``env``, else of the process's environment), least recently used evicted first."""
     limit = max_bytes if max_bytes is not None else \
-        prepared_limit(os.environ if env is None else env)
+        prepared_limit(os.environ if env is None else env, data_url)
     found = _find_or_prepare(dataset, workers, data_url, seed, root, env, limit)
     if not is_remote(found.url):
         mark_used(LocalLocation(found.url))
+    elif is_store_url(found.url):
+        mark_used(open_location(found.url, env))
     return found
 
 

@@ -298,7 +298,8 @@ def system_info(gw: Gateway) -> Response:
     gateway's proxied request carries X-Forwarded-For and X-Forwarded-Host; a client's does not.
     """
     version = {"sha": "local", "release": _version()}
-    provider = {"provider": "emnist-local", "orchestration": "process", "version": version}
+    kind = getattr(gw.runtime, "kind", "process")
+    provider = {"provider": "emnist-local", "orchestration": kind, "version": version}
     headers = request.headers
     if headers.get("X-Forwarded-For") and headers.get("X-Forwarded-Host"):
         return _json(provider)

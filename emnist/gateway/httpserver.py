@@ -31,11 +31,12 @@ from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.server import TcpWSGIServer
+from waitress.server import TcpWSGIServer, UnixWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_REQUEST_TIMEOUT", "MAX_HEADER",
-           "GuardedServer", "connection_limit", "make_server"]
+           "GuardedServer", "GuardedUnixServer", "add_unix_socket", "connection_limit",
+           "make_server"]
 
 log = logging.getLogger("emnist.gateway")
 
@@ -93,8 +94,8 @@ class DeadlineChannel(HTTPChannel):
         self.handle_close()
 
 
-class GuardedServer(TcpWSGIServer):
-    """TcpWSGIServer with the request deadline and the shedding described in the module."""
+class _Guard:
+    """The request deadline and the shedding described in the module, for a waitress server."""
 
     channel_class = DeadlineChannel
 
@@ -170,6 +171,33 @@ class GuardedServer(TcpWSGIServer):
             channel.expire()
         else:
             channel.handle_close()
+
+
+class GuardedServer(_Guard, TcpWSGIServer):
+    """A waitress TCP server with :class:`_Guard`."""
+
+
+class GuardedUnixServer(_Guard, UnixWSGIServer):
+    """A waitress unix-socket server with :class:`_Guard` (the container runtime's relay
+    reaches the gateway through one, so the gateway still listens on loopback only)."""
+
+
+def add_unix_socket(server: GuardedServer, app: Callable[..., Any], path: str,
+                    request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> GuardedUnixServer:
+    """Serve ``app`` on the unix socket ``path`` (mode 0600) as well, from ``server``'s event
+    loop and worker threads (``server.run()`` serves both)."""
+    old = server.adj
+    adj = Adjustments(
+        unix_socket=path, unix_socket_perms="600", threads=old.threads,
+        connection_limit=old.connection_limit, asyncore_use_poll=True, cleanup_interval=1,
+        max_request_body_size=old.max_request_body_size,
+        max_request_header_size=old.max_request_header_size,
+        channel_request_lookahead=old.channel_request_lookahead, ident=old.ident,
+        clear_untrusted_proxy_headers=old.clear_untrusted_proxy_headers,
+        send_bytes=old.send_bytes)
+    adj.asyncore_loop_timeout = LOOP_TIMEOUT
+    return GuardedUnixServer(app, server._map, dispatcher=server.task_dispatcher, adj=adj,
+                             request_timeout=request_timeout)
 
 
 def make_server(app: Callable[..., Any], *, host: str, port: int, threads: int,

@@ -75,8 +75,8 @@ class _Conn:
 
     __slots__ = ("buf", "sock")
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT)
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
 
@@ -221,7 +221,7 @@ def _response(conn: _Conn, method: str) -> tuple[int, list[tuple[str, str]], byt
 
 def _once(replica: Replica, method: str, target: str, headers: Iterable[tuple[str, str]],
           body: Payload, timeout: float) -> Upstream:
-    conn = _idle(replica) or _Conn(replica.port)
+    conn = _idle(replica) or _Conn(replica.host, replica.port)
     keep = False
     try:
         conn.sock.settimeout(timeout)

@@ -42,7 +42,12 @@ from emnist.hostaliases import parse_aliases
 
 from .auth import is_loopback, load_auth
 from .callbacks import ENV as CALLBACK_ENV
-from .httpserver import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, make_server
+from .httpserver import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REQUEST_TIMEOUT,
+    add_unix_socket,
+    make_server,
+)
 from .queue import DEFAULT_ACK_WAIT, QueueSettings, parse_queue
 from .stack import Stack, StackError, load_stack, parse_duration
 from .state import (
@@ -69,8 +74,11 @@ def create_app(stack: Stack, *, base_env: Mapping[str, str],
 
 def listen(gateway: Gateway, host: str = "127.0.0.1", port: int = 8080,
            threads: int = 64, *, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-           max_connections: int = DEFAULT_MAX_CONNECTIONS) -> str:
-    """Bind the HTTP server (port 0 picks a free one); returns the gateway URL."""
+           max_connections: int = DEFAULT_MAX_CONNECTIONS,
+           unix_socket: str | os.PathLike[str] | None = None) -> str:
+    """Bind the HTTP server (port 0 picks a free one), and the unix socket if given (the
+    container runtime's relay: containers reach the gateway there, as gateway.openfaas);
+    returns the gateway URL."""
     app: list[Callable[..., Any]] = []
     server = make_server(
         lambda environ, start_response: app[0](environ, start_response),
@@ -85,6 +93,9 @@ def listen(gateway: Gateway, host: str = "127.0.0.1", port: int = 8080,
         else f"http://{host}:{bound_port}"
     gateway.set_url(url, bound_port)
     app.append(build_app(gateway))
+    if unix_socket is not None:
+        add_unix_socket(server, lambda environ, start_response: app[0](environ, start_response),
+                        str(unix_socket), request_timeout)
     gateway._server = server
     return url
 
@@ -94,7 +105,8 @@ def serve(gateway: Gateway, *, host: str = "127.0.0.1", port: int = 8080,
           ready_file: str | os.PathLike[str] | None = None, threads: int = 64,
           on_ready: Callable[[str], None] | None = None,
           request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+          max_connections: int = DEFAULT_MAX_CONNECTIONS,
+          unix_socket: str | os.PathLike[str] | None = None) -> None:
     """Listen, deploy the stack, write the ready file, serve until SIGTERM/SIGINT, clean up."""
     atexit.register(gateway.close)
     previous = signal.signal(signal.SIGTERM, _raise_exit) \
@@ -106,7 +118,7 @@ def serve(gateway: Gateway, *, host: str = "127.0.0.1", port: int = 8080,
                              "network without a password: set OPENFAAS_PASSWORD or "
                              "--basic-auth-file")
         url = listen(gateway, host, port, threads, request_timeout=request_timeout,
-                     max_connections=max_connections)
+                     max_connections=max_connections, unix_socket=unix_socket)
         gateway.deploy_stack(replicas)
         if ready_path is not None:
             tmp = ready_path.with_name(ready_path.name + ".tmp")
@@ -246,6 +258,22 @@ def _parse_alias_args(values: Sequence[str]) -> dict[str, str]:
               type=click.IntRange(16), envvar="EMNIST_GATEWAY_MAX_CONNECTIONS",
               help="Most open client connections (also bounded by the open-file limit); at "
                    "the limit the slowest are closed.")
+@click.option("--runtime", type=click.Choice(["process", "container"]), default="process",
+              show_default=True, envvar="EMNIST_GATEWAY_RUNTIME",
+              help="Replicas as processes in this Python (fast), or as podman containers of "
+                   "the stack's images, as OpenFaaS runs them (needs --network).")
+@click.option("--network", envvar="EMNIST_GATEWAY_NETWORK",
+              help="container runtime: the podman network replicas join (where the stack's "
+                   "service names resolve).")
+@click.option("--container-user", default="", envvar="EMNIST_GATEWAY_CONTAINER_USER",
+              help="container runtime: run replicas as this UID[:GID] instead of the image's "
+                   "user (as OpenShift assigns one).")
+@click.option("--stack-label", default="", envvar="EMNIST_GATEWAY_STACK_LABEL",
+              help="container runtime: the label value marking this stack's containers "
+                   "(default: the network's name).")
+@click.option("--unix-socket", type=click.Path(dir_okay=False),
+              help="Also serve on this unix socket (mode 0600): the container runtime's relay "
+                   "forwards gateway.openfaas:8080 there.")
 @click.option("--echo-logs", is_flag=True, help="Copy replica output to stderr.")
 @click.option("--debug", is_flag=True, help="Verbose logs and tracebacks.")
 def main(stack_path: str, host: str, port: int, replica_args: tuple[str, ...],
@@ -255,7 +283,8 @@ def main(stack_path: str, host: str, port: int, replica_args: tuple[str, ...],
          max_functions: int, queue_workers: int, queue_args: tuple[str, ...],
          ack_wait: float, upstream_timeout: float, queue_max: int, threads: int,
          callback_hosts: tuple[str, ...], request_timeout: float, max_connections: int,
-         echo_logs: bool, debug: bool) -> None:
+         runtime: str, network: str | None, container_user: str, stack_label: str,
+         unix_socket: str | None, echo_logs: bool, debug: bool) -> None:
     """Run the local OpenFaaS-compatible gateway for a stack file."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s gateway %(levelname)s %(message)s")
@@ -263,6 +292,15 @@ def main(stack_path: str, host: str, port: int, replica_args: tuple[str, ...],
     try:
         stack = load_stack(stack_path)
         auth = load_auth(basic_auth_file)
+        replica_runtime = None
+        if runtime == "container":
+            if not network:
+                raise click.BadParameter("the container runtime needs --network",
+                                         param_hint="--network")
+            from .podman import ContainerRuntime, ContainerSettings
+
+            replica_runtime = ContainerRuntime(ContainerSettings(
+                network=network, stack=stack_label or network, user=container_user))
         gateway = create_app(
             stack, base_env={}, auth=auth, queue_max=queue_max,
             queues=QueueSettings(queue_workers, ack_wait, _parse_queues(queue_args)),
@@ -272,10 +310,11 @@ def main(stack_path: str, host: str, port: int, replica_args: tuple[str, ...],
             aliases=_parse_alias_args(alias_args),
             allowed_hosts=(*allowed_hosts, *_own_names(host)),
             allowed_origins=allowed_origins, callback_hosts=callback_hosts,
+            runtime=replica_runtime,
         )
         serve(gateway, host=host, port=port, replicas=_parse_replicas(replica_args),
               ready_file=ready_file, threads=threads, request_timeout=request_timeout,
-              max_connections=max_connections)
+              max_connections=max_connections, unix_socket=unix_socket)
     except (StackError, ReplicaError, OSError, ValueError) as e:
         if debug:
             raise

@@ -143,8 +143,10 @@ class Gateway:
                  aliases: Mapping[str, str] | None = None, store_url: str | None = None,
                  allowed_hosts: tuple[str, ...] = (),
                  allowed_origins: tuple[str, ...] = (),
-                 callback_hosts: tuple[str, ...] = (), body_memory: int = 4 << 20) -> None:
+                 callback_hosts: tuple[str, ...] = (), body_memory: int = 4 << 20,
+                 runtime: Any = None) -> None:
         self.stack = stack
+        self.runtime = runtime  # None: replicas as processes (supervisor.ProcessRuntime)
         self.base_env = dict(base_env)
         self.auth = auth
         self.log_limit = log_limit
@@ -237,8 +239,10 @@ class Gateway:
         return names
 
     def _spec_for(self, req: dict[str, Any], fn: FunctionSpec) -> FunctionSpec:
+        # the stack's image, not the request's: a deploy picks a stack function, never the
+        # code that runs (the container runtime starts spec.image)
         return dataclasses.replace(
-            fn, name=req["service"], image=req["image"],
+            fn, name=req["service"], image=fn.image,
             environment={**fn.environment, **req["envVars"]}, labels=req["labels"],
             annotations=req["annotations"], limits=req["limits"], requests=req["requests"],
             secrets=req["secrets"], constraints=req["constraints"],
@@ -273,7 +277,8 @@ class Gateway:
             env = self.provider_env(self.secrets.mount(name, self._mounted_secrets(req)))
             if dep is None:
                 rs = ReplicaSet(spec, env, self.log_limit, start_timeout=self.start_timeout,
-                                grace=self.grace, echo=sys.stderr if self.echo_logs else None)
+                                grace=self.grace, echo=sys.stderr if self.echo_logs else None,
+                                runtime=self.runtime)
                 try:
                     rs.scale(1 if wanted is None else wanted)
                 except BaseException:

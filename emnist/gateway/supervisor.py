@@ -1,9 +1,12 @@
-"""Run and watch a function's replica processes, like a Deployment on one machine.
+"""Run and watch a function's replicas, like a Deployment on one machine.
 
-Each replica is ``python -m emnist.gateway.watchdog`` in its own process group, with a pod-like
-``HOSTNAME`` and a minimal environment (nothing leaks from the gateway's own environment except
-what a Python process needs). A replica that exits is replaced to keep the desired count; its
-stdout/stderr lines are kept in a bounded buffer that ``/system/logs`` serves.
+How a replica runs is the runtime's job: :class:`ProcessRuntime` (the fast default) starts
+``python -m emnist.gateway.watchdog`` in its own process group, with a pod-like ``HOSTNAME`` and
+a minimal environment (nothing leaks from the gateway's own environment except what a Python
+process needs); :class:`emnist.gateway.podman.ContainerRuntime` starts the function's real image.
+Either way a replica is one child process whose stdout/stderr are the replica's logs, so a
+replica that exits is replaced to keep the desired count, and its lines are kept in a bounded
+buffer that ``/system/logs`` serves.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .logs import NAMESPACE, LogBuffer, LogLine, format_timestamp, parse_timestamp
 from .stack import FunctionSpec
@@ -32,6 +35,7 @@ __all__ = [
     "LogBuffer",
     "LogLine",
     "NoReplicaError",
+    "ProcessRuntime",
     "Replica",
     "ReplicaError",
     "ReplicaSet",
@@ -66,6 +70,8 @@ class Replica:
     hostname: str
     port: int
     process: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"  # where the gateway reaches it ("" until a container has an address)
+    container: str = ""  # the container's name (container runtime)
     started_at: float = field(default_factory=time.time)
     inflight: int = 0
     ready: bool = False
@@ -87,7 +93,7 @@ class Replica:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -132,8 +138,9 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
             pass
 
 
-def _healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+def healthy(host: str, port: int) -> bool:
+    """The watchdog's ``/_/health`` answers 200 (what a Kubernetes readiness probe asks)."""
+    conn = http.client.HTTPConnection(host, port, timeout=1.0)
     try:
         conn.request("GET", "/_/health")
         return conn.getresponse().status == 200
@@ -143,12 +150,43 @@ def _healthy(port: int) -> bool:
         conn.close()
 
 
+class ProcessRuntime:
+    """Replicas as local processes hosting the handler (the watchdog emulation): fast, and
+    only as strict as the developer's machine (shared disk, the dev venv, the caller's user)."""
+
+    kind = "process"
+
+    def spawn(self, spec: FunctionSpec, base_env: Mapping[str, str],
+              hostname: str) -> Replica:
+        port = free_port()
+        cmd = [sys.executable, "-u", "-m", "emnist.gateway.watchdog",
+               "--handler", str(spec.handler), "--port", str(port),
+               "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(
+            cmd, env=replica_env(spec, base_env, hostname), cwd=str(spec.handler),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        return Replica(name=spec.name, hostname=hostname, port=port, process=proc)
+
+    def ready(self, replica: Replica) -> bool:
+        return healthy(replica.host, replica.port)
+
+    def retry_start(self, stderr_tail: str) -> bool:
+        """A replica that lost the free-port race is started again on another port."""
+        return "Address already in use" in stderr_tail
+
+    def signal(self, replica: Replica, sig: int) -> None:
+        _signal_group(replica.process, sig)
+
+
 class ReplicaSet:
     """The replicas of one function: scale, pick, restart the dead, collect logs."""
 
     def __init__(self, spec: FunctionSpec, base_env: Mapping[str, str], log_limit: int = 10000,
                  *, start_timeout: float = 30.0, grace: float = 5.0,
-                 echo: IO[str] | None = None) -> None:
+                 echo: IO[str] | None = None, runtime: Any = None) -> None:
+        self.runtime = runtime if runtime is not None else ProcessRuntime()
         self.spec = spec
         self.base_env = dict(base_env)
         self.start_timeout = start_timeout
@@ -300,16 +338,8 @@ class ReplicaSet:
 
     def _spawn(self) -> Replica:
         hostname = f"{self.name}-{self._template_hash}-{_pod_suffix()}"
-        port = free_port()
-        cmd = [sys.executable, "-u", "-m", "emnist.gateway.watchdog",
-               "--handler", str(self.spec.handler), "--port", str(port),
-               "--parent-pid", str(os.getpid())]
-        proc = subprocess.Popen(
-            cmd, env=replica_env(self.spec, self.base_env, hostname), cwd=str(self.spec.handler),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        replica = Replica(name=self.name, hostname=hostname, port=port, process=proc)
+        replica = self.runtime.spawn(self.spec, self.base_env, hostname)
+        proc = replica.process
         for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
             reader = threading.Thread(target=self._read, args=(replica, pipe, stream),
                                       daemon=True, name=f"log-{hostname}-{stream}")
@@ -334,15 +364,15 @@ class ReplicaSet:
                             reader.join(timeout=2.0)
                         tail = "\n".join(r.stderr_tail)
                         pending.remove(r)
-                        if "Address already in use" in tail and retries > 0:
-                            retries -= 1  # lost the free-port race: try another port
+                        if self.runtime.retry_start(tail) and retries > 0:
+                            retries -= 1
                             pending.append(self._spawn())
                             continue
                         raise ReplicaError(
                             f"replica {r.hostname} of {self.name} exited with code "
                             f"{r.process.returncode} while starting; stderr tail:\n{tail}"
                         )
-                    if _healthy(r.port):
+                    if self.runtime.ready(r):
                         r.ready = True
                         pending.remove(r)
                         ready.append(r)
@@ -376,16 +406,16 @@ class ReplicaSet:
                                     timeout=self.grace)
         for r in replicas:
             if r.alive():
-                _signal_group(r.process, signal.SIGTERM)
+                self.runtime.signal(r, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         for r in replicas:
             try:
                 r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(r.process, signal.SIGKILL)
+                self.runtime.signal(r, signal.SIGKILL)
                 r.process.wait()
             # Also reap anything the handler started in the replica's process group.
-            _signal_group(r.process, signal.SIGKILL)
+            self.runtime.signal(r, signal.SIGKILL)
             r.close_pool()
 
     def _read(self, replica: Replica, pipe: IO[bytes], stream: str) -> None:

@@ -18,6 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 
 Updater = Callable[[str, "bytes | None"], bytes]
 
+# The store a function uses when its environment names none (TrainConfig's default, and the
+# store a ``store:`` data location falls back to): the local stack's memcached.
+DEFAULT_STORE_URL = "memcached://127.0.0.1:11211"
+
 
 class StoreError(RuntimeError):
     """The store could not be reached or refused an operation."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from emnist import policy
 from emnist.paths import cache_dir
+from emnist.store.kv import DEFAULT_STORE_URL
 
 if TYPE_CHECKING:
     from emnist.models import ModelSpec
@@ -56,6 +57,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "average_every": (1, 1_000_000, False),
     "barrier_timeout": (0, 86_400, True),
     "max_seconds": (0, 30 * 86_400, False),
+    "slice_seconds": (0, 86_400, False),
     "patience": (0, 100_000, False),
     "min_delta": (0, 1e6, False),
     "lease_seconds": (0, 86_400, True),
@@ -88,7 +90,7 @@ class TrainConfig:
     dropout_percent: float = 0.0  # a fraction in [0, 1), the original's name
     batch_size: int = 100
     number_of_workers: int | None = None  # None: emnist-train's replica count
-    store_url: str = "memcached://127.0.0.1:11211"
+    store_url: str = DEFAULT_STORE_URL
     n_fetch: int = 10
     n_push: int = 10
     target_accuracy: float = 0.85
@@ -106,6 +108,7 @@ class TrainConfig:
     average_every: int = 10  # averaging: minibatches between rounds
     barrier_timeout: float = 30.0  # averaging: seconds to wait for the others at a round
     max_seconds: float = 0.0  # wall-clock limit since setup (0: none)
+    slice_seconds: float = 0.0  # an invocation trains this long, then hands on (0: to the end)
     patience: int = 0  # early stopping: passes without a better validation loss (0: off)
     min_delta: float = 0.0  # early stopping: what counts as better
     lease_seconds: float = 10.0  # a worker whose heartbeat is older is taken over

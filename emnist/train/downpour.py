@@ -198,6 +198,15 @@ class Exchange:
     def end_iteration(self, params: np.ndarray) -> None:
         self.flush(params)
 
+    def in_sync(self, step: int) -> bool:
+        """After ``after_step(step)``: may a time slice end here and the next call resume
+        exactly as this one would have gone on? True where this step pushed everything and
+        fetched synchronously (the local copy is then the store's, bit for bit); anywhere
+        when nothing is exact anyway (overlapped or sparse exchanges)."""
+        if self._pool is not None or self.threshold or self.top_k:
+            return True
+        return step % self.n_push == 0 and step % self.n_fetch == 0
+
     @property
     def synced(self) -> bool:
         """After ``end_iteration``: everything this worker learned is in the store."""

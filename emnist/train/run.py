@@ -253,15 +253,19 @@ def run_model(state: dict[str, Any], cfg: TrainConfig,
 
 
 def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
-                 next_pass: Callable[[int], None] | None = None,
+                 next_pass: Callable[[int, int], None] | None = None,
                  env: Mapping[str, str] | None = None,
-                 for_pass: int | None = None) -> tuple[WorkerState, dict[str, Any]]:
-    """One worker of a run, resumed from its stored state; with execution type 2 it trains
-    one pass and calls ``next_pass(pass)`` to have the gateway start the next invocation.
-    ``env``: the function's environment, whose policy and caps the run document must pass
-    (None: a trusted caller, the default caps only). ``for_pass``: the pass the call was
-    sent for; a call with nothing to do (a redelivery, a duplicate, a finished worker)
-    trains nothing, writes nothing and answers the worker's record with ``repeat``."""
+                 for_pass: int | None = None,
+                 for_step: int | None = None) -> tuple[WorkerState, dict[str, Any]]:
+    """One worker of a run, resumed from its stored state. With execution type 2 it trains
+    one pass, and with ``slice_seconds`` for at most that long, then calls ``next_pass(pass,
+    step)`` to have the gateway start the next invocation (so no call outlives the
+    platform's timeouts). ``env``: the function's environment, whose policy and caps the run
+    document must pass (None: a trusted caller, the default caps only). ``for_pass`` and
+    ``for_step``: where the worker stood when the call was sent; a call with nothing to do (a
+    redelivery, a duplicate, a finished worker) trains nothing, writes nothing and answers
+    the worker's record with ``repeat``."""
+    began = time.monotonic()
     store, state = load_run(kv, run_id, env)
     if not 0 <= worker_id < state["workers"]:
         raise ConfigError("worker_id", f"{worker_id} is outside run {run_id} "
@@ -274,7 +278,7 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
     model = run_model(state, cfg, shard.image_shape)
     lease = Lease(store, worker_id, cfg.lease_seconds)
     try:
-        st = lease.acquire(hostname, for_pass=for_pass)
+        st = lease.acquire(hostname, for_pass=for_pass, for_step=for_step)
     except NothingToDo as e:
         return e.state, _repeat(store, e.state)
     started_at = (st.iteration, st.step)
@@ -299,7 +303,8 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
         if not st.done:
             run_worker(cfg, tier or store, data, model, st, workers=state["workers"],
                        steps_per_pass=state["steps_per_pass"], run_started=state["started"],
-                       save=save, one_pass=cfg.execution_type == 2)
+                       save=save, one_pass=cfg.execution_type == 2,
+                       until=began + cfg.slice_seconds if cfg.slice_seconds else None)
     finally:
         if tier is not None:
             tier.close()  # flushes what the node has not synchronised yet
@@ -314,8 +319,8 @@ def train_worker(kv: KV, run_id: str, worker_id: int, hostname: str, *,
         record.update(tier_syncs=tier.syncs, tier_bytes_synced=tier.bytes_synced)
     if st.done:
         store.put_doc(f"result:{worker_id}", record)
-    elif next_pass is not None:
-        next_pass(st.iteration + 1)  # after progress only (above): no chain spins in place
+    elif next_pass is not None:  # after progress only (above): no chain spins in place
+        next_pass(st.iteration + 1, st.step)
     return st, record
 
 

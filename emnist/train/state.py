@@ -335,11 +335,12 @@ class Lease:
 
     def acquire(self, hostname: str, wait: float | None = None,
                 sleep: Callable[[float], None] = time.sleep,
-                for_pass: int | None = None) -> WorkerState:
+                for_pass: int | None = None, for_step: int | None = None) -> WorkerState:
         """Take the worker (resuming its state), waiting up to ``wait`` for a live owner's
-        heartbeat to go stale. ``NothingToDo`` (and nothing written) when the worker is done
-        or ``for_pass`` (the pass a call was sent for) is trained already: at-least-once
-        delivery never trains a pass twice nor rewrites a finished worker."""
+        heartbeat to go stale. ``NothingToDo`` (and nothing written) when the worker is done,
+        ``for_pass`` (the pass a call was sent for) is trained already, or the worker went on
+        past ``for_step`` (the step it stood at when the call was sent): at-least-once
+        delivery never trains a pass or a time slice twice nor rewrites a finished worker."""
         deadline = time.monotonic() + (2 * self.seconds if wait is None else wait)
         taken: list[WorkerState] = []
         while True:
@@ -356,7 +357,8 @@ class Lease:
                     raise _Moved  # read its owner's note again
                 st = (WorkerState(self.worker_id) if old is None
                       else WorkerState.from_dict(resumable(doc, note)))
-                if st.done or (for_pass is not None and st.iteration >= for_pass):
+                if st.done or (for_pass is not None and st.iteration >= for_pass) \
+                        or (for_step is not None and st.step > for_step):
                     raise NothingToDo(st)
                 if st.lease and time.time() - st.heartbeat < self.seconds:
                     raise WorkerBusy(f"worker {self.worker_id} is running (lease {st.lease})")

@@ -82,9 +82,11 @@ def as_model(model: Model | ModelSpec | MLPShape, cfg: TrainConfig) -> Model:
 def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, ...],
                model: Model | ModelSpec | MLPShape, st: WorkerState, *, workers: int,
                steps_per_pass: int, run_started: float, save: Callable[[WorkerState], None],
-               one_pass: bool = False) -> WorkerState:
+               one_pass: bool = False, until: float | None = None) -> WorkerState:
     """Train ``model`` (see ``as_model``) from ``st`` until a stop condition (or one pass
-    with ``one_pass``).
+    with ``one_pass``, or the ``time.monotonic()`` deadline ``until``: a time slice, which
+    ends mid-pass with everything pushed and the state saved, so the next invocation resumes
+    at the same minibatch; an averaging worker ends its slice at a pass end).
 
     ``save`` writes a state (the lease's save); with a lease in ``st`` and a plain parameter
     store, pushes also note progress themselves (in their transaction on Redis).
@@ -126,11 +128,13 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
     alpha, bs = np.float32(cfg.alpha), cfg.batch_size
     if not st.done and st.iteration >= cfg.iterations:  # nothing left: end, never wait
         st.done, st.stop_reason = True, "iterations"
+    mid_pass = until is not None and cfg.algorithm != "averaging"
     try:
         while not st.done and st.iteration < cfg.iterations:
             it = st.iteration + 1
             order = pass_order(cfg, st.worker_id, it, len(shard_y), steps_per_pass)
             t0 = time.perf_counter()
+            sliced = False
             for pos in range(st.offset, len(order)):
                 at = order[pos]
                 model.rng = seeds.at(it, pos)
@@ -142,11 +146,19 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
                 ex.after_step(params, st.step, st.offset)
                 if ex.stop:
                     break
+                if mid_pass and pos + 1 < len(order) and time.monotonic() >= until \
+                        and ex.in_sync(st.step):
+                    sliced = True
+                    break
                 if time.monotonic() - last_save > SAVE_SECONDS:
                     heartbeat()
             ex.end_iteration(params)
             st.train_seconds += time.perf_counter() - t0
             t0 = None
+            if sliced:  # everything is pushed: the state as it is now is the store's
+                st.seconds = elapsed()
+                progress.save_now()
+                break
             if st.offset >= len(order):  # a whole pass (a stop signal may end one early)
                 st.iteration, st.offset, st.pass_calls = it, 0, 0
             _evaluate(model, params, (test_x, test_y), calib, st, elapsed())
@@ -161,7 +173,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             else:
                 progress.heartbeat()
             last_save = time.monotonic()
-            if one_pass:
+            if one_pass or (until is not None and time.monotonic() >= until):
                 break
     except Diverged as e:  # nothing of the bad update reached the store
         st.done, st.stop_reason = True, f"diverged: {e}"

@@ -2,12 +2,14 @@
 
 POST {"run_id": ID, "worker_id": N}: the run's config and network (its ModelSpec) come from
 the store (written by emnist-setup), so every worker of a run trains the same model alike.
-Execution type 3 loops until done in this invocation; type 2 trains one pass and asks the
-gateway for the next invocation; type 1 also carries "config" and the first worker to arrive
-initialises the run. A worker whose state exists resumes where it stopped. A type-2 call
-names its ``pass``; calls are delivered at least once (OpenFaaS's queue redelivers), so one
-that finds its pass trained, or its worker done, trains and writes nothing and answers the
-worker's record with ``"repeat": true`` (no second result line in the logs).
+Execution type 3 loops until done in this invocation (or, with ``slice_seconds``, for that
+long: then it asks the gateway for the next invocation, so no call outlives the platform's
+timeouts); type 2 trains one pass and asks the gateway for the next invocation; type 1 also
+carries "config" and the first worker to arrive initialises the run. A worker whose state
+exists resumes where it stopped. A continuation names its ``pass`` and ``step``; calls are
+delivered at least once (OpenFaaS's queue redelivers), so one that finds the worker past
+them, or done, trains and writes nothing and answers the worker's record with ``"repeat":
+true`` (no second result line in the logs).
 
 The request is untrusted: its ``store_url`` and the places in a type-1 ``config`` must be this
 function's own or allowed by its environment's policy (emnist.policy), like emnist-setup's.
@@ -48,16 +50,20 @@ from emnist.train.config import LIMITS, ConfigError, TrainConfig
 from emnist.train.run import UnknownRun, ensure_run, record_failure, train_worker
 from emnist.train.state import LeaseLost, WorkerBusy
 
-FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict, "pass": int}
+FIELDS = {"run_id": str, "worker_id": int, "store_url": str, "config": dict, "pass": int,
+          "step": int}
 MAX_PASS = int(LIMITS["iterations"][1])  # a pass is one of the run's iterations
+MAX_STEP = 2**53  # a worker's minibatch count (exact in every JSON reader)
 
 preload(os.environ.get("model", ""))  # a torch stack imports torch before the replica is ready
 
 
 def _next_pass(body: dict, env: dict):
-    """The next invocation names its pass: a redelivered copy finds it trained (a no-op)."""
+    """The next invocation names its pass and step: a redelivered copy finds the worker
+    past them (a no-op)."""
     url = gateway_url(env)
-    return lambda n: GatewayClient(url).invoke_async("emnist-train", {**body, "pass": n})
+    return lambda n, step: GatewayClient(url).invoke_async(
+        "emnist-train", {**body, "pass": n, "step": step})
 
 
 def _train(event, context, env: dict):
@@ -70,6 +76,8 @@ def _train(event, context, env: dict):
         raise BadRequest(f"worker_id: must be between 0 and {top - 1} (max_workers)")
     if not 1 <= request.get("pass", 1) <= MAX_PASS:
         raise BadRequest(f"pass: must be between 1 and {MAX_PASS}")
+    if not 0 <= request.get("step", 0) <= MAX_STEP:
+        raise BadRequest(f"step: must be between 0 and {MAX_STEP}")
     own = TrainConfig.from_sources(env).store_url
     store_url = request.get("store_url") or own
     if "store_url" in request:
@@ -113,7 +121,8 @@ def _run(request: dict, cfg: TrainConfig | None, context, env: dict, kv):
             ensure_run(cfg, kv, cfg.number_of_workers, run_id)
         st, record = train_worker(kv, run_id, worker_id, context.hostname,
                                   next_pass=_next_pass(body, env), env=env,
-                                  for_pass=request.get("pass"))
+                                  for_pass=request.get("pass"),
+                                  for_step=request.get("step"))
     except CorruptValue as e:  # a run or worker document that is damaged, forged or refused
         log(f"worker {worker_id}: {e}")
         raise Conflict(f"run_id: a stored document of run {run_id} is refused: {e.reason} "
