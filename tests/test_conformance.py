@@ -45,7 +45,8 @@ class Stack:
     def __init__(self, tmp: Path, password: str | None) -> None:
         self.tmp, self.password = tmp, password
         self.mc_port = free_port()
-        self.memcached = start_memcached(self.mc_port)
+        # as large as the one `emnist up` starts: the default stack keeps its data there too
+        self.memcached = start_memcached(self.mc_port, 256)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("OPENFAAS_URL", "OPENFAAS_PASSWORD", "OPENFAAS_USER",

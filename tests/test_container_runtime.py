@@ -16,6 +16,9 @@ import time
 import numpy as np
 import pytest
 
+from emnist.gateway.podman import ContainerRuntime, ContainerSettings
+from emnist.gateway.stack import FunctionSpec
+from emnist.gateway.validate import BadRequest, parse_deploy
 from emnist.runner import status
 from emnist.store import ParameterStore, open_kv
 from emnist.train.state import state_key
@@ -211,3 +214,37 @@ def test_faas_cli_deploy_then_invoke_with_nothing_but_the_stacks_defaults_trains
     assert any(r and r.get("reached") for r in st["results"]), st["results"]
     assert {r["hostname"] for r in st["results"]} <= {
         c["Config"]["Hostname"] for c in stack.containers("emnist-train")}
+
+
+# -- what a deploy request may make the container runtime do (no containers needed) ----------
+
+@pytest.mark.parametrize("memory", ["lots", "1Gi; rm -rf /", "-1Gi", "1e9", "5Mi", "2Ti",
+                                    "9" * 40])
+def test_a_deploy_cannot_size_a_container_with_a_bad_memory_quantity(memory):
+    body = {"service": "emnist-train", "image": "x", "limits": {"memory": memory}}
+    with pytest.raises(BadRequest, match="memory"):
+        parse_deploy(body)
+
+
+def test_the_podman_command_follows_the_stack_and_the_operator_not_the_request(tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    spec = FunctionSpec(name="emnist-train", lang="python3-http", handler=tmp_path,
+                        image="docker.io/emnist/emnist-train:v1",
+                        environment={"store_url": "memcached://memcached.openfaas-fn:11211"},
+                        limits={"memory": "1.5Gi"}, readonly_root_filesystem=True)
+    runtime = ContainerRuntime(ContainerSettings(network="emnist-9", stack="emnist-9",
+                                                 user="4242:0"))
+    base = {"OPENFAAS_URL": "http://127.0.0.1:9", "EMNIST_HOST_ALIASES": "a:1=b:2",
+            "EMNIST_SECRETS_DIR": str(secrets)}
+    cmd = runtime.command(spec, base, "emnist-train-abcde-fghij", "emnist-9-x")
+    assert cmd[:2] == ["podman", "run"] and cmd[-1] == "docker.io/emnist/emnist-train:v1"
+    pairs = list(zip(cmd, cmd[1:], strict=False))
+    assert ("--memory", f"{int(1.5 * 2**30)}b") in pairs and ("--user", "4242:0") in pairs
+    assert ("--network", "emnist-9") in pairs and ("--pull", "never") in pairs
+    assert "--read-only" in cmd and ("--tmpfs", "/tmp:rw,mode=1777") in pairs
+    assert ("--volume", f"{secrets.resolve()}:/var/openfaas/secrets:ro,U") in pairs
+    assert not {"-p", "--publish", "--privileged", "--network=host"} & set(cmd)
+    env = [b for a, b in pairs if a == "--env"]
+    assert "OPENFAAS_URL=http://gateway.openfaas:8080" in env
+    assert not [e for e in env if e.startswith(("EMNIST_HOST_ALIASES", "EMNIST_SECRETS_DIR"))]

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ from emnist.store import DEFAULT_STORE_URL, ParameterStore, codec, open_kv
 from emnist.train.config import FIELD_KINDS, TrainConfig
 from emnist.train.rundoc import RunRefused, checked_run
 from tests.conftest import MEMCACHED_URL, REDIS_URL
-from tests.servers import ROOT, local_gateway
+from tests.servers import ROOT, free_port, local_gateway, start_memcached
 
 URLS = {"memcached": MEMCACHED_URL, "redis": REDIS_URL}
 
@@ -357,16 +359,17 @@ def test_an_evicted_file_is_prepared_again_and_nothing_else(tmp_path):
 def test_the_sets_in_the_store_stay_within_their_bound(tmp_path):
     url = _prefix()
     env = {"store_url": MEMCACHED_URL, "max_prepared_bytes": str(80 << 20)}
-    assert prepared_limit({}, "store:/") == 1 << 30 and prepared_limit({}, "/d") == 16 << 30
+    assert prepared_limit({}, "store:/") == 128 << 20 and prepared_limit({}, "/d") == 16 << 30
     assert prepared_limit(env, url) == 80 << 20
     try:
         first = ensure_set("fashion-mnist", 2, url, env=env)
         second = ensure_set("fashion-mnist", 2, url, seed=1, env=env)  # 2 x 55 MB > 80 MB
         assert [s.name for s in list_sets(url, env)] == [second.name]
         assert open_location(first.url, env).list() == []  # evicted whole
-        with pytest.raises(DataError, match="max_prepared_bytes"):
+        with pytest.raises(DataError, match="max_prepared_bytes") as e:
             ensure_set("fashion-mnist", 2, url, seed=2, env={**env, "max_prepared_bytes":
                                                                  str(40 << 20)})
+        assert "store's memory" in e.value.public and e.value.field == "dataset"
         assert [s.name for s in list_sets(url, env)] == [second.name]
     finally:
         open_location(url, env).delete("")
@@ -496,6 +499,19 @@ def test_workers_on_separate_nodes_train_from_the_store_alone(tmp_path, monkeypa
         open_location(url, {"store_url": MEMCACHED_URL}).delete("")
 
 
+@contextmanager
+def own_memcached() -> Iterator[str]:
+    """A memcached of the test's own, as large as `emnist up`'s: the stack's store:/ in a
+    shared one is shared with whatever else runs, which may evict a set in use meanwhile."""
+    port = free_port()
+    proc = start_memcached(port, 256)
+    try:
+        yield f"memcached://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _stack_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The local stack with its defaults (no DATA_LOCATION: emnist.yml's store:/), the
     replicas' home (and so their cache) in ``tmp``, nothing of an earlier run's cache."""
@@ -519,12 +535,14 @@ def test_the_default_stack_trains_through_the_store(tmp_path):
     """`emnist train --workers 2` on the local stack with nothing but its defaults: setup
     keeps the set in the store (nothing on disk), each worker fetches its shard from there."""
     home = tmp_path / "home"
-    with local_gateway(tmp_path, _stack_env(tmp_path)) as gw:
-        r, seconds = _train(gw.url, "--timeout", "240", "--json", str(tmp_path / "rows.json"))
-    assert r.exit_code == 0, r.output
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    with own_memcached() as url:
+        with local_gateway(tmp_path, _stack_env(tmp_path, STORE_URL=url)) as gw:
+            r, seconds = _train(gw.url, "--timeout", "240", "--json",
+                                str(tmp_path / "rows.json"))
+        assert r.exit_code == 0, r.output
+        rows = json.loads((tmp_path / "rows.json").read_text())
+        state = ParameterStore(open_kv(url), rows[0]["run_id"]).get_doc("run")
     assert len(rows) == 2 and all(row["accuracy"] > 0.5 for row in rows)
-    state = ParameterStore(open_kv(MEMCACHED_URL), rows[0]["run_id"]).get_doc("run")
     assert state["config"]["data_location"] == "store:/"
     assert state["shard_dir"] == f"store:/{state['data_set']}"
     cache = home / ".cache" / "emnist"
@@ -541,12 +559,13 @@ def test_workers_whose_data_were_evicted_end_the_run_within_seconds(tmp_path):
     """The set is in the store but memcached dropped a shard's chunks: `emnist train` ends
     with the workers' reason within seconds, and the next run prepares the file again."""
     url = _prefix()
-    env = {"store_url": MEMCACHED_URL}
-    try:
+    with own_memcached() as store:
+        env = {"store_url": store}
         ps = prepare_set("fashion-mnist", 2, url, env=env, root=FASHION_DEBIAN_ROOT)
         loc = open_location(ps.url, env)
         loc.kv.delete_many(_chunk_keys(loc, "worker-1-x.npy"))
-        with local_gateway(tmp_path, _stack_env(tmp_path, DATA_LOCATION=url)) as gw:
+        stack = _stack_env(tmp_path, STORE_URL=store, DATA_LOCATION=url)
+        with local_gateway(tmp_path, stack) as gw:
             r, seconds = _train(gw.url, "--timeout", "120")
             assert r.exit_code == 1, r.output
             assert "worker 1 failed: data_location: the run's data were evicted from the " \
@@ -556,5 +575,3 @@ def test_workers_whose_data_were_evicted_end_the_run_within_seconds(tmp_path):
             r, _ = _train(gw.url, "--timeout", "240")
             assert r.exit_code == 0, r.output
         assert loc.stat("worker-1-x.npy").size == ps.manifest["files"]["worker-1-x.npy"]["bytes"]
-    finally:
-        open_location(url, env).delete("")

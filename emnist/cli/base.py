@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 import click
 
 from emnist.gateway.client import GatewayClient, auth_from_env
+from emnist.store.kv import DEFAULT_STORE_URL
 
 __all__ = ["DEFAULT_GATEWAY", "DEFAULT_STORE", "Ctx", "friendly", "pass_ctx", "stack_option",
            "store_option", "write_json", "write_rows"]
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-DEFAULT_STORE = "memcached://127.0.0.1:11211"
+DEFAULT_STORE = DEFAULT_STORE_URL  # the local stack's memcached
 
 F = TypeVar("F", bound=Callable[..., Any])
 

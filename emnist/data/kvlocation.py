@@ -37,7 +37,11 @@ memory is full, and every item expires after the store URL's ``ttl`` (7 days by 
 missing chunk is a :class:`DataError` that says the data were evicted and how to avoid it, and
 the broken file's header is removed with it, so the next run's setup prepares it again.
 Chunks of a write that died before its header, and files whose index was evicted, are not
-listed: they go the way every store item goes (memcached's LRU, the ttl).
+listed: they go the way every store item goes (memcached's LRU, the ttl). The bytes are not
+sealed: whoever can write the store can change what a run trains on, as they can change its
+parameters; the checks stop damage and oversized claims, not that writer. The prepared sets a
+``store:`` location keeps are bounded by ``max_prepared_bytes`` (emnist.data.prepared: 128 MiB
+unless the operator says more), so they leave the runs' parameters room in the store.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ a store file's header records them itself (written last), so the store needs no 
 
 Bounded: a run's setup (``ensure_set``) names its seed, and every seed is a new set, so the
 sets at a data location are kept within ``max_prepared_bytes`` (the operator's environment,
-default 16 GiB; 1 GiB in a ``store:`` location, whose bytes are the store's memory), like the
+default 16 GiB; 128 MiB in a ``store:`` location, whose bytes are the store's memory, shared
+with the runs' parameters: two Fashion-MNIST sets, half of `emnist up`'s memcached), like the
 node's shard cache: a set too big for it is refused before anything is written, and the least
 recently used other sets are removed to make room (a directory set's last use is its
 directory's time, touched whenever a run finds or opens it; a store set's is its manifest's
@@ -72,7 +73,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,60}-w\d{1,6}-s\d{1,20}-[0-9a-f]{12}$"
 Progress = Callable[[int], None]
 PREPARED_BYTES_ENV = "max_prepared_bytes"
 DEFAULT_PREPARED_BYTES = 16 << 30  # many sets of any dataset; the shard cache has its own bound
-DEFAULT_STORE_PREPARED_BYTES = 1 << 30  # store: sets live in the store's memory
+# store: sets live in the store's memory, beside the runs' parameters: a memcached whose pages
+# all hold data chunks refuses parameter writes ("out of memory storing object")
+DEFAULT_STORE_PREPARED_BYTES = 128 << 20
 
 
 def canonical_dataset(name: str) -> str:
@@ -421,7 +424,7 @@ def prepare_set(dataset: str, workers: int, data_url: str, *, seed: int = 0,
 # -- the bound on what a data location holds ---------------------------------------------------
 
 def prepared_limit(env: Mapping[str, str], data_url: str = "") -> int:
-    """``max_prepared_bytes`` of the operator's environment (default 16 GiB; 1 GiB for a
+    """``max_prepared_bytes`` of the operator's environment (default 16 GiB; 128 MiB for a
     ``store:`` ``data_url``: memory, shared with the runs' parameters)."""
     from emnist.policy import env_number
 
@@ -518,6 +521,9 @@ def _make_room(base: Location, name: str, planned: int, limit: int) -> None:
     if planned > limit:
         msg = (f"its prepared set would take {planned} bytes, more than {PREPARED_BYTES_ENV} "
                f"({limit}) in the function's environment")
+        if isinstance(base, KVLocation):
+            msg += (" (a store: data location keeps it in the store's memory: raise both, or "
+                    "use an s3:// data_location)")
         raise DataError(f"{base.url}/{name}: {msg}", field="dataset", public=msg)
     evict_sets(base, limit - planned, keep=name)
 

@@ -31,9 +31,9 @@ from emnist.secrets import DEFAULT_SECRETS_DIR, SECRETS_DIR_ENV
 
 from .stack import FunctionSpec
 from .supervisor import Replica, healthy
+from .validate import memory_bytes
 
-__all__ = ["CONTAINER_PORT", "GATEWAY_URL", "ContainerRuntime", "ContainerSettings",
-           "memory_bytes"]
+__all__ = ["CONTAINER_PORT", "GATEWAY_URL", "ContainerRuntime", "ContainerSettings"]
 
 CONTAINER_PORT = 8080  # of-watchdog's port
 UPSTREAM_PORT = 5000  # the python3-http template's server behind the watchdog
@@ -42,21 +42,10 @@ STACK_LABEL = "io.emnist.stack"
 FUNCTION_LABEL = "faas_function"  # the label faas-netes puts on a function's pods
 # provider settings of the process runtime that have no meaning in a container
 _PROCESS_ONLY = (ALIASES_ENV, SECRETS_DIR_ENV)
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-_FACTOR = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 _USER = re.compile(r"^[0-9]{1,10}(:[0-9]{1,10})?$")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,100}$")
 _UPSTREAM_PROBE = ("import socket; socket.create_connection(('127.0.0.1', "
                    f"{UPSTREAM_PORT}), 1).close()")
-
-
-def memory_bytes(quantity: str) -> int:
-    """A Kubernetes memory quantity (``1Gi``, ``128Mi``, ``500M``, ``1048576``) in bytes."""
-    m = _QUANTITY.match(quantity.strip())
-    if not m:
-        raise ValueError(f"{quantity!r} is not a memory quantity (like 128Mi or 1Gi)")
-    return int(float(m.group(1)) * _FACTOR[m.group(2)])
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,22 @@ def allowed_env(fn: FunctionSpec) -> frozenset[str]:
     return SAFE_ENV | frozenset(fn.environment)
 
 
+_QUANTITY = re.compile(r"^([0-9]{1,15})(?:\.([0-9]{1,6}))?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_FACTOR = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+MIN_MEMORY, MAX_MEMORY = 6 << 20, 1 << 40  # podman's floor; a sanity ceiling
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``1Gi``, ``128Mi``, ``500M``, ``1048576``) in bytes."""
+    m = _QUANTITY.match(quantity.strip())
+    if not m:
+        raise ValueError(f"{_short(quantity)!r} is not a quantity (like 128Mi or 1Gi)")
+    whole, frac, unit = m.groups()
+    factor = _FACTOR[unit]
+    return int(whole) * factor + (int(frac) * factor // 10 ** len(frac) if frac else 0)
+
+
 def check_env(env: Mapping[str, str], fn: FunctionSpec) -> None:
     """Refuse any name that is provider-only or not on ``fn``'s allow-list."""
     allowed = allowed_env(fn)
@@ -163,6 +179,13 @@ def parse_deploy(data: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(req[key]) - {"memory", "cpu"}
         if unknown:
             raise BadRequest(f"{key}: only memory and cpu may be set")
+        if req[key].get("memory"):  # the container runtime sizes a cgroup with it
+            try:
+                size = memory_bytes(req[key]["memory"])
+            except ValueError as e:
+                raise BadRequest(f"{key}: memory: {e}") from None
+            if not MIN_MEMORY <= size <= MAX_MEMORY:
+                raise BadRequest(f"{key}: memory: between 6Mi and 1Ti")
     req["secrets"] = _str_list(data.get("secrets"), "secrets", MAX_SECRETS)
     for name in req["secrets"]:
         if not valid_secret_name(name):
