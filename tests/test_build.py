@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from emnist.cli import main
 from emnist.cluster.build import shrinkwrap
 from emnist.gateway.stack import load_stack
 from tests.conftest import MEMCACHED_URL
+from tests.handlers import project_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS = ["emnist-setup", "emnist-train"]
@@ -58,18 +58,8 @@ def test_contexts_hold_template_handler_requirements_and_package(contexts):
             assert dist in reqs
 
 
-def _project_copy(dest: Path) -> Path:
-    """The stack file and what it builds from, in a directory of the test's own (the CLI
-    writes build/ next to the stack file: never into the checkout others may be using)."""
-    ignore = shutil.ignore_patterns("__pycache__")
-    for name in ("functions", "template", "emnist"):
-        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
-    shutil.copy2(ROOT / "emnist.yml", dest / "emnist.yml")
-    return dest / "emnist.yml"
-
-
 def test_cli_shrinkwrap_and_missing_faas_cli(tmp_path):
-    stack = _project_copy(tmp_path / "project")
+    stack = project_copy(tmp_path / "project")
     r = CliRunner().invoke(main, ["build", "--shrinkwrap", "-f", str(stack),
                                   "--registry", "ghcr.io/x", "--tag", "v9"])
     assert r.exit_code == 0, r.output

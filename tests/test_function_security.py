@@ -7,7 +7,6 @@ the python3-http template calls them, and a few through the real local gateway."
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import socket
 import time
@@ -26,6 +25,7 @@ from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.store import codec
 from emnist.train.config import FIELD_KINDS, TrainConfig
 from tests.conftest import MEMCACHED_URL
+from tests.handlers import Context, Event, load_handler
 from tests.servers import local_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,27 +33,8 @@ MC = urlsplit(MEMCACHED_URL)
 EVIL_REDIS = "redis://evil:6379/0?password_file=/etc/passwd"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"handler_{name.replace('-', '_')}",
-                                                  ROOT / "functions" / name / "handler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SETUP, TRAIN, GRAD = _load("emnist-setup"), _load("emnist-train"), _load("emnist-grad")
-
-
-class Event:
-    """What the python3-http template hands a handler."""
-
-    def __init__(self, body: bytes = b"", method: str = "POST", query: dict | None = None):
-        self.body, self.method, self.query = body, method, query or {}
-        self.headers, self.path = {}, "/"
-
-
-class Context:
-    hostname = "emnist-test-0"
+SETUP, TRAIN, GRAD = (load_handler("emnist-setup"), load_handler("emnist-train"),
+                      load_handler("emnist-grad"))
 
 
 def call(handler, body=None, method: str = "POST", query: dict | None = None):

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from click.testing import CliRunner
 from emnist.cli import main
 from emnist.cluster.baseimages import BASE_IMAGES, container_env
 from emnist.cluster.build import TORCH_WHEEL, WHEELS_DIR
+from tests.handlers import project_copy
 from tests.openfaas_tools import OPENFAAS_BIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,18 +189,8 @@ def _make_wheel(folder: Path) -> Path:
     return wheel
 
 
-def _project_copy(dest: Path) -> Path:
-    """The stack and what it builds from, in the test's own directory: a build stages wheels
-    in template/ and writes build/, never in the checkout others may be using."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.whl")
-    for name in ("functions", "template", "emnist"):
-        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
-    shutil.copy2(ROOT / "emnist.yml", dest / "emnist.yml")
-    return dest / "emnist.yml"
-
-
 def test_shrinkwrap_puts_a_wheel_in_every_context_and_names_the_build_args(tmp_path):
-    stack = _project_copy(tmp_path / "project")
+    stack = project_copy(tmp_path / "project")
     wheel = _make_wheel(tmp_path)
     r = CliRunner().invoke(main, ["build", "--shrinkwrap", "-f", str(stack), "--wheel",
                                   str(wheel)])
@@ -223,7 +213,7 @@ def test_a_wheel_reaches_the_image_as_a_package_never_as_a_file(images, podman_e
     """`emnist build --wheel` (what --torch does with torch's CPU wheel): the real faas-cli
     and podman install it from the template's wheels/ folder through ADDITIONAL_PIP; the image
     holds the package but no wheel, and the template folder is left as it was."""
-    stack = _project_copy(tmp_path / "project")
+    stack = project_copy(tmp_path / "project")
     wheels = stack.parent / "template" / "python3-http" / WHEELS_DIR
     before = sorted(p.name for p in wheels.iterdir())
     wheel = _make_wheel(tmp_path)

@@ -11,7 +11,6 @@ seed's CLI spellings work.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import time
@@ -29,6 +28,7 @@ from emnist.p2p.peer import Peer, PeerConfig, dropout_key, model_spec
 from emnist.p2p.serverless import params_store
 from emnist.p2p.split import Location, batch_name, split, write_batches
 from emnist.store import ParameterStore, codec, open_kv
+from tests.handlers import Event, load_handler
 from tests.servers import free_port, local_gateway, start_memcached
 from tests.test_p2p import REDIS_BROKER
 
@@ -39,21 +39,7 @@ LENET = ["--model", "lenet5", "--lr", "0.1", "--batch-size", "50", "--sync-every
          "--run-timeout", "300", "--broker", REDIS_BROKER]
 
 
-def _handler():
-    spec = importlib.util.spec_from_file_location("grad_handler_models",
-                                                  ROOT / "functions/emnist-grad/handler.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-GRAD = _handler()
-
-
-class Event:
-    def __init__(self, body: dict) -> None:
-        self.method, self.body = "POST", json.dumps(body).encode()
-        self.headers, self.query, self.path = {}, {}, "/"
+GRAD = load_handler("emnist-grad", "grad_handler_models")
 
 
 def call(body: dict) -> tuple[int, object]:

@@ -6,7 +6,6 @@ files; nothing is mocked."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,33 +21,14 @@ from emnist.hostaliases import ALIASES_ENV
 from emnist.train.config import FIELD_KINDS
 from tests.conftest import MEMCACHED_URL
 from tests.gateway_tools import wait_for
+from tests.handlers import Context, Event, load_handler
 from tests.servers import local_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_SET = (4000 + 1000) * (784 + 1)  # one synthetic set's rows: pixels and a label
 
 
-def _setup_handler():
-    spec = importlib.util.spec_from_file_location(
-        "handler_emnist_setup_side_effects", ROOT / "functions" / "emnist-setup" / "handler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SETUP = _setup_handler()
-
-
-class Event:
-    """What the python3-http template hands a handler."""
-
-    def __init__(self, body: dict) -> None:
-        self.body, self.method, self.query = json.dumps(body).encode(), "POST", {}
-        self.headers, self.path = {}, "/"
-
-
-class Context:
-    hostname = "emnist-setup-test-0"
+SETUP = load_handler("emnist-setup", "handler_emnist_setup_side_effects")
 
 
 def tree(path: Path) -> dict[str, tuple[int, int]]:

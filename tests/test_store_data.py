@@ -8,7 +8,6 @@ chunk ends a run within seconds with a message that says what happened and how t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -48,6 +47,7 @@ from emnist.store import DEFAULT_STORE_URL, ParameterStore, codec, open_kv
 from emnist.train.config import FIELD_KINDS, TrainConfig
 from emnist.train.rundoc import RunRefused, checked_run
 from tests.conftest import MEMCACHED_URL, REDIS_URL
+from tests.handlers import Context, Event, load_handler
 from tests.servers import ROOT, free_port, local_gateway, start_memcached
 
 URLS = {"memcached": MEMCACHED_URL, "redis": REDIS_URL}
@@ -419,22 +419,6 @@ def test_a_stored_run_document_names_a_store_location_only_where_the_function_ke
             checked_run("k", run_id, {**doc, "config": cfg_env, "shard_dir": shard_dir}, env)
 
 
-def _setup_handler():
-    spec = importlib.util.spec_from_file_location("store_data_setup_handler",
-                                                  ROOT / "functions/emnist-setup/handler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _Event:
-    def __init__(self, body: dict) -> None:
-        self.body, self.method, self.query = json.dumps(body).encode(), "POST", {}
-        self.headers, self.path = {}, "/"
-
-
-class _Context:
-    hostname = "emnist-test-0"
 
 
 def test_the_setup_function_refuses_a_store_location_its_operator_did_not_allow(
@@ -443,15 +427,15 @@ def test_the_setup_function_refuses_a_store_location_its_operator_did_not_allow(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("store_url", MEMCACHED_URL)
     monkeypatch.setenv("data_location", str(tmp_path / "own"))
-    handler = _setup_handler()
+    handler = load_handler("emnist-setup", "store_data_setup_handler")
     url = _prefix()
     for body in ({"data_location": url, "number_of_workers": 2},
                  {"data_location": url + "/x", "number_of_workers": 2}):
-        resp = handler.handle(_Event(body), _Context())
+        resp = handler.handle(Event(body), Context())
         assert resp["statusCode"] == 400, resp
         assert resp["body"]["error"].startswith("data_location: ")
     monkeypatch.setenv("data_location", "store:/mine")
-    resp = handler.handle(_Event({"data_location": url, "number_of_workers": 2}), _Context())
+    resp = handler.handle(Event({"data_location": url, "number_of_workers": 2}), Context())
     assert resp["statusCode"] == 400 and "data_location" in resp["body"]["error"]
     assert open_location(url, {"store_url": MEMCACHED_URL}).list() == []  # nothing written
     assert not (tmp_path / "own").exists()
