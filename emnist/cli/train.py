@@ -17,6 +17,7 @@ from emnist.cli.stack import bring_up, local_location
 from emnist.cluster import local
 from emnist.models import canonical_name
 from emnist.runner import TRAIN, RunOutcome, resume, start_run, status, wait_replicas, watch
+from emnist.train.config import TRAIN_ALGORITHMS
 
 TRAIN_OPTIONS = [
     ("--workers", "number_of_workers", int, "Workers (also the emnist-train replica count)."),
@@ -39,10 +40,18 @@ TRAIN_OPTIONS = [
     ("--update", "update", str, "atomic (default) or overwrite (the original's lossy push)."),
     ("--execution-type", "execution_type", click.Choice(["1", "2", "3"]),
      "1: one function does everything; 2: one invocation per pass; 3: setup + looping trains."),
-    ("--algorithm", "algorithm", click.Choice(["downpour", "averaging"]),
-     "Asynchronous Downpour SGD or synchronous parameter averaging."),
+    ("--algorithm", "algorithm", click.Choice(list(TRAIN_ALGORITHMS)),
+     "Asynchronous Downpour SGD, synchronous parameter averaging, or synchronous SGD by "
+     "all-reduce (reduce-scatter + all-gather through the store, every minibatch)."),
     ("--average-every", "average_every", int, "Averaging: minibatches between rounds."),
-    ("--barrier-timeout", "barrier_timeout", float, "Averaging: seconds to wait at a round."),
+    ("--barrier-timeout", "barrier_timeout", float,
+     "Averaging and allreduce: seconds to wait for the others at a round."),
+    ("--momentum", "momentum", float, "Allreduce: SGD momentum, in [0, 1) (default 0.9)."),
+    ("--warmup-steps", "warmup_steps", int,
+     "Allreduce: minibatches over which the learning rate rises from alpha to alpha x "
+     "workers (default: half a pass; 0: none)."),
+    ("--scale-lr", "scale_lr", click.BOOL,
+     "Allreduce: scale the learning rate to alpha x workers (default true)."),
     ("--checkpoint-url", "checkpoint_url", str, "Checkpoint directory or redis:// URL."),
     ("--checkpoint-every", "checkpoint_every", int, "Passes between checkpoints."),
     ("--max-seconds", "max_seconds", float, "Wall-clock limit (0: none)."),

@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from emnist.models import ModelSpec
 
 EXECUTION_TYPES = (1, 2, 3)  # 1: one function does all; 2: one call per pass; 3: setup + loops
-ALGORITHMS = ("downpour", "averaging")
+ALGORITHMS = ("downpour", "averaging")  # what every path runs, the simulator included
+# the real workers also run synchronous all-reduce SGD (emnist.train.allreduce); the simulator
+# (emnist.sim, which takes ALGORITHMS) does not model it yet
+TRAIN_ALGORITHMS = (*ALGORITHMS, "allreduce")
 UPDATE_MODES = ("atomic", "overwrite")
 
 
@@ -56,6 +59,8 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "sync_interval": (0, 3600, True),
     "average_every": (1, 1_000_000, False),
     "barrier_timeout": (0, 86_400, True),
+    "momentum": (0, 1, False),  # below 1 (checked on its own)
+    "warmup_steps": (0, 100_000_000, False),
     "max_seconds": (0, 30 * 86_400, False),
     "slice_seconds": (0, 86_400, False),
     "patience": (0, 100_000, False),
@@ -106,7 +111,10 @@ class TrainConfig:
     local_store_url: str = ""  # a node-local tier (memcached://... or local://) in front
     sync_interval: float = 0.05  # seconds between the tier's background syncs
     average_every: int = 10  # averaging: minibatches between rounds
-    barrier_timeout: float = 30.0  # averaging: seconds to wait for the others at a round
+    barrier_timeout: float = 30.0  # averaging, allreduce: seconds to wait at a round
+    momentum: float = 0.9  # allreduce: SGD momentum, in [0, 1)
+    warmup_steps: int | None = None  # allreduce: rounds of lr warm-up (None: half a pass)
+    scale_lr: bool = True  # allreduce: lr = alpha x workers (the linear scaling rule)
     max_seconds: float = 0.0  # wall-clock limit since setup (0: none)
     slice_seconds: float = 0.0  # an invocation trains this long, then hands on (0: to the end)
     patience: int = 0  # early stopping: passes without a better validation loss (0: off)
@@ -137,10 +145,12 @@ class TrainConfig:
         if self.dropout_percent >= 1.0:
             raise ConfigError("dropout_percent", f"must be in [0, 1), got "
                               f"{show(self.dropout_percent)}")
+        if self.momentum >= 1.0:
+            raise ConfigError("momentum", f"must be in [0, 1), got {show(self.momentum)}")
         if self.chunk_bytes % 4:
             raise ConfigError("chunk_bytes", "must be a multiple of 4 and at most 921600 "
                               "(memcached's item limit is 1 MB)")
-        choices = {"execution_type": EXECUTION_TYPES, "algorithm": ALGORITHMS,
+        choices = {"execution_type": EXECUTION_TYPES, "algorithm": TRAIN_ALGORITHMS,
                    "update": UPDATE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -161,6 +171,10 @@ class TrainConfig:
             raise ConfigError("store_url", f"must start with one of {', '.join(schemes)}")
         if self.local_store_url and not self.local_store_url.startswith((*schemes, "local://")):
             raise ConfigError("local_store_url", "must be a store URL or local://")
+        if self.algorithm == "allreduce" and self.local_store_url:
+            raise ConfigError("local_store_url", "allreduce meets the other workers in the "
+                              "global store every minibatch; a node-local tier cannot be "
+                              "used with it")
         self._check_model()
 
     def _check_model(self) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from emnist.model import MLPShape
 from emnist.models import Model, ModelSpec, build_model, calibration_images
 from emnist.store import ParameterStore
+from emnist.train.allreduce import AllReduce
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import Exchange, batch_order
@@ -120,9 +121,14 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
         progress.heartbeat()
         last_save = time.monotonic()
 
+    # allreduce: the exchange applies each gradient itself (a round per minibatch)
+    reduces = cfg.algorithm == "allreduce"
     if cfg.algorithm == "averaging":
         ex: Any = Averaging(store, cfg, st, workers, progress, tick=heartbeat)
         ex.rejoin(params, steps_per_pass)
+    elif reduces:
+        ex = AllReduce(store, cfg, st, workers, steps_per_pass, progress, tick=heartbeat)
+        ex.rejoin(params)
     else:
         ex = Exchange(store, cfg, st, params, cfg.overlap, progress)
     alpha, bs = np.float32(cfg.alpha), cfg.batch_size
@@ -134,14 +140,19 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
             it = st.iteration + 1
             order = pass_order(cfg, st.worker_id, it, len(shard_y), steps_per_pass)
             t0 = time.perf_counter()
-            sliced = False
+            sliced = jumped = False
             for pos in range(st.offset, len(order)):
                 at = order[pos]
                 model.rng = seeds.at(it, pos)
                 _, grad = model.loss_and_grad(params, shard_x[at:at + bs],
                                               shard_y[at:at + bs])
-                grad *= -alpha
-                params += grad
+                if reduces:
+                    if not ex.apply(params, grad):  # far behind: st moved to the newest round
+                        jumped = True
+                        break
+                else:
+                    grad *= -alpha
+                    params += grad
                 st.step, st.offset, st.samples = st.step + 1, pos + 1, st.samples + bs
                 ex.after_step(params, st.step, st.offset)
                 if ex.stop:
@@ -152,6 +163,10 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
                     break
                 if time.monotonic() - last_save > SAVE_SECONDS:
                     heartbeat()
+            if jumped and st.offset:  # landed mid-pass: go on from there
+                st.train_seconds += time.perf_counter() - t0
+                t0 = None
+                continue
             ex.end_iteration(params)
             st.train_seconds += time.perf_counter() - t0
             t0 = None
