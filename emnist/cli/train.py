@@ -46,7 +46,7 @@ TRAIN_OPTIONS = [
     ("--average-every", "average_every", int, "Averaging: minibatches between rounds."),
     ("--barrier-timeout", "barrier_timeout", float,
      "Averaging and allreduce: seconds to wait for the others at a round."),
-    ("--momentum", "momentum", float, "Allreduce: SGD momentum, in [0, 1) (default 0.9)."),
+    ("--momentum", "momentum", float, "Allreduce: SGD momentum, in [0, 0.9999] (default 0.9)."),
     ("--warmup-steps", "warmup_steps", int,
      "Allreduce: minibatches over which the learning rate rises from alpha to alpha x "
      "workers (default: half a pass; 0: none)."),

@@ -59,7 +59,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "sync_interval": (0, 3600, True),
     "average_every": (1, 1_000_000, False),
     "barrier_timeout": (0, 86_400, True),
-    "momentum": (0, 1, False),  # below 1 (checked on its own)
+    "momentum": (0, 0.9999, False),
     "warmup_steps": (0, 100_000_000, False),
     "max_seconds": (0, 30 * 86_400, False),
     "slice_seconds": (0, 86_400, False),
@@ -112,7 +112,7 @@ class TrainConfig:
     sync_interval: float = 0.05  # seconds between the tier's background syncs
     average_every: int = 10  # averaging: minibatches between rounds
     barrier_timeout: float = 30.0  # averaging, allreduce: seconds to wait at a round
-    momentum: float = 0.9  # allreduce: SGD momentum, in [0, 1)
+    momentum: float = 0.9  # allreduce: SGD momentum, in [0, 0.9999]
     warmup_steps: int | None = None  # allreduce: rounds of lr warm-up (None: half a pass)
     scale_lr: bool = True  # allreduce: lr = alpha x workers (the linear scaling rule)
     max_seconds: float = 0.0  # wall-clock limit since setup (0: none)
@@ -145,8 +145,6 @@ class TrainConfig:
         if self.dropout_percent >= 1.0:
             raise ConfigError("dropout_percent", f"must be in [0, 1), got "
                               f"{show(self.dropout_percent)}")
-        if self.momentum >= 1.0:
-            raise ConfigError("momentum", f"must be in [0, 1), got {show(self.momentum)}")
         if self.chunk_bytes % 4:
             raise ConfigError("chunk_bytes", "must be a multiple of 4 and at most 921600 "
                               "(memcached's item limit is 1 MB)")
