@@ -258,14 +258,19 @@ def end_pass(sim: Sim, ctx: WorkerCtx, vec: Any, cfg: TrainConfig, stop: dict | 
     document when the target is reached, the state save."""
     st, node = ctx.st, ctx.node
     shard_x, _, test_x, test_y = data
-    yield sim.cpu(node, sim.eval_work(len(test_y)))
-    st.accuracy, st.val_loss = sim.evaluate(ctx.params, test_x, test_y, shard_x)
-    st.curve.append([round(sim.loop.now - t_start, 4), st.iteration, st.accuracy,
-                     round(st.val_loss, 6), st.samples])
-    sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
+    ev = sim.evaluator(ctx, test_x, test_y, shard_x)
+    t = time.perf_counter()
+    ev.evaluate(ctx.params, st, sim.loop.now - t_start)
+    evaluated = ev.evaluated
     decide(cfg, st, stop, None)
     if halted and not st.done:
         st.done, st.stop_reason = True, halted
+    if st.done:
+        ev.final(ctx.params, st, sim.loop.now - t_start)
+        evaluated += ev.evaluated
+    sim.wall_math += time.perf_counter() - t
+    yield sim.cpu(node, sim.eval_work(evaluated))
+    sim.note_eval(sim.loop.now, ctx.w, st.iteration, st.accuracy)
     if st.reached:
         yield from vec.put_doc(node, "stop", {"worker_id": ctx.w, "iteration": st.iteration,
                                               "accuracy": st.accuracy, "reason": "target"},

@@ -31,6 +31,7 @@ from emnist.sim.costs import Costs, ModelCost
 from emnist.sim.events import Loop, Op
 from emnist.sim.net import Net, Node, make_nodes
 from emnist.sim.store import SimKV, SimParams
+from emnist.train.evaluation import Evaluator
 from emnist.train.state import WorkerState
 
 __all__ = ["Sim", "WorkerCtx", "check_memory", "memory_bytes", "simulate"]
@@ -71,6 +72,7 @@ class WorkerCtx:
     drift: float = 0.0  # log speed factor (AR(1)), see ``Sim.step_work``
     finished: float | None = None
     first_target: float | None = None
+    evaluator: Any = None  # its emnist.train.evaluation.Evaluator, made at its first pass end
 
 
 class Sim:
@@ -105,16 +107,17 @@ class Sim:
                                                  if spec.name == "mlp" else None)
         return self.model
 
-    def evaluate(self, params: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 shard_x: np.ndarray) -> tuple[float, float]:
-        """``_evaluate``: the model's evaluate (a batch-norm model calibrated on
-        ``calibration_images`` of the worker's own shard), on the first ``eval_samples``."""
-        n = self.cfg.eval_samples or len(test_y)
-        calib = calibration_images(shard_x) if self.model.needs_calibration else None
-        t = time.perf_counter()
-        acc, loss = self.model.evaluate(params, test_x[:n], test_y[:n], calib=calib)
-        self.wall_math += time.perf_counter() - t
-        return acc, loss
+    def evaluator(self, ctx: WorkerCtx, test_x: np.ndarray, test_y: np.ndarray,
+                  shard_x: np.ndarray) -> Evaluator:
+        """The worker's pass-end evaluation as ``run_worker`` makes it (a batch-norm model
+        calibrated on ``calibration_images`` of the worker's own shard), over the first
+        ``eval_samples`` of the test set."""
+        if ctx.evaluator is None:
+            n = self.cfg.eval_samples or len(test_y)
+            calib = calibration_images(shard_x) if self.model.needs_calibration else None
+            ctx.evaluator = Evaluator(self.model, (test_x[:n], test_y[:n]), calib,
+                                      self.cfg.train_config())
+        return ctx.evaluator
 
     # -- costs -------------------------------------------------------------------------------
     def node_of(self, w: int) -> Node:

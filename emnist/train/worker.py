@@ -9,9 +9,10 @@ each minibatch's dropout masks from (seed, worker, pass, offset), never from a s
 resumed pass visits the same minibatches in the same order with the same masks.
 
 The network is any ``emnist.models`` model (the run's ModelSpec): minibatches go to
-``loss_and_grad`` as uint8 shard slices (the model converts them), and each pass ends with
-``evaluate`` over the test set in batches; a batch-norm model calibrates first on
-``calibration_images`` of the worker's own shard (the rule every path uses).
+``loss_and_grad`` as uint8 shard slices (the model converts them), and each pass ends with an
+evaluation (``emnist.train.evaluation``: a fixed sample of the test set, the whole of it where
+the result can decide the run); a batch-norm model calibrates first on ``calibration_images``
+of the worker's own shard (the rule every path uses).
 
 Stopping: the target accuracy, the iteration limit, a wall-clock limit, early stopping on
 validation loss (patience), or another worker's stop signal; the reason is recorded.
@@ -32,6 +33,7 @@ from emnist.train.allreduce import AllReduce
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
 from emnist.train.downpour import Exchange, batch_order
+from emnist.train.evaluation import Evaluator
 from emnist.train.state import Diverged, Lease, Progress, WorkerState
 
 SAVE_SECONDS = 0.25  # how often the lease heartbeat (the last recorded progress) is written
@@ -97,6 +99,7 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
     seconds0 = st.seconds
     model = as_model(model, cfg)
     calib = calibration_images(shard_x) if model.needs_calibration else None
+    evaluator = Evaluator(model, (test_x, test_y), calib, cfg)
     seeds = DropoutSeeds(cfg.seed, st.worker_id)
     params = np.empty(model.num_params, dtype=np.float32)
     store.fetch(params)
@@ -176,9 +179,11 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
                 break
             if st.offset >= len(order):  # a whole pass (a stop signal may end one early)
                 st.iteration, st.offset, st.pass_calls = it, 0, 0
-            _evaluate(model, params, (test_x, test_y), calib, st, elapsed())
+            evaluator.evaluate(params, st, elapsed())
             st.sample(time.time(), st.train_seconds)
             decide(cfg, st, ex.stop, run_started)
+            if st.done:
+                evaluator.final(params, st, elapsed())
             if st.reached:
                 store.put_doc("stop", {"worker_id": st.worker_id, "iteration": st.iteration,
                                        "accuracy": st.accuracy, "reason": "target"})
@@ -198,13 +203,6 @@ def run_worker(cfg: TrainConfig, store: ParameterStore, data: tuple[np.ndarray, 
         ex.close()
     st.seconds = elapsed()
     return st
-
-
-def _evaluate(model: Model, params: np.ndarray, test: tuple[np.ndarray, np.ndarray],
-              calib: np.ndarray | None, st: WorkerState, now: float) -> None:
-    st.accuracy, st.val_loss = model.evaluate(params, *test, calib=calib)
-    st.curve.append([round(now, 4), st.iteration, st.accuracy, round(st.val_loss, 6),
-                     st.samples])
 
 
 def decide(cfg: TrainConfig, st: Any, stop: dict[str, Any] | None,
