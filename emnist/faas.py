@@ -74,7 +74,7 @@ def json_body(event: Any) -> dict[str, Any]:
         raise TooLarge(f"body: larger than {MAX_BODY} bytes")
     if isinstance(body, bytes | bytearray):
         body = body.decode("utf-8", "replace")
-    if not body.strip():
+    if not body.strip(" \t\r\n"):  # JSON's whitespace only (str.strip also eats \x1c..)
         return {}
     try:
         data = json.loads(body, parse_constant=_no_constant, parse_float=_finite)

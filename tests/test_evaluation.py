@@ -7,6 +7,7 @@ Real memcached, real Fashion-MNIST (10,000 test images; the sample is 2,000)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from emnist.data.datasets import load_dataset
 from emnist.models import ModelSpec, build_model
@@ -68,3 +69,17 @@ def test_the_last_pass_and_a_run_that_ends_early_report_the_whole_test_set(memca
     ev.final(params, st, 2.0)
     assert not ev.sampled and len(st.curve) == 1 and st.accuracy == whole
     assert st.reached and st.stop_reason == "target"
+
+
+def test_an_averaging_timeout_note_passes_the_stored_state_check():
+    """averaging records ``{"round": r, "missing": [workers]}``: a stored worker document
+    holding one must read back (a list of scalars in an entry), a deeper one must not."""
+    from emnist.store.codec import CorruptValue
+    from emnist.train.state import checked_doc
+
+    doc = WorkerState(1).to_dict()
+    doc["barrier_timeouts"] = [{"round": 4, "missing": [0, 2], "at": 1.5}]
+    assert checked_doc("k", doc, 1)["barrier_timeouts"][0]["missing"] == [0, 2]
+    doc["barrier_timeouts"] = [{"round": 4, "missing": [[0]]}]
+    with pytest.raises(CorruptValue):
+        checked_doc("k", doc, 1)

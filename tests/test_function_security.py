@@ -519,3 +519,12 @@ def test_gateway_accepts_places_inside_the_operators_roots(gateway):
     assert (ckpt / f"{run_id}.ckpt").exists()
     r = _post(gw, "emnist-setup", {"resume": run_id, "checkpoint_url": str(ckpt)})
     assert r.status_code == 200 and r.json()["resumed_workers"] == []
+
+
+@pytest.mark.parametrize("handler", [SETUP, TRAIN, GRAD], ids=["setup", "train", "grad"])
+def test_a_control_character_body_is_not_an_empty_body(handler):
+    """Python's str.strip() takes \\x1c-\\x1f for whitespace, JSON does not: such a body is
+    malformed JSON (400), never the empty body that means {} (found by test_fuzz_http)."""
+    for body in (b"\x1c", b" \x1f\n"):
+        status, _ = call(handler, body)
+        assert status == 400, (body, status)

@@ -269,8 +269,9 @@ class AllReduce:
                        and (w not in self.suspect or w in back)]
             now = time.monotonic()
             if not waiting or now > deadline or self.stop:
-                self.kv.add(mkey, codec.encode_doc({"round": r, "members": present}))
-                continue  # read back whoever's members document won
+                if self.kv.add(mkey, codec.encode_doc({"round": r, "members": present})):
+                    return self._after_close(r, present)
+                continue  # another worker closed first: read its members back
             if now - last_tick > TICK_SECONDS:
                 self.tick()
                 last_tick = now
