@@ -13,6 +13,17 @@ from emnist.store import open_kv
 MEMCACHED_URL = os.environ.get("EMNIST_TEST_MEMCACHED", "memcached://127.0.0.1:11211")
 BINARY_URL = MEMCACHED_URL.replace("memcached://", "memcached+binary://")
 REDIS_URL = os.environ.get("EMNIST_TEST_REDIS", "redis://127.0.0.1:6379/15")
+REDIS_BROKER = os.environ.get("EMNIST_TEST_REDIS_BROKER", "redis://127.0.0.1:6379/14")
+AMQP_BROKER = os.environ.get("EMNIST_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def need_rabbitmq() -> None:
+    """`make test` (and so CI) starts RabbitMQ (scripts/servers.sh): its absence is a failure,
+    never a skip, or the RabbitMQ paths would silently go untested."""
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        pytest.fail("RabbitMQ is not answering on 127.0.0.1:5672 (scripts/servers.sh start)")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from emnist.train.run import load_run, setup_run, train_worker
 from emnist.train.state import WorkerState
 from emnist.train.worker import pass_order, run_worker
 from tests.conftest import MEMCACHED_URL, REDIS_URL
-from tests.test_store_safety import DropProxy
+from tests.dropproxy import DropProxy
 
 DATA = load_dataset("synthetic")
 SHAPE = MLPShape(784, 15, DATA.num_classes)  # 11,935 parameters: odd, and 1 mod 3, 3 mod 4

@@ -25,8 +25,8 @@ from emnist.store import OutcomeUnknown, ParameterStore, open_kv
 from emnist.store.params import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_VALUES
 from emnist.train.checkpoint import Checkpoints
 from tests.conftest import MEMCACHED_URL
+from tests.dropproxy import BACKENDS, DropProxy
 from tests.servers import free_port, start_memcached, start_together
-from tests.test_store_safety import BACKENDS, DropProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG_REDIS = "redis://127.0.0.1:6379/12"  # this module's own db, flushed around its tests

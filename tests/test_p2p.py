@@ -6,9 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import logging
-import os
 import re
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,18 +19,7 @@ from emnist.p2p.broker import BrokerError, open_broker
 from emnist.p2p.messages import BadMessage
 from emnist.p2p.peer import collect
 from emnist.p2p.split import Location, batch_name, load_partition, split, write_batches
-
-REDIS_BROKER = os.environ.get("EMNIST_TEST_REDIS_BROKER", "redis://127.0.0.1:6379/14")
-AMQP_BROKER = os.environ.get("EMNIST_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
-
-
-def need_rabbitmq() -> None:
-    """`make test` (and so CI) starts RabbitMQ (scripts/servers.sh): its absence is a failure,
-    never a skip, or the RabbitMQ paths would silently go untested."""
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
-    except OSError:
-        pytest.fail("RabbitMQ is not answering on 127.0.0.1:5672 (scripts/servers.sh start)")
+from tests.conftest import AMQP_BROKER, REDIS_BROKER, need_rabbitmq
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

@@ -28,9 +28,9 @@ from emnist.p2p.peer import Peer, PeerConfig, dropout_key, model_spec
 from emnist.p2p.serverless import params_store
 from emnist.p2p.split import Location, batch_name, split, write_batches
 from emnist.store import ParameterStore, codec, open_kv
+from tests.conftest import REDIS_BROKER
 from tests.handlers import Event, load_handler
 from tests.servers import free_port, local_gateway, start_memcached
-from tests.test_p2p import REDIS_BROKER
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "0.75"

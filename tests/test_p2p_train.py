@@ -24,9 +24,8 @@ from emnist.p2p.metrics import read_run
 from emnist.p2p.report import summarize
 from emnist.p2p.split import Location, batch_name, split
 from emnist.store import codec, open_kv
-from tests.conftest import MEMCACHED_URL
+from tests.conftest import AMQP_BROKER, MEMCACHED_URL, REDIS_BROKER, need_rabbitmq
 from tests.servers import local_gateway
-from tests.test_p2p import AMQP_BROKER, REDIS_BROKER, need_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "0.84"

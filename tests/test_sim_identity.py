@@ -26,7 +26,7 @@ from emnist.store import ParameterStore
 from emnist.train.config import TrainConfig
 from emnist.train.run import setup_run, train_worker
 from emnist.train.worker import pass_order
-from tests.test_p2p import REDIS_BROKER
+from tests.conftest import REDIS_BROKER
 
 
 @pytest.fixture(scope="module")
