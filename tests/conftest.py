@@ -8,7 +8,10 @@ import socket
 
 import pytest
 
+from emnist import policy
+from emnist.hostaliases import ALIASES_ENV
 from emnist.store import open_kv
+from emnist.train.config import FIELD_KINDS
 
 MEMCACHED_URL = os.environ.get("EMNIST_TEST_MEMCACHED", "memcached://127.0.0.1:11211")
 BINARY_URL = MEMCACHED_URL.replace("memcached://", "memcached+binary://")
@@ -79,3 +82,16 @@ def module_kv():
     kv = open_kv(MEMCACHED_URL)
     yield kv
     kv.close()
+
+
+@pytest.fixture
+def fn_env(monkeypatch):
+    """The functions' environment, as a deployment sets it: only what the test names."""
+    for name in (*FIELD_KINDS, *policy.POLICY_ENV, ALIASES_ENV, "gateway_url", "EMNIST_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("store_url", MEMCACHED_URL)
+
+    def set_env(**values: str) -> None:
+        for k, v in values.items():
+            monkeypatch.setenv(k, v)
+    return set_env

@@ -37,6 +37,24 @@ class Context:
     hostname = "emnist-test-0"
 
 
+def call(handler, body=None, method: str = "POST", query: dict | None = None):
+    if body is None:
+        data = b""
+    else:
+        data = body if isinstance(body, bytes) else \
+            body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    resp = handler.handle(Event(data, method, query), Context())
+    if isinstance(resp, tuple):  # a binary answer: (bytes, status, headers)
+        return resp[1], resp[0]
+    return resp["statusCode"], resp["body"]
+
+
+def error_of(handler, body=None, method="POST", query=None) -> tuple[int, str]:
+    status, body = call(handler, body, method, query)
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    return status, body["error"]
+
+
 def project_copy(dest: Path) -> Path:
     """The stack file and what it builds from, in a directory of the test's own (a build
     writes build/ and stages wheels in template/: never in the checkout others may use)."""

@@ -68,13 +68,13 @@ def test_deploy_target_local_is_up(stack_env):
 
 def test_deploy_k8s_applies_manifests_then_deploys_functions_through_the_gateway(
         stack_env, variants, tmp_path):
-    from tests.test_k8s import _calls, _fake_kubectl
+    from tests.kubectl import fake_kubectl, kubectl_calls
     applied = ["secret/emnist-store-password created", "deployment.apps/memcached created",
                "service/memcached created", "daemonset.apps/memcached-local created",
                "service/memcached-local created", "statefulset.apps/redis created",
                "service/redis created",
                "networkpolicy.networking.k8s.io/emnist-stores created"]
-    bindir = _fake_kubectl(tmp_path, {"apply": "\n".join(applied) + "\n",
+    bindir = fake_kubectl(tmp_path, {"apply": "\n".join(applied) + "\n",
                                       "config current-context": "lab\n"})
     pw = tmp_path / "pw"
     pw.write_text("pw-for-redis")
@@ -86,7 +86,7 @@ def test_deploy_k8s_applies_manifests_then_deploys_functions_through_the_gateway
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
     # the cluster answers before anything is applied; the queue's width is read last
-    check, ready, call, queue = _calls(tmp_path)
+    check, ready, call, queue = kubectl_calls(tmp_path)
     assert queue["argv"][:3] == ["get", "deployment", "queue-worker"]
     assert check["argv"] == ["config", "current-context"] and ready["argv"][:2] == ["get",
                                                                                     "--raw"]

@@ -29,6 +29,7 @@ from emnist.cli import main
 from emnist.cluster import k8s
 from emnist.gateway.client import GatewayClient
 from tests.gateway_tools import GatewayProcess
+from tests.kubectl import kubectl_calls
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +88,6 @@ elif args[:1] == ["apply"]:
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return bindir
-
-
-def _calls(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "calls.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def _deploy(tmp_path: Path, gateway: str, *args: str, env: dict | None = None, **kubectl):
@@ -160,7 +156,7 @@ def test_a_cluster_that_does_not_answer_stops_the_deploy_naming_the_context(tmp_
     line = _error_line(r.output)
     assert "'lab-cluster'" in line and "does not answer" in line and "10.0.0.1:6443" in line
     assert "Traceback" not in r.output
-    assert [c["argv"][:3] for c in _calls(tmp_path)] == [["config", "current-context"],
+    assert [c["argv"][:3] for c in kubectl_calls(tmp_path)] == [["config", "current-context"],
                                                           ["get", "--raw", "/readyz"]]
     assert seen == []  # not one request to the gateway
 
@@ -171,14 +167,14 @@ def test_no_kube_context_stops_the_deploy_before_anything(tmp_path, recorder):
                 context=None)
     assert r.exit_code == 1, r.output
     assert "no kube context is set" in _error_line(r.output)
-    assert [c["argv"] for c in _calls(tmp_path)] == [["config", "current-context"]]
+    assert [c["argv"] for c in kubectl_calls(tmp_path)] == [["config", "current-context"]]
     assert seen == []
 
 
 def test_the_readyz_check_carries_a_short_request_timeout(tmp_path, recorder):
     url, _ = recorder
     _deploy(tmp_path, url, "--registry", REGISTRY, "--store-password", "pw-1", readyz=REFUSED)
-    [_, ready] = _calls(tmp_path)
+    [_, ready] = kubectl_calls(tmp_path)
     [flag] = [a for a in ready["argv"] if a.startswith("--request-timeout=")]
     assert flag == f"--request-timeout={k8s.CHECK_TIMEOUT}s"
 
@@ -193,13 +189,13 @@ def test_placeholder_images_are_a_usage_error_before_any_side_effect(tmp_path, r
     r = _deploy(tmp_path, url, "--store-password", "pw-1", *extra)
     assert r.exit_code == 2, r.output
     assert "--registry" in r.output and "docker.io/emnist/emnist-train:latest" in r.output
-    assert _calls(tmp_path) == [] and seen == []
+    assert kubectl_calls(tmp_path) == [] and seen == []
     # a dry run still prints, and says the same
     r = _deploy(tmp_path, url, "--store-password", "pw-1", "--dry-run", *extra)
     assert r.exit_code == 0, r.output
     assert "# note: docker.io/emnist/emnist-setup:latest cannot be pulled by a cluster: pass " \
            "--registry" in r.output
-    assert _calls(tmp_path) == [] and seen == []
+    assert kubectl_calls(tmp_path) == [] and seen == []
 
 
 # -- only what kubectl applied ----------------------------------------------------------------
@@ -221,7 +217,7 @@ def test_the_output_lists_exactly_what_kubectl_reported(tmp_path, gateway):
     r = _deploy(tmp_path, gateway.url, "--registry", REGISTRY, "--no-s3", "--store-password",
                 "pw-1", actions=actions)
     assert r.exit_code == 0, r.output
-    apply = [c for c in _calls(tmp_path) if c["argv"][0] == "apply"]
+    apply = [c for c in kubectl_calls(tmp_path) if c["argv"][0] == "apply"]
     [call] = apply
     sent = [d for d in yaml.safe_load_all(call["stdin"]) if d]
     expected = [f"{k8s.object_ref(d)} {actions.get(k8s.object_ref(d), 'created')}"
@@ -261,7 +257,7 @@ def test_the_password_is_on_no_kubectl_argv_and_in_no_container_command(tmp_path
                 PASSWORD)
     assert r.exit_code == 0, r.output
     assert PASSWORD not in r.output
-    calls = _calls(tmp_path)
+    calls = kubectl_calls(tmp_path)
     assert calls and not any(PASSWORD in a for c in calls for a in c["argv"])
     [apply] = [c for c in calls if c["argv"][0] == "apply"]
     sent = [d for d in yaml.safe_load_all(apply["stdin"]) if d]
@@ -277,7 +273,7 @@ def test_a_password_redis_cannot_read_from_its_config_is_refused_up_front(tmp_pa
     url, seen = recorder
     r = _deploy(tmp_path, url, "--registry", REGISTRY, "--store-password", 'pw"x')
     assert r.exit_code == 2 and "double quote" in r.output, r.output
-    assert _calls(tmp_path) == [] and seen == []
+    assert kubectl_calls(tmp_path) == [] and seen == []
 
 
 def test_the_redis_container_script_starts_redis_with_the_password_from_a_private_file(
@@ -380,7 +376,7 @@ def test_the_deploy_checks_the_queue_workers_against_the_train_workers(tmp_path,
     r = _deploy(tmp_path, gateway.url, "--registry", REGISTRY, "--no-s3", "--store-password",
                 "pw-1", queue_workers=queue_workers, env={"TRAIN_REPLICAS": None})
     assert r.exit_code == 0, r.output
-    asked = [c["argv"] for c in _calls(tmp_path) if c["argv"][:2] == ["get", "deployment"]]
+    asked = [c["argv"] for c in kubectl_calls(tmp_path) if c["argv"][:2] == ["get", "deployment"]]
     assert asked == [["get", "deployment", "queue-worker", "-n", "openfaas", "-o",
                       "jsonpath={.spec.replicas}"]]
     if note is None:

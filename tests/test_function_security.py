@@ -23,9 +23,9 @@ from emnist.faas import guarded, redacted, resolved_config
 from emnist.hostaliases import ALIASES_ENV
 from emnist.model import MLP, MLPShape, init_params, to_float
 from emnist.store import codec
-from emnist.train.config import FIELD_KINDS, TrainConfig
+from emnist.train.config import TrainConfig
 from tests.conftest import MEMCACHED_URL
-from tests.handlers import Context, Event, load_handler
+from tests.handlers import Context, Event, call, error_of, load_handler
 from tests.servers import local_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,37 +35,6 @@ EVIL_REDIS = "redis://evil:6379/0?password_file=/etc/passwd"
 
 SETUP, TRAIN, GRAD = (load_handler("emnist-setup"), load_handler("emnist-train"),
                       load_handler("emnist-grad"))
-
-
-def call(handler, body=None, method: str = "POST", query: dict | None = None):
-    if body is None:
-        data = b""
-    else:
-        data = body if isinstance(body, bytes) else \
-            body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    resp = handler.handle(Event(data, method, query), Context())
-    if isinstance(resp, tuple):  # a binary answer: (bytes, status, headers)
-        return resp[1], resp[0]
-    return resp["statusCode"], resp["body"]
-
-
-def error_of(handler, body=None, method="POST", query=None) -> tuple[int, str]:
-    status, body = call(handler, body, method, query)
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    return status, body["error"]
-
-
-@pytest.fixture
-def fn_env(monkeypatch):
-    """The functions' environment, as a deployment sets it: only what the test names."""
-    for name in (*FIELD_KINDS, *policy.POLICY_ENV, ALIASES_ENV, "gateway_url", "EMNIST_DATA_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("store_url", MEMCACHED_URL)
-
-    def set_env(**values: str) -> None:
-        for k, v in values.items():
-            monkeypatch.setenv(k, v)
-    return set_env
 
 
 def no_connection(trap: socket.socket) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import stat
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -22,6 +20,7 @@ from emnist.cli import main
 from emnist.cluster import k8s, objectstore
 from emnist.gateway.client import deploy_request
 from emnist.gateway.stack import load_stack
+from tests.kubectl import fake_kubectl, kubectl_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "k8s"
@@ -117,42 +116,17 @@ def test_render_moves_namespace_adds_secret_and_keeps_policy_on_functions_ns():
     assert "pw-9f3e1c" not in k8s.to_yaml([k8s.redact(m) for m in objs])
 
 
-def _fake_kubectl(tmp_path: Path, answers: dict[str, str] | None = None) -> Path:
-    """A `kubectl` that appends {argv, stdin} to calls.jsonl and prints answers[argv[0]]."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir(exist_ok=True)
-    (tmp_path / "answers.json").write_text(json.dumps(answers or {}))
-    script = bindir / "kubectl"
-    script.write_text(f"""#!{sys.executable}
-import json, sys
-args = sys.argv[1:]
-stdin = sys.stdin.read() if "-" in args else None
-with open({str(tmp_path / "calls.jsonl")!r}, "a") as f:
-    f.write(json.dumps({{"argv": args, "stdin": stdin}}) + "\\n")
-answers = json.load(open({str(tmp_path / "answers.json")!r}))
-key = " ".join(args[:2])
-print(answers.get(key, answers.get(args[0], "")), end="")
-""")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return bindir
-
-
-def _calls(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "calls.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_deploy_dry_run_prints_manifests_and_gateway_requests_without_a_cluster(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("very-secret-pw\n")
-    bindir = _fake_kubectl(tmp_path)  # present, but a dry run must not call it
+    bindir = fake_kubectl(tmp_path)  # present, but a dry run must not call it
     r = CliRunner().invoke(main, ["--gateway", "http://127.0.0.1:9", "deploy", "--target",
                                   "k8s", "--dry-run", "-f", str(ROOT / "emnist.yml"),
                                   "--manifests", str(MANIFESTS), "--store-password-file",
                                   str(pw)],
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
-    assert _calls(tmp_path) == []
+    assert kubectl_calls(tmp_path) == []
     assert "very-secret-pw" not in r.output and "<redacted>" in r.output
     manifest_text, _, rest = r.output.partition("# PUT ")
     docs = [d for d in yaml.safe_load_all(manifest_text) if d]
@@ -171,12 +145,12 @@ def test_deploy_dry_run_prints_manifests_and_gateway_requests_without_a_cluster(
 
 
 def test_scale_above_five_uses_kubectl_and_says_so(tmp_path):
-    bindir = _fake_kubectl(tmp_path, {"scale": "deployment.apps/emnist-train scaled\n"})
+    bindir = fake_kubectl(tmp_path, {"scale": "deployment.apps/emnist-train scaled\n"})
     r = CliRunner().invoke(main, ["--gateway", "http://127.0.0.1:9", "scale", "emnist-train",
                                   "-r", "7", "--no-wait", "--kubectl"],
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
-    assert [c["argv"] for c in _calls(tmp_path)] == [
+    assert [c["argv"] for c in kubectl_calls(tmp_path)] == [
         ["scale", "deployment", "emnist-train", "-n", "openfaas-fn", "--replicas", "7"]]
     assert "kubectl scale deployment emnist-train -n openfaas-fn --replicas 7" in r.output
     assert "emnist-train: 7 replicas (via kubectl)" in r.output
@@ -208,13 +182,13 @@ def test_logs_fall_back_to_kubectl_per_pod_with_pod_and_node(tmp_path):
            "Iterations: 4 Time: 2.345 Name: emnist-train-7d9f-fghij\n"
            "2026-11-23T20:00:00.100000000Z 2026/11/23 20:00:00 stdout: "
            + json.dumps({"emnist_result": rec}) + "\n")
-    bindir = _fake_kubectl(tmp_path, {"get pods": json.dumps(pods), "logs": log})
+    bindir = fake_kubectl(tmp_path, {"get pods": json.dumps(pods), "logs": log})
     out_csv = tmp_path / "rows.csv"
     r = CliRunner().invoke(main, ["--gateway", "http://127.0.0.1:9", "logs", "emnist-train",
                                   "--kubectl", "--tail", "100", "--csv", str(out_csv)],
                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert r.exit_code == 0, r.output
-    argv = [c["argv"] for c in _calls(tmp_path)]
+    argv = [c["argv"] for c in kubectl_calls(tmp_path)]
     assert argv[0] == ["get", "pods", "-n", "openfaas-fn", "-l", "faas_function=emnist-train",
                        "-o", "json"]
     assert argv[1:] == [["logs", p["metadata"]["name"], "-n", "openfaas-fn", "--timestamps",

@@ -37,8 +37,7 @@ from emnist.train.run import (
 from emnist.train.state import Lease, Progress, WorkerState
 from emnist.train.worker import DropoutSeeds, pass_order, run_worker
 from tests.conftest import MEMCACHED_URL
-from tests.test_function_security import SETUP, error_of
-from tests.test_function_security import fn_env as fn_env  # the fixture
+from tests.handlers import error_of, load_handler
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
@@ -249,6 +248,9 @@ def test_cifar10_shards_keep_channels_and_train_the_cnn(memcached_kv, tmp_path):
     st, rec = train_worker(memcached_kv, state["run_id"], 0, "h")
     assert rec["samples"] == 6 * 50 and st.iteration == 1 and 0 <= rec["accuracy"] <= 1
     assert not np.array_equal(_final(memcached_kv, state["run_id"]), init)
+
+
+SETUP = load_handler("emnist-setup", "handler_emnist_setup_models")
 
 
 def test_a_model_beyond_max_params_is_a_400_naming_the_field(fn_env):
