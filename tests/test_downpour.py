@@ -2,64 +2,28 @@
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import emnist.train.worker as worker_mod
-from emnist.data import load_dataset
-from emnist.model import MLP, MLPShape, init_params, to_float
+from emnist.model import MLP, init_params, to_float
 from emnist.store import ParameterStore, StoreError, open_kv
 from emnist.train.averaging import Averaging
 from emnist.train.config import TrainConfig
 from emnist.train.state import Lease, WorkerState, state_key, stored_state
-from emnist.train.worker import DropoutSeeds, pass_order, run_worker
+from emnist.train.worker import pass_order, run_worker
 from tests.conftest import MEMCACHED_URL
-
-DATA = load_dataset("synthetic")
-SHAPE = MLPShape(784, 16, DATA.num_classes)
-# test labels no model can predict: keeps the workers from stopping at their target
-NOISE_Y = np.random.default_rng(9).integers(0, DATA.num_classes, len(DATA.test_y)).astype(np.uint8)
-
-
-def _steps(n: int, cfg: TrainConfig) -> int:
-    return n // cfg.batch_size
-
-
-def _sgd(cfg: TrainConfig, iterations: int, x, y, worker: int = 0, params=None) -> np.ndarray:
-    """Plain SGD visiting the minibatches a worker visits (same order, same dropout)."""
-    params = init_params(SHAPE, cfg.seed) if params is None else params.copy()
-    model, seeds = MLP(SHAPE, cfg.dropout_percent), DropoutSeeds(cfg.seed, worker)
-    for it in range(1, iterations + 1):
-        for pos, at in enumerate(pass_order(cfg, worker, it, len(y), _steps(len(y), cfg))):
-            model.rng = seeds.at(it, pos)
-            _, g = model.loss_and_grad(params, to_float(x[at:at + cfg.batch_size]),
-                                       y[at:at + cfg.batch_size])
-            params -= np.float32(cfg.alpha) * g
-    return params
-
-
-def _plain_sgd(cfg: TrainConfig, iterations: int) -> np.ndarray:
-    return _sgd(cfg, iterations, DATA.train_x, DATA.train_y)
-
-
-def in_threads(fn, args) -> list:
-    """fn(arg) for each arg, each on its own thread; joined, and the first error re-raised
-    here (a thread's exception is otherwise only printed, and the test would go on)."""
-    with ThreadPoolExecutor(len(args)) as pool:
-        return list(pool.map(fn, args))
-
-
-def run(cfg, store, x=None, y=None, test_y=None, worker_id=0, workers=1, saves=None):
-    """One worker from a fresh state, like train_worker does (no lease here)."""
-    x = DATA.train_x if x is None else x
-    y = DATA.train_y if y is None else y
-    st = WorkerState(worker_id, hostname=f"w{worker_id}")
-    return run_worker(cfg, store, (x, y, DATA.test_x, NOISE_Y if test_y is None else test_y),
-                      SHAPE, st, workers=workers, steps_per_pass=_steps(len(y), cfg),
-                      run_started=time.time(),
-                      save=(saves.append if saves is not None else lambda s: None))
+from tests.downpour_tools import (
+    DATA,
+    NOISE_Y,
+    SHAPE,
+    in_threads,
+    plain_sgd,
+    run,
+    sgd,
+    steps_of,
+)
 
 
 @pytest.mark.parametrize("n_fetch, n_push, overlap", [
@@ -75,7 +39,7 @@ def test_one_worker_downpour_is_plain_sgd(memcached_kv, run_id, n_fetch, n_push,
     final = np.empty(SHAPE.num_params, dtype=np.float32)
     store.fetch(final)
     assert res.iterations == 2 and res.stop_reason == "iterations"
-    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), atol=2e-5)
+    np.testing.assert_allclose(final, plain_sgd(cfg, 2), atol=2e-5)
     steps = res.iterations * (len(DATA.train_y) // 50)
     assert res.samples == steps * 50
     assert steps // n_push <= res.pushes <= steps // n_push + res.iterations
@@ -117,7 +81,7 @@ def test_two_concurrent_workers_lose_no_update(memcached_kv, run_id):
     # without fetches each worker's trajectory is plain SGD from init on its own shard
     expected = init.copy()
     for w, (x, y) in enumerate(shards):
-        expected += _sgd(cfg, 1, x, y, worker=w, params=init) - init
+        expected += sgd(cfg, 1, x, y, worker=w, params=init) - init
     final = np.empty_like(init)
     store.fetch(final)
     np.testing.assert_allclose(final, expected, atol=5e-5)
@@ -158,7 +122,7 @@ def test_sparse_pushes_never_lose_the_skipped_delta(memcached_kv, run_id, thresh
     res = run(cfg, store)
     final = np.empty(SHAPE.num_params, dtype=np.float32)
     store.fetch(final)
-    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), atol=2e-5)
+    np.testing.assert_allclose(final, plain_sgd(cfg, 2), atol=2e-5)
     if threshold > 1:  # nothing qualifies mid-pass: only the end-of-pass flushes push
         assert res.pushes == 2 and res.bytes_pushed == 2 * SHAPE.num_params * 4
     else:  # some chunks were held back at some pushes, and went later
@@ -182,7 +146,7 @@ def test_a_state_saved_mid_pass_resumes_at_its_offset(memcached_kv, run_id):
     case only; a worker killed at an arbitrary point is test_resume.py's SIGKILL test."""
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
                       target_accuracy=1.0, n_fetch=10, n_push=10)
-    steps, k = _steps(len(DATA.train_y), cfg), 37  # not a push boundary
+    steps, k = steps_of(len(DATA.train_y), cfg), 37  # not a push boundary
     params, model = init_params(SHAPE, cfg.seed), MLP(SHAPE)
     for at in pass_order(cfg, 0, 1, len(DATA.train_y), steps)[:k]:
         _, g = model.loss_and_grad(params, to_float(DATA.train_x[at:at + 50]),
@@ -196,7 +160,7 @@ def test_a_state_saved_mid_pass_resumes_at_its_offset(memcached_kv, run_id):
                      save=lambda s: None)
     final = np.empty(SHAPE.num_params, dtype=np.float32)
     store.fetch(final)
-    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(final, plain_sgd(cfg, 2), rtol=0, atol=2e-5)
     assert res.iteration == 2 and res.step == 2 * steps and res.samples == 2 * steps * 50
     # pushes at the worker's steps 40, 50, ..., 2 * steps; nothing else was pending
     assert res.pushes == 2 * steps // 10 - k // 10
@@ -235,7 +199,7 @@ def test_a_pass_broken_mid_way_resumes_with_the_same_minibatches_and_masks(
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
                       target_accuracy=1.0, n_fetch=4, n_push=4, overlap=overlap,
                       dropout_percent=0.2, lease_seconds=0.3)
-    steps = _steps(len(DATA.train_y), cfg)
+    steps = steps_of(len(DATA.train_y), cfg)
     kw = dict(workers=1, steps_per_pass=steps, run_started=time.time())
     init = init_params(SHAPE, cfg.seed)
     free = ParameterStore(kv, run_id + "f", chunk_bytes=8192)  # the kill-free run
@@ -266,7 +230,7 @@ def test_a_pass_broken_mid_way_resumes_with_the_same_minibatches_and_masks(
     assert res.step == 2 * steps and res.samples == 2 * steps * 50 and res.iterations == 2
     assert res.pushes == clock == 2 * steps // 4  # every push once: none lost, none twice
     np.testing.assert_allclose(final, reference, rtol=0, atol=2e-5)
-    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(final, plain_sgd(cfg, 2), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["memcached", "redis"])
@@ -280,7 +244,7 @@ def test_a_heartbeat_between_pushes_writes_the_last_push_state(request, backend,
     kv = request.getfixturevalue(f"{backend}_kv")
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
                       target_accuracy=1.0, n_fetch=7, n_push=7)
-    steps = _steps(len(DATA.train_y), cfg)
+    steps = steps_of(len(DATA.train_y), cfg)
     store = ParameterStore(kv, run_id, chunk_bytes=8192)
     store.init(init_params(SHAPE, cfg.seed))
     lease = Lease(store, 0, 60)
@@ -358,7 +322,7 @@ def test_a_sparse_push_that_leaves_chunks_pending_notes_nothing(memcached_kv, ru
     monkeypatch.setattr(worker_mod, "SAVE_SECONDS", 0.0)  # a heartbeat after every minibatch
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=1,
                       target_accuracy=1.0, n_fetch=4, n_push=4, push_top_k=1)
-    steps = _steps(len(DATA.train_y), cfg)
+    steps = steps_of(len(DATA.train_y), cfg)
     store = ParameterStore(memcached_kv, run_id, chunk_bytes=8192)  # 7 chunks
     store.init(init_params(SHAPE, cfg.seed))
     lease = Lease(store, 0, 60)
@@ -386,7 +350,7 @@ def test_an_averaging_worker_broken_mid_pass_resumes_at_its_last_round(memcached
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
                       target_accuracy=1.0, algorithm="averaging", average_every=5,
                       dropout_percent=0.2, lease_seconds=0.3)
-    steps = _steps(len(DATA.train_y), cfg)
+    steps = steps_of(len(DATA.train_y), cfg)
     kw = dict(workers=1, steps_per_pass=steps, run_started=time.time())
     init = init_params(SHAPE, cfg.seed)
     free = ParameterStore(memcached_kv, run_id + "f", chunk_bytes=8192)  # the kill-free run

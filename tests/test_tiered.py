@@ -12,7 +12,7 @@ from emnist.store import ParameterStore, open_kv
 from emnist.store.tiered import TieredStore
 from emnist.train.config import TrainConfig
 from tests.conftest import MEMCACHED_URL, REDIS_URL
-from tests.test_downpour import SHAPE, _plain_sgd, run
+from tests.downpour_tools import SHAPE, plain_sgd, run
 
 
 def _global(kv, run_id, n=5000):
@@ -80,7 +80,7 @@ def test_shared_node_memcached_tier(redis_kv, run_id):
     assert np.all(glob == 50 * 3)
 
 
-def test_downpour_through_the_tier_is_still_plain_sgd(memcached_kv, run_id, local_url):
+def test_downpour_through_the_tier_is_stillplain_sgd(memcached_kv, run_id, local_url):
     cfg = TrainConfig(dataset="synthetic", batch_size=50, alpha=0.1, iterations=2,
                       target_accuracy=1.0, n_fetch=5, n_push=5, local_store_url=local_url,
                       sync_interval=0.01)
@@ -93,5 +93,5 @@ def test_downpour_through_the_tier_is_still_plain_sgd(memcached_kv, run_id, loca
     ps = ParameterStore(memcached_kv, run_id)
     ps.attach()
     ps.fetch(final)
-    np.testing.assert_allclose(final, _plain_sgd(cfg, 2), atol=2e-5)
+    np.testing.assert_allclose(final, plain_sgd(cfg, 2), atol=2e-5)
     assert tier.syncs > 0
