@@ -120,6 +120,8 @@ def bench_faults_cmd(c: Ctx, rounds: int, checkpoint_dir: str | None, json_out: 
               help="Comma-separated process counts of the torch DDP runs [default: 2 for "
                    "torch models, none for the mlp].")
 @click.option("--alpha", type=float, default=None, help="Learning rate [the config's].")
+@click.option("--algorithm", type=click.Choice(["downpour", "averaging", "allreduce"]),
+              default=None, help="The emnist runs' algorithm [the config's: downpour].")
 @click.option("--batch-size", type=int, default=None, help="Per-process minibatch.")
 @click.option("--iterations", type=int, default=None, help="Passes at most [the config's].")
 @click.option("--target-accuracy", type=float, default=0.85, show_default=True)
@@ -134,7 +136,8 @@ def bench_faults_cmd(c: Ctx, rounds: int, checkpoint_dir: str | None, json_out: 
 @pass_ctx
 @friendly
 def bench_train(c: Ctx, model: str, worker_counts: str, ddp_counts: str | None,
-                alpha: float | None, batch_size: int | None, iterations: int | None,
+                alpha: float | None, algorithm: str | None, batch_size: int | None,
+                iterations: int | None,
                 target_accuracy: float, dataset: str, n_fetch: int, n_push: int, rounds: int,
                 json_out: str | None, stack: str, store: str) -> None:
     """A plain loop against `emnist train` with 1..N workers and torch DDP, same model and
@@ -149,7 +152,8 @@ def bench_train(c: Ctx, model: str, worker_counts: str, ddp_counts: str | None,
     counts = [int(x) for x in worker_counts.split(",") if x.strip()]
     ddp = None if ddp_counts is None else [int(x) for x in ddp_counts.split(",") if x.strip()]
     extra = {k: v for k, v in (("alpha", alpha), ("batch_size", batch_size),
-                               ("iterations", iterations)) if v is not None}
+                               ("iterations", iterations), ("algorithm", algorithm))
+             if v is not None}
     records = run_bench(lambda cfg: run_training(c, cfg, stack=stack, store=store, timeout=1800,
                                                  progress=False),
                         counts, target_accuracy, dataset, n_fetch, n_push, rounds,
