@@ -18,7 +18,9 @@ amqp_up() {
 case $cmd in
 start)
   if ! up 11211; then
-    memcached -d -l 127.0.0.1 -p 11211 -m 256 -P "$state/memcached.pid" "${user[@]}"
+    # 1 GB: the suite writes thousands of runs and (store:/) data sets; a full memcached
+    # evicts within a slab class, which can take a set's first chunks while its last are written
+    memcached -d -l 127.0.0.1 -p 11211 -m 1024 -P "$state/memcached.pid" "${user[@]}"
   fi
   if ! up 6379; then
     redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save "" --appendonly no \

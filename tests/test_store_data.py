@@ -57,11 +57,20 @@ def _prefix() -> str:
     return f"store:/t{secrets.token_hex(5)}"
 
 
+@pytest.fixture(scope="module")
+def mc() -> Iterator[str]:
+    """A memcached of this module's own: a whole set written into the tests' shared one,
+    full of every other test's runs, can be evicted while it is written (memcached evicts
+    within a slab class that has no free page)."""
+    with own_memcached() as url:
+        yield url
+
+
 @pytest.fixture(params=sorted(URLS))
-def store_env(request) -> dict[str, str]:
+def store_env(request, mc) -> dict[str, str]:
     """A function's environment naming one real store (memcached, or Redis in the tests'
     database)."""
-    return {"store_url": URLS[request.param]}
+    return {"store_url": mc if request.param == "memcached" else URLS[request.param]}
 
 
 @pytest.fixture
@@ -337,9 +346,9 @@ def test_prepare_ensure_and_read_a_set_in_the_store(store_env, tmp_path):
         open_location(url, store_env).delete("")
 
 
-def test_an_evicted_file_is_prepared_again_and_nothing_else(tmp_path):
+def test_an_evicted_file_is_prepared_again_and_nothing_else(tmp_path, mc):
     url = _prefix()
-    env = {"store_url": MEMCACHED_URL, "EMNIST_HOME": str(tmp_path / "home")}
+    env = {"store_url": mc, "EMNIST_HOME": str(tmp_path / "home")}
     try:
         ps = prepare_set("fashion-mnist", 2, url, env=env)
         loc = open_location(ps.url, env)
@@ -356,9 +365,9 @@ def test_an_evicted_file_is_prepared_again_and_nothing_else(tmp_path):
         open_location(url, env).delete("")
 
 
-def test_the_sets_in_the_store_stay_within_their_bound(tmp_path):
+def test_the_sets_in_the_store_stay_within_their_bound(tmp_path, mc):
     url = _prefix()
-    env = {"store_url": MEMCACHED_URL, "max_prepared_bytes": str(80 << 20)}
+    env = {"store_url": mc, "max_prepared_bytes": str(80 << 20)}
     assert prepared_limit({}, "store:/") == 128 << 20 and prepared_limit({}, "/d") == 16 << 30
     assert prepared_limit(env, url) == 80 << 20
     try:
@@ -443,7 +452,7 @@ def test_the_setup_function_refuses_a_store_location_its_operator_did_not_allow(
 
 # -- no shared disk: separate nodes, and the real local stack ----------------------------------
 
-def test_workers_on_separate_nodes_train_from_the_store_alone(tmp_path, monkeypatch, run_id):
+def test_workers_on_separate_nodes_train_from_the_store_alone(tmp_path, monkeypatch, run_id, mc):
     """Setup on one node, each worker on a node of its own (own cache, no dataset files):
     the data reach the workers only through the store."""
     from emnist.train.run import run_status, setup_run
@@ -452,20 +461,20 @@ def test_workers_on_separate_nodes_train_from_the_store_alone(tmp_path, monkeypa
     empty = tmp_path / "no-datasets"
     empty.mkdir()
     monkeypatch.setenv("EMNIST_HOME", str(tmp_path / "setup-node"))
-    monkeypatch.setenv("store_url", MEMCACHED_URL)
+    monkeypatch.setenv("store_url", mc)
     monkeypatch.delenv("EMNIST_DATA_DIR", raising=False)
     try:
-        cfg = TrainConfig(store_url=MEMCACHED_URL, dataset="fashion-mnist", data_location=url,
+        cfg = TrainConfig(store_url=mc, dataset="fashion-mnist", data_location=url,
                           iterations=2, target_accuracy=0.99, number_of_workers=2)
-        state = setup_run(cfg, open_kv(MEMCACHED_URL), 2, run_id=run_id)
+        state = setup_run(cfg, open_kv(mc), 2, run_id=run_id)
         assert state["shard_dir"].startswith(url + "/") and not (tmp_path / "setup-node").exists()
         procs = []
         for w in range(2):
             node = {**os.environ, "EMNIST_HOME": str(tmp_path / f"node-{w}"),
-                    "EMNIST_DATA_DIR": str(empty), "store_url": MEMCACHED_URL,
+                    "EMNIST_DATA_DIR": str(empty), "store_url": mc,
                     "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "emnist.bench.dataworker", MEMCACHED_URL, run_id, str(w)],
+                [sys.executable, "-m", "emnist.bench.dataworker", mc, run_id, str(w)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=node))
         for w, p in enumerate(procs):
             out, err = p.communicate(timeout=300)
@@ -478,9 +487,9 @@ def test_workers_on_separate_nodes_train_from_the_store_alone(tmp_path, monkeypa
                  "test-y.npy"])
             assert o["downloaded"] == sum(f.stat().st_size for f in cache.iterdir()
                                           if f.name != MANIFEST)
-        assert run_status(open_kv(MEMCACHED_URL), run_id)["done"]
+        assert run_status(open_kv(mc), run_id)["done"]
     finally:
-        open_location(url, {"store_url": MEMCACHED_URL}).delete("")
+        open_location(url, {"store_url": mc}).delete("")
 
 
 @contextmanager
