@@ -568,3 +568,22 @@ def test_workers_whose_data_were_evicted_end_the_run_within_seconds(tmp_path):
             r, _ = _train(gw.url, "--timeout", "240")
             assert r.exit_code == 0, r.output
         assert loc.stat("worker-1-x.npy").size == ps.manifest["files"]["worker-1-x.npy"]["bytes"]
+
+
+def test_a_set_the_store_cannot_hold_fails_at_setup_saying_so(tmp_path):
+    """A memcached too small for the set (8 MB for 55 MB) evicts its first chunks while its
+    last are written: preparing fails at once with the reason (not every worker later), and
+    leaves no header behind, so nothing reads the half-kept file."""
+    port = free_port()
+    proc = start_memcached(port, 8)
+    try:
+        env = {"store_url": f"memcached://127.0.0.1:{port}",
+               "EMNIST_HOME": str(tmp_path / "home")}
+        url = _prefix()
+        with pytest.raises(DataError, match="evicted") as e:
+            prepare_set("fashion-mnist", 2, url, env=env)
+        assert e.value.public == kvl.EVICTED_WRITE and e.value.field == "data_location"
+        assert open_location(url, env).list() == []
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -93,6 +93,11 @@ EVICTED = ("the run's data were evicted from the parameter store (memcached drop
            "then run again")
 
 
+EVICTED_WRITE = ("the parameter store evicted the run's data while setup wrote them (memcached "
+                 "drops items when its memory is full): give the store more memory or use an "
+                 "s3:// data_location")
+
+
 class _Missing(Exception):
     """Internal: chunk ``index`` is not in the store."""
 
@@ -561,6 +566,7 @@ class KVLocation(Location):
                 flush()
             if n != size:
                 raise DataError(f"{where}: {n} bytes written where {size} were planned")
+            self._check_kept(written, where)
             self._link(path, where)
             swapping = True
             old = self._swap(_Header(path, size, crc, count, gen, time.time()))
@@ -577,6 +583,18 @@ class KVLocation(Location):
             for keys in _batches(old.chunk_keys()):
                 self.kv.delete_many(keys)
         return crc
+
+    def _check_kept(self, keys: list[str], where: str) -> None:
+        """Every chunk just written is still there. A full memcached evicts within a slab
+        class, which may take a file's first chunks while its last are written: then the
+        writer (setup) fails now, saying why, instead of every worker later."""
+        missing = 0
+        for part in _batches(keys, BATCH_CHUNKS):
+            got = self.kv.get_many(part)
+            missing += sum(1 for k in part if k not in got)
+        if missing:
+            raise DataError(f"{where}: the store evicted {missing} of {len(keys)} chunks while "
+                            "they were written", field="data_location", public=EVICTED_WRITE)
 
     def _swap(self, head: _Header) -> _Header | None:
         """Write ``head`` (cas: the file appears whole); the valid header it replaced."""
