@@ -15,12 +15,12 @@ from pathlib import Path
 
 from emnist.cluster.baseimages import container_env
 from emnist.gateway.client import GatewayClient
+from emnist.gateway.podman import STACK_LABEL
 from tests.openfaas_tools import OPENFAAS_BIN
 from tests.servers import ROOT, free_port
 
 FUNCTIONS = ("emnist-setup", "emnist-train", "emnist-grad")
 TAG = "emnist-test"
-STACK_LABEL = "io.emnist.stack"
 
 
 def podman_env(shim_dir: Path) -> dict[str, str]:

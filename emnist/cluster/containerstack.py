@@ -21,13 +21,14 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from emnist.gateway.podman import STACK_LABEL
+
 from .baseimages import BaseImageError, Recipe, _run, ensure_base_images
 
 __all__ = ["INFRA_IMAGE", "ContainerStackError", "infra_up", "missing_images", "network_name",
            "remove_stack", "socket_path"]
 
 INFRA_IMAGE = "localhost/emnist-infra:bookworm"
-STACK_LABEL = "io.emnist.stack"  # as emnist.gateway.podman's
 INFRA_PACKAGES = ("memcached", "redis-server", "socat", "ca-certificates")
 SOCKET_MOUNT = "/run/emnist"
 SOCKET_NAME = "gateway.sock"
