@@ -154,6 +154,17 @@ def test_a_pass_outside_the_iteration_range_is_refused_before_anything(gateway, 
     assert ParameterStore(kv, run_id).get_docs(["run", "error:0", state_key(0)]) == {}
 
 
+@pytest.mark.parametrize("bad", [-1, 2**53 + 1, 10**30, "2", 1.5, True])
+def test_a_continuations_step_outside_its_range_is_refused_before_anything(gateway, kv, bad):
+    """``step`` (where a time-sliced worker stood when it handed on) is a number a caller
+    chooses too: typed, bounded, refused with a 400 naming it before the store is touched."""
+    run_id = "tstep" + str(time.time_ns())[-9:]
+    r = gateway.invoke("emnist-train", {"run_id": run_id, "worker_id": 0, "pass": 1,
+                                        "step": bad}, check=False)
+    assert r.status_code == 400 and r.json()["error"].startswith("step: "), r.text
+    assert ParameterStore(kv, run_id).get_docs(["run", "error:0", state_key(0)]) == {}
+
+
 def test_forged_error_documents_are_bounded_or_ignored_in_the_status(gateway, kv):
     """The failure notes the watcher reads (``error:{worker}``) are store values too: a
     forged one that is not a note is ignored, a long one is cut, and the status answers."""
